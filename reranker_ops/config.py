@@ -1,0 +1,121 @@
+"""Settings: one class, env prefix ``RERANKER_``, ``.env`` support.
+
+Every path the tool uses is derived here (from ``models_dir`` and ``run_dir``), and the settings object is
+passed down explicitly: nothing below the CLI reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "DiTy/cross-encoder-russian-msmarco"
+Precision = Literal["fp32", "fp16", "int8", "int8-weights"]
+
+
+def default_run_dir() -> Path:
+    """``$XDG_RUNTIME_DIR/rerankctl`` for a user session, else a per-user state folder (never bare /tmp)."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and Path(xdg).is_dir():
+        return Path(xdg) / "rerankctl"
+    return Path.home() / ".local" / "state" / "rerankctl" / "run"
+
+
+class Settings(BaseSettings):
+    """All of rerankctl's settings. Each field is documented in ``env.example``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RERANKER_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # --- model ---------------------------------------------------------------------------------------
+    model: str = Field(DEFAULT_MODEL, description="Repo id, name under models_dir, or path to a model folder.")
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) to download.")
+    models_dir: Path = Field(Path("models"), description="Where downloaded and converted models live.")
+    precision: Precision = Field("fp32", description="Which converted variant serve loads.")
+    model_format: Literal["openvino", "onnx"] = Field("openvino", description="Which converted format serve loads.")
+
+    # --- network -------------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address of the API.")
+    port: int = Field(8080, ge=0, le=65535, description="Port of the API (rerank routes).")
+    health_port: int = Field(8081, ge=0, le=65535, description="Port of /health, /live, /ready, /metrics.")
+    api_key: Optional[SecretStr] = Field(None, description="If set, API routes need 'Authorization: Bearer <key>'.")
+
+    # --- state ---------------------------------------------------------------------------------------
+    run_dir: Path = Field(default_factory=default_run_dir, description="Lock, pidfile, logs, MOSEC sockets.")
+
+    # --- inference -----------------------------------------------------------------------------------
+    workers: int = Field(1, ge=1, le=64, description="Inference worker processes.")
+    threads: int = Field(0, ge=0, le=256, description="OpenVINO threads per worker; 0 = cores / workers.")
+    pin_threads: bool = Field(False, description="Let OpenVINO pin threads to cores (off: workers must not share a core).")
+    max_batch_requests: int = Field(32, ge=1, le=1024, description="Requests MOSEC batches into one scoring call.")
+    batch_wait_ms: int = Field(3, ge=0, le=1000, description="How long MOSEC waits to fill a batch.")
+    token_budget: int = Field(4096, ge=64, description="Padded tokens per OpenVINO call (micro-batch size).")
+    max_length: int = Field(0, ge=0, description="Truncate pairs to this many tokens; 0 = the model's maximum.")
+
+    # --- limits --------------------------------------------------------------------------------------
+    max_documents: int = Field(1000, ge=1, description="Documents per request.")
+    max_document_chars: int = Field(50_000, ge=1, description="Characters per document (and per query).")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Request body size.")
+    queue_capacity: int = Field(256, ge=1, description="Requests queued in MOSEC before 429.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Deadline of one request (408/504 past it).")
+
+    # --- supervision ---------------------------------------------------------------------------------
+    probe_interval_s: float = Field(5.0, gt=0, description="Seconds between watchdog canary requests.")
+    probe_timeout_s: float = Field(10.0, gt=0, description="Deadline of one canary request.")
+    probe_failures: int = Field(2, ge=1, description="Consecutive failed probes before remediation.")
+    startup_timeout_s: float = Field(300.0, gt=0, description="Time MOSEC has to answer its first probe.")
+    restart_budget: int = Field(5, ge=0, description="Restarts allowed within restart_window_s before giving up.")
+    restart_window_s: float = Field(600.0, gt=0, description="Window of the restart budget.")
+    stop_timeout_s: float = Field(20.0, gt=0, description="Drain deadline on stop before SIGKILL.")
+    log_max_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Rotate the daemon log at this size.")
+    log_backups: int = Field(3, ge=0, description="Rotated daemon logs kept.")
+
+    debug: bool = Field(False, description="Show tracebacks and debug logs.")
+
+    @field_validator("models_dir", "run_dir", mode="after")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return Path(os.path.expanduser(str(v)))
+
+    # --- derived paths -------------------------------------------------------------------------------
+    @property
+    def lock_path(self) -> Path:
+        return self.run_dir / "rerankctl.lock"
+
+    @property
+    def pidfile_path(self) -> Path:
+        return self.run_dir / "rerankctl.pid.json"
+
+    @property
+    def state_path(self) -> Path:
+        """Live state the supervisor publishes (workers, probes, restarts) for ``status``."""
+        return self.run_dir / "state.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "rerankctl.log"
+
+    @property
+    def mosec_dir(self) -> Path:
+        return self.run_dir / "mosec"
+
+    @property
+    def worker_dir(self) -> Path:
+        """Heartbeats and counters that MOSEC workers write, one file each."""
+        return self.run_dir / "workers"
+
+    def effective_threads(self) -> int:
+        if self.threads:
+            return self.threads
+        return max(1, (os.cpu_count() or 1) // self.workers)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from env / .env, with the options the user actually gave (not None) on top."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**given)

@@ -1,0 +1,93 @@
+"""Build a randomly initialised BERT cross-encoder offline (needs the ``convert`` extra).
+
+Tests use a tiny one; benchmarks use one with DiTy's exact shape, since speed and memory depend on the
+shape alone. The WordPiece tokenizer is trained on generated Russian and English text and the model is
+saved with ``save_pretrained`` (safetensors), exactly like a hub download.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from ..errors import missing_extra
+
+RU_WORDS = (
+    "как приготовить борщ суп свекла капуста погода прогулка машинное обучение нейронные сети "
+    "модель данные поиск документ запрос ответ город москва река лес книга история наука "
+    "компьютер программа сервер память процессор быстро медленно хорошо плохо новый старый"
+).split()
+EN_WORDS = (
+    "how to cook soup beet cabbage weather walk machine learning neural network model data "
+    "search document query answer city river forest book history science computer program "
+    "server memory processor fast slow good bad new old the a of and in is was"
+).split()
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+DITY_SHAPE = dict(
+    hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=119547
+)
+
+
+def generated_corpus(n: int = 2000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    words = RU_WORDS + EN_WORDS
+    lines = []
+    for _ in range(n):
+        lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) + rng.choice(".?!"))
+    # Characters a real corpus has, so the vocabulary covers digits, punctuation and emoji.
+    lines.append("0123456789 , . ; : ! ? — « » ( ) 😀 🚀 ёЁ")
+    return lines
+
+
+def build_model(out_dir: Path, *, shape: str = "tiny", seed: int = 0, max_position: int = 512) -> Path:
+    """Write a random ``BertForSequenceClassification`` (1 label) and its tokenizer to ``out_dir``."""
+    try:
+        import torch
+        from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+        from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise missing_extra("convert", exc) from exc
+
+    dims = dict(TINY if shape == "tiny" else DITY_SHAPE)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    vocab_size = dims.pop("vocab_size", 1000)
+    trainer = trainers.WordPieceTrainer(vocab_size=min(vocab_size, 1000), special_tokens=specials)
+    tok.train_from_iterator(generated_corpus(seed=seed), trainer=trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=max_position,
+    )
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=max(vocab_size, tok.get_vocab_size()),
+        max_position_embeddings=max_position,
+        num_labels=1,
+        type_vocab_size=2,
+        **dims,
+    )
+    model = BertForSequenceClassification(config).eval()
+    # Random init gives near-constant scores; a wider classifier makes ranking differences visible.
+    with torch.no_grad():
+        model.classifier.weight.mul_(20.0)
+        # Segment embeddings that differ strongly, so dropping token_type_ids changes scores.
+        model.bert.embeddings.token_type_embeddings.weight[1].add_(1.0)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    fast.save_pretrained(out_dir)
+    return out_dir
