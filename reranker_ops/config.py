@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     token_budget: int = Field(4096, ge=64, description="Padded tokens per OpenVINO call (micro-batch size).")
     max_length: int = Field(0, ge=0, description="Truncate pairs to this many tokens; 0 = the model's maximum.")
 
+    # --- conversion parity (FP32 must agree within 1e-4; reduced precisions within these) -------------
+    parity_max_abs_diff: float = Field(0.1, gt=0, description="Max |score difference| allowed for fp16/int8.")
+    parity_min_spearman: float = Field(0.9, ge=-1, le=1, description="Min mean (over queries) Spearman for fp16/int8.")
+    parity_min_top1: float = Field(0.8, ge=0, le=1, description="Min share of queries whose top-1 agrees (fp16/int8).")
+
     # --- limits --------------------------------------------------------------------------------------
     max_documents: int = Field(1000, ge=1, description="Documents per request.")
     max_document_chars: int = Field(50_000, ge=1, description="Characters per document (and per query).")

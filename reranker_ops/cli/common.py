@@ -11,6 +11,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..config import Settings, load_settings
 from ..errors import RerankerError
@@ -58,13 +59,13 @@ def settings_from(**options: Any) -> Settings:
 
 def report_error(exc: BaseException) -> int:
     if isinstance(exc, RerankerError):
-        err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
         if exc.hint:
-            err_console.print(f"  [yellow]→[/] {exc.hint}", highlight=False, soft_wrap=True)
+            err_console.print(f"  [yellow]→[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)
         code = exc.exit_code
     else:
         err_console.print(
-            f"[bold red]error:[/] unexpected {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True
+            f"[bold red]error:[/] unexpected {type(exc).__name__}: {escape(str(exc))}", highlight=False, soft_wrap=True
         )
         err_console.print("  [yellow]→[/] run again with --debug for the traceback", highlight=False)
         code = 70

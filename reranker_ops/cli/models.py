@@ -44,3 +44,75 @@ def download(
     manifest = store.read_manifest(folder)
     console.print(f"[green]downloaded[/] {repo} @ {manifest.get('commit', '?')[:12]} → {folder}")
     console.print(f"next: rerankctl convert {repo}")
+
+
+@app.command()
+@handled
+def convert(
+    model: Annotated[
+        Optional[str], typer.Argument(help="Repo id, name under the models dir, or model folder.")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="openvino, onnx or all.")] = "openvino",
+    precision: Annotated[
+        Optional[str], typer.Option("--precision", help="fp32, fp16, int8 or int8-weights. [env: RERANKER_PRECISION]")
+    ] = None,
+    calibration: Annotated[
+        Optional[Path], typer.Option("--calibration", help="JSONL of {query, passage} to calibrate INT8 on.")
+    ] = None,
+    bench_seconds: Annotated[float, typer.Option("--bench-seconds", help="Micro-benchmark length (0: skip).")] = 3.0,
+    list_: Annotated[bool, typer.Option("--list", help="List the converted variants and exit.")] = False,
+    models_dir: ModelsDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Convert a model to OpenVINO IR / ONNX and prove it scores like the PyTorch original."""
+    settings = settings_from(models_dir=models_dir, precision=precision)
+    if list_:
+        ref = store.resolve_model(settings, model)
+        variants = store.list_variants(ref)
+        if as_json:
+            console.print_json(json.dumps(variants))
+            return
+        _variants_table(ref.name, variants)
+        return
+    from ..models.convert import convert as do_convert
+
+    formats = ["openvino", "onnx"] if fmt == "all" else [fmt]
+    with err_console.status("starting") as status:
+        results = do_convert(
+            settings,
+            model,
+            formats=formats,
+            precision=settings.precision,
+            calibration=calibration,
+            bench_seconds=bench_seconds,
+            step=lambda msg: status.update(msg),
+        )
+    if as_json:
+        console.print_json(json.dumps(results))
+        return
+    _variants_table(results[0]["source"].get("repo_id") or model or settings.model, results)
+    for r in results:
+        console.print(f"[green]installed[/] {r['dir']}")
+
+
+def _variants_table(name: str, variants: list[dict]) -> None:
+    if not variants:
+        console.print(f"{name}: nothing converted yet — run: rerankctl convert {name}")
+        return
+    table = Table(title=f"converted variants of {name}")
+    for col in ("variant", "max |Δscore|", "mean Spearman", "top-1 agree", "pairs/s", "size MB", "created"):
+        table.add_column(col, no_wrap=True)
+    for v in variants:
+        p = v.get("parity", {})
+        b = v.get("bench", {})
+        size = sum(f.get("size", 0) for f in v.get("files", [])) / 1e6
+        table.add_row(
+            f"{v['format']}-{v['precision']}",
+            f"{p.get('max_abs_diff', float('nan')):.1e}",
+            f"{p.get('mean_spearman', float('nan')):.3f}",
+            f"{p.get('top1_agreement', float('nan')):.0%}",
+            str(b.get("pairs_per_s", "—")),
+            f"{size:.1f}",
+            v.get("created_at", "")[:10],
+        )
+    console.print(table)

@@ -23,7 +23,7 @@ EN_WORDS = (
     "server memory processor fast slow good bad new old the a of and in is was"
 ).split()
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, initializer_range=0.1)
 DITY_SHAPE = dict(
     hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=119547
 )
@@ -45,7 +45,7 @@ def build_model(out_dir: Path, *, shape: str = "tiny", seed: int = 0, max_positi
     try:
         import torch
         from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-        from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+        from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise missing_extra("convert", exc) from exc
 
@@ -63,7 +63,7 @@ def build_model(out_dir: Path, *, shape: str = "tiny", seed: int = 0, max_positi
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
-    fast = PreTrainedTokenizerFast(
+    fast = BertTokenizerFast(
         tokenizer_object=tok,
         unk_token="[UNK]",
         pad_token="[PAD]",
@@ -81,13 +81,36 @@ def build_model(out_dir: Path, *, shape: str = "tiny", seed: int = 0, max_positi
         **dims,
     )
     model = BertForSequenceClassification(config).eval()
-    # Random init gives near-constant scores; a wider classifier makes ranking differences visible.
-    with torch.no_grad():
-        model.classifier.weight.mul_(20.0)
-        # Segment embeddings that differ strongly, so dropping token_type_ids changes scores.
-        model.bert.embeddings.token_type_embeddings.weight[1].add_(1.0)
+    if shape == "tiny":
+        _spread_head(model, fast, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     fast.save_pretrained(out_dir)
     return out_dir
+
+
+def _spread_head(model, tokenizer, seed: int) -> None:
+    """Point the random classifier along the pooled outputs' main direction, so scores vary by input.
+
+    A freshly initialised BERT maps every pair to nearly the same pooled vector; a random head then
+    gives every passage the same score and no ranking check could tell a good export from a bad one.
+    Segment embeddings are pulled apart too, so dropping ``token_type_ids`` changes the scores.
+    """
+    import torch
+
+    rng = random.Random(seed + 1)
+    corpus = generated_corpus(400, seed=seed + 2)
+    pairs = [(rng.choice(corpus), rng.choice(corpus)) for _ in range(256)]
+    with torch.no_grad():
+        model.bert.embeddings.token_type_embeddings.weight[1].add_(0.5)
+        enc = tokenizer([q for q, _ in pairs], [p for _, p in pairs], truncation=True, padding=True,
+                        max_length=128, return_tensors="pt", return_token_type_ids=True)
+        pooled = model.bert(**enc).pooler_output.double()
+        mean = pooled.mean(0)
+        _u, _s, v = torch.linalg.svd(pooled - mean, full_matrices=False)
+        direction = v[0]
+        proj = (pooled - mean) @ direction
+        w = direction / proj.std() * 2.0
+        model.classifier.weight.copy_(w.float().unsqueeze(0))
+        model.classifier.bias.copy_((-(mean @ w)).float().reshape(1))

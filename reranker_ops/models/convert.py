@@ -1,0 +1,457 @@
+"""Export a cross-encoder to OpenVINO IR or ONNX, quantize it, and prove it scores like the original.
+
+Needs the ``convert`` extra (optimum-intel, nncf, torch, transformers), imported lazily. Every variant is
+built in a temporary folder beside its final place and renamed into place only after parity passed, so
+``serve`` never picks up a half-written or wrong model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from .. import __version__
+from ..config import Settings
+from ..errors import ConfigError, ConvertError, ModelNotFound, ParityError, missing_extra
+from ..serving.engine import Scorer, sigmoid
+from . import store
+from .evalset import CALIBRATION_SET, EVAL_SET, load_pairs_jsonl
+
+FORMATS = ("openvino", "onnx")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
+FP32_ATOL = 1e-4
+Step = Callable[[str], None]
+
+
+def _noop(_msg: str) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------------------------------------
+# the source model
+# --------------------------------------------------------------------------------------------------------
+def check_source(folder: Path) -> None:
+    """A model folder we are willing to load: config, tokenizer, safetensors weights that match the manifest."""
+    if not folder.is_dir():
+        raise ModelNotFound(f"no model at {folder}", "run: rerankctl download <repo id>  (or give --model PATH)")
+    if not (folder / "config.json").is_file():
+        raise ModelNotFound(f"{folder} has no config.json", "point --model at a Hugging Face model folder")
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        pickles = [p.name for p in folder.iterdir() if p.name.endswith(store.PICKLE_SUFFIXES)]
+        raise ConvertError(
+            f"{folder} has no safetensors weights" + (f" (only pickle: {', '.join(pickles)})" if pickles else ""),
+            "rerankctl loads safetensors only; convert the weights with safetensors first",
+        )
+    if not (folder / "tokenizer.json").is_file():
+        raise ConvertError(f"{folder} has no tokenizer.json (a fast tokenizer)", "save the tokenizer with a fast tokenizer")
+    manifest = store.read_manifest(folder)
+    for entry in manifest.get("files", []):
+        path = folder / entry["path"]
+        if path.suffix == ".safetensors" and path.is_file():
+            if path.stat().st_size != entry["size"] or store.sha256_file(path) != entry["sha256"]:
+                raise ConvertError(
+                    f"{path.name} does not match its download manifest (corrupt or truncated)",
+                    "delete the model folder and run rerankctl download again",
+                )
+
+
+def load_reference(folder: Path):
+    """The PyTorch reference: transformers' model and tokenizer, safetensors only, no remote code."""
+    try:
+        import torch  # noqa: F401
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    except ImportError as exc:
+        raise missing_extra("convert", exc) from exc
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), use_fast=True, trust_remote_code=False)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(folder), use_safetensors=True, trust_remote_code=False
+        ).eval()
+    except Exception as exc:  # noqa: BLE001 - corrupt weights surface here as many types
+        raise ConvertError(
+            f"cannot load the model in {folder}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+            "the weights may be corrupt or truncated: delete the folder and download it again",
+        ) from exc
+    return tok, model
+
+
+def model_max_length(tok, model) -> int:
+    limit = int(getattr(model.config, "max_position_embeddings", 512) or 512)
+    tml = getattr(tok, "model_max_length", None)
+    if isinstance(tml, int) and 0 < tml < 100_000:
+        limit = min(limit, tml)
+    return limit
+
+
+def reference_scores(tok, model, query: str, passages: Sequence[str], max_length: int) -> np.ndarray:
+    """sigmoid(logits) of the transformers model: what sentence-transformers' CrossEncoder returns."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(passages), 8):
+            chunk = list(passages[i : i + 8])
+            enc = tok([query] * len(chunk), chunk, truncation=True, padding=True, max_length=max_length,
+                      return_tensors="pt", return_token_type_ids=True)
+            logits = model(**enc).logits.float().numpy()
+            out.append(logits[:, 0] if logits.shape[-1] == 1 else logits[:, 1] - logits[:, 0])
+    return sigmoid(np.concatenate(out).astype(np.float64))
+
+
+# --------------------------------------------------------------------------------------------------------
+# parity
+# --------------------------------------------------------------------------------------------------------
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 2:
+        return 1.0
+    ra, rb = _ranks(a), _ranks(b)
+    if np.std(ra) == 0 or np.std(rb) == 0:
+        return 1.0 if np.array_equal(ra, rb) else 0.0
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share their mean rank), as scipy.stats.rankdata."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    sx = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sx[j + 1] == sx[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0
+        i = j + 1
+    return ranks
+
+
+def compare_scores(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict:
+    per_query = []
+    for ref, cand in zip(reference, candidate):
+        per_query.append(
+            {
+                "max_abs_diff": float(np.max(np.abs(ref - cand))),
+                "spearman": spearman(ref, cand),
+                "top1_agrees": bool(int(np.argmax(ref)) == int(np.argmax(cand))),
+            }
+        )
+    return {
+        "max_abs_diff": max(q["max_abs_diff"] for q in per_query),
+        "min_spearman": min(q["spearman"] for q in per_query),
+        "mean_spearman": float(np.mean([q["spearman"] for q in per_query])),
+        "top1_agreement": float(np.mean([q["top1_agrees"] for q in per_query])),
+        "queries": len(per_query),
+        "pairs": int(sum(len(r) for r in reference)),
+        "per_query": per_query,
+    }
+
+
+def check_parity(
+    settings: Settings,
+    source: Path,
+    variant_dir: Path,
+    precision: str,
+    *,
+    reference: Optional[tuple] = None,
+    eval_set: Sequence[dict] = EVAL_SET,
+) -> dict:
+    """Score the eval set with the reference and, through the serving path, with the variant."""
+    tok, model = reference or load_reference(source)
+    scorer = Scorer(variant_dir, threads=settings.threads, pin_threads=False)
+    ref_max = model_max_length(tok, model)
+    ref, cand = [], []
+    for item in eval_set:
+        ref.append(reference_scores(tok, model, item["query"], item["passages"], ref_max))
+        cand.append(sigmoid(scorer.score(item["query"], item["passages"])))
+    report = compare_scores(ref, cand)
+    if precision == "fp32":
+        limits = {"max_abs_diff": FP32_ATOL, "min_spearman": None, "top1_agreement": None}
+        ok = report["max_abs_diff"] <= FP32_ATOL
+    else:
+        limits = {
+            "max_abs_diff": settings.parity_max_abs_diff,
+            "mean_spearman": settings.parity_min_spearman,
+            "top1_agreement": settings.parity_min_top1,
+        }
+        eps = 1e-9  # one swap in five passages is exactly 0.9, and must not fail on float rounding
+        ok = (
+            report["max_abs_diff"] <= settings.parity_max_abs_diff
+            and report["mean_spearman"] >= settings.parity_min_spearman - eps
+            and report["top1_agreement"] >= settings.parity_min_top1 - eps
+        )
+    report["limits"] = limits
+    report["passed"] = bool(ok)
+    return report
+
+
+# --------------------------------------------------------------------------------------------------------
+# micro-benchmark
+# --------------------------------------------------------------------------------------------------------
+def micro_bench(variant_dir: Path, settings: Settings, seconds: float) -> dict:
+    scorer = Scorer(variant_dir, threads=settings.threads, pin_threads=False, token_budget=settings.token_budget)
+    pairs = [(item["query"], p) for item in EVAL_SET for p in item["passages"]]
+    encs = scorer.tokenizer.encode_items(pairs)
+    scorer.score_encoded(encs[:2])  # warm-up
+    done = tokens = 0
+    t0 = time.perf_counter()
+    while True:
+        scorer.score_encoded(encs)
+        done += len(encs)
+        tokens += sum(len(e) for e in encs)
+        if time.perf_counter() - t0 >= seconds:
+            break
+    elapsed = time.perf_counter() - t0
+    return {
+        "pairs_per_s": round(done / elapsed, 2),
+        "tokens_per_s": round(tokens / elapsed, 1),
+        "mean_tokens_per_pair": round(tokens / done, 1),
+        "seconds": round(elapsed, 2),
+        "threads": settings.effective_threads() if settings.threads else "auto",
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------------------
+def _export_openvino(source: Path, out: Path):
+    try:
+        import openvino as ov
+        from optimum.intel import OVModelForSequenceClassification
+    except ImportError as exc:
+        raise missing_extra("convert", exc) from exc
+    ov_model = OVModelForSequenceClassification.from_pretrained(
+        str(source), export=True, compile=False, load_in_8bit=False, trust_remote_code=False
+    )
+    model = ov_model.model
+    ov.save_model(model, str(out / "openvino_model.xml"), compress_to_fp16=False)
+    return model
+
+
+def _export_onnx(source: Path, out: Path, model) -> None:
+    try:
+        import torch
+    except ImportError as exc:
+        raise missing_extra("convert", exc) from exc
+    # The example must have padding and both segments: with an all-ones mask or all-zero segment ids the
+    # exporter specialises the graph on them, and the ONNX model then scores real inputs wrongly.
+    ids = torch.ones(2, 16, dtype=torch.long)
+    mask = ids.clone()
+    mask[1, 8:] = 0
+    segments = torch.zeros_like(ids)
+    segments[:, 8:] = 1
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=int(model.config.max_position_embeddings))
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    try:
+        torch.onnx.export(
+            model,
+            (),
+            str(out / "model.onnx"),
+            kwargs={"input_ids": ids, "attention_mask": mask, "token_type_ids": segments},
+            input_names=names,
+            output_names=["logits"],
+            dynamic_shapes={n: {0: batch, 1: seq} for n in names},
+            dynamo=True,
+            external_data=False,
+        )
+    except ImportError as exc:
+        raise missing_extra("convert", exc) from exc
+
+
+def _calibration_feeds(tokenizer_dir: Path, max_length: int, pairs: Sequence[tuple[str, str]]) -> list[dict]:
+    from ..serving.engine import Tokenizer
+
+    tok = Tokenizer(tokenizer_dir / "tokenizer.json", max_length)
+    feeds = []
+    for enc in tok.encode_items(pairs):
+        n = len(enc)
+        feeds.append(
+            {
+                "input_ids": enc.ids.reshape(1, n),
+                "attention_mask": np.ones((1, n), dtype=np.int64),
+                "token_type_ids": enc.type_ids.reshape(1, n),
+            }
+        )
+    return feeds
+
+
+def _reduce_precision(fp32_xml: Path, out: Path, precision: str, feeds: list[dict]) -> None:
+    import openvino as ov
+
+    model = ov.Core().read_model(str(fp32_xml))
+    if precision == "fp16":
+        ov.save_model(model, str(out / "openvino_model.xml"), compress_to_fp16=True)
+        return
+    try:
+        import nncf
+    except ImportError as exc:
+        raise missing_extra("convert", exc) from exc
+    names = {i.get_any_name() for i in model.inputs}
+    feeds = [{k: v for k, v in f.items() if k in names} for f in feeds]
+    if precision == "int8":
+        q = nncf.quantize(
+            model, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds)
+        )
+    else:  # int8-weights
+        q = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    ov.save_model(q, str(out / "openvino_model.xml"), compress_to_fp16=False)
+
+
+def convert(
+    settings: Settings,
+    model: Optional[str] = None,
+    *,
+    formats: Sequence[str] = ("openvino",),
+    precision: str = "fp32",
+    calibration: Optional[Path] = None,
+    bench_seconds: float = 3.0,
+    step: Step = _noop,
+) -> list[dict]:
+    """Convert ``model`` to each format at ``precision``; returns one result (dir, parity, bench) each."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}", f"choose one of {', '.join(PRECISIONS)}")
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise ConfigError(f"unknown format {fmt!r}", "choose openvino, onnx or all")
+        if fmt == "onnx" and precision != "fp32":
+            raise ConfigError(
+                f"ONNX export is fp32 only (asked for {precision})",
+                "use --format openvino for fp16/int8, or --precision fp32 for ONNX",
+            )
+    _quiet_third_parties(settings.debug)
+    ref = store.resolve_model(settings, model)
+    source = ref.path
+    if not source.is_dir() and ref.repo_id:
+        raise ModelNotFound(f"{ref.repo_id} is not downloaded yet", f"run: rerankctl download {ref.repo_id}")
+    step("checking the source model")
+    check_source(source)
+    pairs = load_pairs_jsonl(calibration) if calibration else CALIBRATION_SET
+    step("loading the PyTorch reference")
+    tok, torch_model = load_reference(source)
+    max_length = model_max_length(tok, torch_model)
+    src_manifest = store.read_manifest(source)
+
+    results = []
+    for fmt in formats:
+        final = ref.variant_dir(fmt, precision)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=str(source)))
+        try:
+            t0 = time.perf_counter()
+            step(f"exporting {fmt} {precision}")
+            if fmt == "openvino":
+                if precision == "fp32":
+                    _export_openvino(source, tmp)
+                else:
+                    fp32_tmp = Path(tempfile.mkdtemp(prefix=".fp32-", dir=str(source)))
+                    try:
+                        _export_openvino(source, fp32_tmp)
+                        shutil.copy2(source / "tokenizer.json", tmp / "tokenizer.json")
+                        if precision in ("int8",):
+                            step(f"calibrating INT8 on {len(pairs)} pairs")
+                        feeds = _calibration_feeds(tmp, max_length, pairs)
+                        _reduce_precision(fp32_tmp / "openvino_model.xml", tmp, precision, feeds)
+                    finally:
+                        shutil.rmtree(fp32_tmp, ignore_errors=True)
+            else:
+                _export_onnx(source, tmp, torch_model)
+            for name in ("tokenizer.json", "config.json"):
+                shutil.copy2(source / name, tmp / name)
+            manifest = {
+                "kind": "variant",
+                "format": fmt,
+                "precision": precision,
+                "max_length": max_length,
+                "source": {
+                    "path": str(source),
+                    "repo_id": src_manifest.get("repo_id") or ref.repo_id,
+                    "commit": src_manifest.get("commit"),
+                },
+                "rerankctl_version": __version__,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "export_seconds": round(time.perf_counter() - t0, 2),
+            }
+            store.write_json_atomic(tmp / "manifest.json", manifest)
+            step(f"checking parity of {fmt} {precision} through the serving path")
+            parity = check_parity(settings, source, tmp, precision, reference=(tok, torch_model))
+            manifest["parity"] = parity
+            if not parity["passed"]:
+                raise ParityError(
+                    f"{fmt} {precision} does not score like the original: max |diff| {parity['max_abs_diff']:.2e}, "
+                    f"mean Spearman {parity['mean_spearman']:.3f}, top-1 agreement {parity['top1_agreement']:.0%}",
+                    "nothing was installed; try another precision, or loosen the RERANKER_PARITY_* limits",
+                )
+            if bench_seconds > 0:
+                step(f"measuring {fmt} {precision} speed")
+                manifest["bench"] = micro_bench(tmp, settings, bench_seconds)
+            manifest["files"] = [
+                {"path": p.name, "size": p.stat().st_size} for p in sorted(tmp.iterdir()) if p.is_file()
+            ]
+            store.write_json_atomic(tmp / "manifest.json", manifest)
+            _install(tmp, final)
+            results.append({"dir": str(final), **manifest})
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
+def _quiet_third_parties(debug: bool) -> None:
+    """transformers, torch.onnx and nncf print pages of warnings; the user gets our progress instead."""
+    if debug:
+        return
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore")
+    for name in ("nncf", "torch.onnx", "torch._export", "torch.export", "optimum", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Swap the finished folder into place; an older variant is removed only once the new one is there."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{int(time.time() * 1000)}")
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_variant(settings: Settings, model: Optional[str] = None) -> Path:
+    """The converted folder ``serve`` loads, or an error naming the command that makes it."""
+    ref = store.resolve_model(settings, model)
+    variant = ref.variant_dir(settings.model_format, settings.precision)
+    if (variant / "manifest.json").is_file():
+        return variant
+    if not ref.path.is_dir():
+        raise ModelNotFound(
+            f"{ref.name} is not downloaded",
+            f"run: rerankctl download {ref.repo_id or ref.name} && rerankctl convert {ref.name}"
+            " (or serve --prepare to do both)",
+        )
+    raise ModelNotFound(
+        f"{ref.name} has no {settings.model_format}-{settings.precision} conversion",
+        f"run: rerankctl convert {ref.repo_id or ref.path} --precision {settings.precision}"
+        f" --format {settings.model_format}",
+    )
+
+
+def describe(result: dict) -> str:
+    return json.dumps({k: result[k] for k in ("dir", "format", "precision") if k in result})

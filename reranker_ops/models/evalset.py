@@ -1,0 +1,89 @@
+"""Built-in query/passage sets: one to check parity after a conversion, one to calibrate INT8.
+
+Russian and English, short and long; some passages run far past 512 tokens so truncation is exercised.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import ConfigError
+
+_BORSCH = (
+    "Борщ — традиционный свекольный суп восточнославянской кухни. Для него варят мясной бульон, "
+    "добавляют свёклу, капусту, картофель, морковь и лук, а подают со сметаной и зеленью. "
+)
+_WEATHER = "Вчера была хорошая погода для прогулки по набережной, светило солнце и дул лёгкий ветер. "
+_ML = (
+    "Машинное обучение использует нейронные сети, чтобы находить закономерности в данных. "
+    "Модель обучают на размеченных примерах, а затем проверяют на отложенной выборке. "
+)
+_SERVER = (
+    "A reranker server scores query and passage pairs with a cross-encoder and returns them best first; "
+    "batching requests together keeps the processor busy. "
+)
+_HISTORY = "Москва была основана в 1147 году; Кремль стоит на Боровицком холме у реки Москвы. "
+
+EVAL_SET: list[dict] = [
+    {
+        "query": "Как приготовить борщ?",
+        "passages": [_BORSCH, _WEATHER, _ML, _BORSCH * 12, "борщ", "Рецепт: свёкла, капуста, бульон. 🍲"],
+    },
+    {
+        "query": "что такое машинное обучение",
+        "passages": [_ML, _HISTORY, _ML * 10 + _WEATHER, _SERVER, "нейронные сети"],
+    },
+    {
+        "query": "how does a reranker server work?",
+        "passages": [_SERVER, _WEATHER, _SERVER * 15, "It works.", _ML],
+    },
+    {
+        "query": "когда основана Москва",
+        "passages": [_HISTORY, _HISTORY * 20, _BORSCH, "Москва — столица России.", _SERVER],
+    },
+    {
+        "query": "weather for a walk",
+        "passages": ["Sunny, light wind, 20 degrees.", _WEATHER, _SERVER, _WEATHER * 25, "Дождь весь день."],
+    },
+    {
+        "query": ("очень длинный запрос о том, как приготовить борщ и что подать к нему " * 6).strip(),
+        "passages": [_BORSCH * 3, _ML * 3, _WEATHER],
+    },
+]
+
+CALIBRATION_SET: list[tuple[str, str]] = [
+    (item["query"], p) for item in EVAL_SET for p in item["passages"]
+] + [
+    ("лучший способ выучить язык", "Ежедневная практика и разговор с носителями помогают выучить язык."),
+    ("python web server", "MOSEC is a model serving framework with a Rust controller and Python workers."),
+    ("рецепт блинов", "Смешайте муку, молоко и яйца, жарьте на горячей сковороде."),
+    ("capital of France", "Paris is the capital and most populous city of France."),
+]
+
+
+def load_pairs_jsonl(path: Path) -> list[tuple[str, str]]:
+    """Read ``{"query": ..., "passage": ...}`` lines (``document`` or ``text`` also accepted)."""
+    pairs: list[tuple[str, str]] = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}", "give a UTF-8 JSONL file") from exc
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            q = obj["query"]
+            p = obj.get("passage", obj.get("document", obj.get("text")))
+            if not isinstance(q, str) or not isinstance(p, str):
+                raise TypeError("query and passage must be strings")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(
+                f"{path}:{n}: not a query/passage line ({exc})",
+                'each line must look like {"query": "...", "passage": "..."}',
+            ) from exc
+        pairs.append((q, p))
+    if not pairs:
+        raise ConfigError(f"{path} has no query/passage lines", 'add lines like {"query": "...", "passage": "..."}')
+    return pairs

@@ -1,0 +1,167 @@
+"""`rerankctl convert`: every format and precision, parity through the serving path, and that parity bites."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import clean_env, run_cli
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture()
+def model_copy(tiny_model_dir, tmp_path) -> Path:
+    dst = tmp_path / "models" / "tiny-model"
+    shutil.copytree(tiny_model_dir, dst)
+    return dst
+
+
+def _reference_and_served(source: Path, variant: Path):
+    """Scores of the eval set by transformers (the reference) and by the serving engine, computed here."""
+    from reranker_ops.models.convert import load_reference, model_max_length, reference_scores
+    from reranker_ops.models.evalset import EVAL_SET
+    from reranker_ops.serving.engine import Scorer, sigmoid
+
+    tok, model = load_reference(source)
+    scorer = Scorer(variant)
+    ref, got = [], []
+    for item in EVAL_SET:
+        ref.append(reference_scores(tok, model, item["query"], item["passages"], model_max_length(tok, model)))
+        got.append(sigmoid(scorer.score(item["query"], item["passages"])))
+    return ref, got
+
+
+def test_convert_all_formats_fp32_with_parity(model_copy):
+    res = run_cli(["convert", str(model_copy), "--format", "all", "--precision", "fp32", "--bench-seconds", "0.2"],
+                  timeout=240)
+    assert res.returncode == 0, res.stderr
+    for fmt in ("openvino", "onnx"):
+        variant = model_copy / f"{fmt}-fp32"
+        manifest = json.loads((variant / "manifest.json").read_text())
+        assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_diff"] <= 1e-4
+        assert manifest["bench"]["pairs_per_s"] > 0
+        assert manifest["max_length"] == 512
+        assert (variant / "tokenizer.json").is_file()
+        ref, got = _reference_and_served(model_copy, variant)
+        for r, g in zip(ref, got):
+            np.testing.assert_allclose(g, r, atol=1e-4)
+            assert np.ptp(r) > 0.05, "the tiny model must rank, or parity proves nothing"
+    # nothing half-built is left beside the variants
+    assert not [p for p in model_copy.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int8-weights"])
+def test_convert_reduced_precisions(model_copy, precision):
+    res = run_cli(["convert", str(model_copy), "--precision", precision, "--bench-seconds", "0.2"], timeout=240)
+    assert res.returncode == 0, res.stderr
+    variant = model_copy / f"openvino-{precision}"
+    manifest = json.loads((variant / "manifest.json").read_text())
+    parity = manifest["parity"]
+    assert parity["passed"] and parity["mean_spearman"] >= 0.9 - 1e-9 and parity["top1_agreement"] >= 0.8
+    ref, got = _reference_and_served(model_copy, variant)
+    assert max(float(np.max(np.abs(r - g))) for r, g in zip(ref, got)) == pytest.approx(parity["max_abs_diff"], rel=1e-6)
+    listed = run_cli(["convert", str(model_copy), "--list", "--json"])
+    assert listed.returncode == 0
+    assert [v["precision"] for v in json.loads(listed.stdout)] == [precision]
+
+
+def test_int8_calibration_file_is_used(model_copy, tmp_path):
+    from reranker_ops.models.synthetic import generated_corpus
+
+    # A degenerate calibration set (one query, near-identical passages) gives a bad INT8 that parity rejects:
+    # proof that the file is what calibrates, and that nothing is installed when parity fails.
+    poor = tmp_path / "poor.jsonl"
+    poor.write_text("\n".join(json.dumps({"query": "борщ", "passage": f"суп номер {i}"}) for i in range(12)))
+    res = run_cli(["convert", str(model_copy), "--precision", "int8", "--calibration", str(poor),
+                   "--bench-seconds", "0"], timeout=240)
+    assert res.returncode == 7 and "does not score like the original" in res.stderr
+    assert not (model_copy / "openvino-int8").exists()
+
+    corpus = generated_corpus(200, seed=7)
+    varied = tmp_path / "varied.jsonl"
+    varied.write_text("\n".join(json.dumps({"query": corpus[i], "passage": corpus[i + 100]}) for i in range(60)))
+    res = run_cli(["convert", str(model_copy), "--precision", "int8", "--calibration", str(varied),
+                   "--bench-seconds", "0"], timeout=240)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((model_copy / "openvino-int8" / "manifest.json").read_text())["parity"]["passed"]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": 1}\n')
+    res = run_cli(["convert", str(model_copy), "--precision", "int8", "--calibration", str(bad)])
+    assert res.returncode != 0 and "bad.jsonl:1" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_parity_check_bites_on_dropped_segment_ids_and_wrong_truncation(tiny_fp32, tmp_path):
+    from reranker_ops.config import Settings
+    from reranker_ops.models.convert import check_parity
+
+    settings = Settings()
+    source = Path(json.loads((tiny_fp32 / "manifest.json").read_text())["source"]["path"])
+    good = check_parity(settings, source, tiny_fp32, "fp32")
+    assert good["passed"]
+
+    # 1. segment ids dropped: the passage's token_type_ids become 0, as in peers that send zeros
+    no_segments = tmp_path / "no-segments"
+    shutil.copytree(tiny_fp32, no_segments)
+    tok = json.loads((no_segments / "tokenizer.json").read_text())
+    for piece in tok["post_processor"]["pair"]:
+        for v in piece.values():
+            v["type_id"] = 0
+    (no_segments / "tokenizer.json").write_text(json.dumps(tok))
+    bad = check_parity(settings, source, no_segments, "fp32")
+    assert not bad["passed"] and bad["max_abs_diff"] > 1e-3
+
+    # 2. wrong truncation: the variant truncates at 64 tokens instead of the model's 512
+    short = tmp_path / "short"
+    shutil.copytree(tiny_fp32, short)
+    m = json.loads((short / "manifest.json").read_text())
+    m["max_length"] = 64
+    (short / "manifest.json").write_text(json.dumps(m))
+    bad = check_parity(settings, source, short, "fp32")
+    assert not bad["passed"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_weights_give_clear_error_and_no_folder(model_copy, damage):
+    st = model_copy / "model.safetensors"
+    data = st.read_bytes()
+    st.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00" * 64 + data[64:])
+    res = run_cli(["convert", str(model_copy), "--bench-seconds", "0"])
+    assert res.returncode != 0
+    assert "corrupt" in res.stderr and "Traceback" not in res.stderr
+    assert sorted(p.name for p in model_copy.iterdir()) == sorted(
+        ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"])
+
+
+def test_corrupt_weights_caught_by_the_download_manifest(model_copy):
+    from reranker_ops.models.store import sha256_file, write_json_atomic
+
+    st = model_copy / "model.safetensors"
+    write_json_atomic(model_copy / "manifest.json", {"repo_id": "t/t", "commit": "c", "files": [
+        {"path": "model.safetensors", "size": st.stat().st_size, "sha256": sha256_file(st)}]})
+    data = bytearray(st.read_bytes())
+    data[-10] ^= 0xFF  # one flipped byte in the weights: loadable, but not what was downloaded
+    st.write_bytes(bytes(data))
+    res = run_cli(["convert", str(model_copy), "--bench-seconds", "0"])
+    assert res.returncode != 0 and "does not match its download manifest" in res.stderr
+    assert not (model_copy / "openvino-fp32").exists()
+
+
+def test_missing_convert_extra_is_one_clear_line(model_copy, tmp_path):
+    # Simulate an install without the extra: optimum cannot be imported in the child.
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text("import sys\nsys.modules['optimum'] = None\n")
+    env = clean_env(PYTHONPATH=str(tmp_path / "site"))
+    res = run_cli(["convert", str(model_copy), "--bench-seconds", "0"], env=env)
+    assert res.returncode != 0
+    assert "pip install 'rerankctl[convert]'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_onnx_rejects_reduced_precision(model_copy):
+    res = run_cli(["convert", str(model_copy), "--format", "onnx", "--precision", "int8"])
+    assert res.returncode != 0 and "fp32 only" in res.stderr
