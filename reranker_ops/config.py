@@ -70,9 +70,11 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline of one request (408/504 past it).")
 
     # --- supervision ---------------------------------------------------------------------------------
-    probe_interval_s: float = Field(5.0, gt=0, description="Seconds between watchdog canary requests.")
-    probe_timeout_s: float = Field(10.0, gt=0, description="Deadline of one canary request.")
+    probe_interval_s: float = Field(3.0, gt=0, description="Seconds between watchdog canary requests.")
+    probe_timeout_s: float = Field(5.0, gt=0, description="Deadline of one canary request.")
     probe_failures: int = Field(2, ge=1, description="Consecutive failed probes before remediation.")
+    worker_hang_s: float = Field(30.0, gt=0, description="A worker inside a forward pass with no progress this long is hung.")
+    start_attempts: int = Field(2, ge=1, description="Tries to boot MOSEC before giving up, if it was never healthy.")
     startup_timeout_s: float = Field(300.0, gt=0, description="Time MOSEC has to answer its first probe.")
     restart_budget: int = Field(5, ge=0, description="Restarts allowed within restart_window_s before giving up.")
     restart_window_s: float = Field(600.0, gt=0, description="Window of the restart budget.")

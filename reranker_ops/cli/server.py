@@ -1,17 +1,270 @@
-"""``serve``, ``status``, ``stop``, ``logs``, ``watchdog``, ``systemd``."""
+"""``serve``, ``status``, ``stop``, ``logs``, ``watchdog``."""
 
 from __future__ import annotations
 
-from . import app
-from .common import handled
-from ..errors import NotImplementedYet
+import asyncio
+import json
+import logging
+import logging.handlers
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
 
-for _name, _help in [
-    ("serve", "Start the reranker server."),
-    ("status", "Show the server's state."),
-    ("stop", "Stop the server."),
-    ("watchdog", "Probe a running server with a real rerank request."),
-]:
-    def _stub(_n: str = _name) -> None:
-        raise NotImplementedYet(f"{_n} is not built yet", "see the open issues")
-    app.command(name=_name, help=_help + " (not built yet)")(handled(_stub))
+import typer
+from rich.table import Table
+
+from . import app
+from .common import (
+    HealthPortOpt,
+    HostOpt,
+    JsonOpt,
+    ModelOpt,
+    ModelsDirOpt,
+    PortOpt,
+    RunDirOpt,
+    console,
+    err_console,
+    handled,
+    settings_from,
+)
+
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-w", help="Inference workers. [env: RERANKER_WORKERS]")]
+ThreadsOpt = Annotated[
+    Optional[int], typer.Option("--threads", help="OpenVINO threads per worker, 0 = cores/workers. [env: RERANKER_THREADS]")
+]
+PrecisionOpt = Annotated[
+    Optional[str], typer.Option("--precision", help="Which conversion to serve: fp32, fp16, int8, int8-weights.")
+]
+
+
+def _setup_logging(log_file: Optional[Path], settings) -> logging.Logger:
+    log = logging.getLogger("rerankctl")
+    log.setLevel(logging.DEBUG if settings.debug else logging.INFO)
+    log.handlers.clear()
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler: logging.Handler = logging.handlers.RotatingFileHandler(
+            log_file, maxBytes=settings.log_max_bytes, backupCount=settings.log_backups, encoding="utf-8"
+        )
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.propagate = False
+    return log
+
+
+@app.command()
+@handled
+def serve(
+    model: ModelOpt = None,
+    models_dir: ModelsDirOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    health_port: HealthPortOpt = None,
+    run_dir: RunDirOpt = None,
+    workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
+    precision: PrecisionOpt = None,
+    daemon: Annotated[bool, typer.Option("--daemon", "-d", help="Start in the background; return once healthy.")] = False,
+    prepare: Annotated[
+        bool, typer.Option("--prepare", help="Download and convert the model first if it is missing.")
+    ] = False,
+    log_file: Annotated[Optional[Path], typer.Option("--log-file", hidden=True)] = None,
+) -> None:
+    """Start the reranker server (foreground; --daemon for background). Stops cleanly on SIGTERM/Ctrl-C."""
+    settings = settings_from(model=model, models_dir=models_dir, host=host, port=port, health_port=health_port,
+                             run_dir=run_dir, workers=workers, threads=threads, precision=precision)
+    from ..models.convert import find_variant
+    from ..models.store import resolve_model
+
+    if prepare:
+        _prepare(settings)
+    variant = find_variant(settings)  # fails here, in the caller's terminal, with the command to run
+    if daemon:
+        from ..process.control import start_daemon
+
+        with err_console.status("starting the server (waiting for its first real rerank probe)"):
+            started = start_daemon(settings)
+        console.print(
+            f"[green]running[/] pid {started['pid']} · API http://{started['host']}:{started['port']} · "
+            f"health http://{started['host']}:{started['health_port']}/health · log {started['log']}"
+        )
+        return
+    from ..process.sdnotify import Notifier
+    from ..process.supervisor import Supervisor
+
+    log = _setup_logging(log_file, settings)
+    ref = resolve_model(settings)
+    sup = Supervisor(settings, variant, ref.name, Notifier(os.environ.get("NOTIFY_SOCKET")), log)
+    if log_file is None:
+        err_console.print(f"serving {ref.name} ({settings.precision}) on http://{settings.host}:{settings.port}"
+                          f" · health :{settings.health_port} · Ctrl-C to stop")
+    asyncio.run(sup.run())
+
+
+def _prepare(settings) -> None:
+    from ..models import store
+    from ..models.convert import convert
+
+    ref = store.resolve_model(settings)
+    variant = ref.variant_dir(settings.model_format, settings.precision)
+    if (variant / "manifest.json").is_file():
+        return
+    if not (ref.path / "config.json").is_file():
+        if not ref.repo_id:
+            from ..errors import ModelNotFound
+
+            raise ModelNotFound(f"no model at {ref.path}", "give a repo id or a model folder")
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=err_console) as bar:
+            task = bar.add_task(f"downloading {ref.repo_id}", total=None)
+            store.download(settings, ref.repo_id, settings.revision,
+                           progress=lambda d, t, _n: bar.update(task, completed=d, total=t or None))
+    with err_console.status("converting") as status:
+        convert(settings, str(ref.path), formats=[settings.model_format], precision=settings.precision,
+                step=lambda msg: status.update(msg))
+
+
+@app.command()
+@handled
+def stop(
+    run_dir: RunDirOpt = None,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Drain deadline before SIGKILL (s).")] = None,
+) -> None:
+    """Stop the server: drain in-flight requests, then make sure no process of it is left."""
+    from ..process.control import stop_server
+
+    settings = settings_from(run_dir=run_dir)
+    res = stop_server(settings, timeout)
+    if not res["was_running"]:
+        extra = " (removed a stale pidfile)" if res["stale_pidfile"] else ""
+        if res["killed_leftovers"]:
+            extra += f"; killed leftover processes {res['killed_leftovers']}"
+        console.print(f"not running{extra}")
+        return
+    how = "killed after the deadline" if res["forced"] else "stopped"
+    console.print(f"{how}: pid {res['pid']} in {res['seconds']}s")
+
+
+def _fmt_bytes(n: Optional[int]) -> str:
+    return "—" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+@app.command()
+@handled
+def status(run_dir: RunDirOpt = None, as_json: JsonOpt = False) -> None:
+    """Show the server's state; exit 0 only when it is healthy."""
+    from ..process.control import collect_status
+
+    settings = settings_from(run_dir=run_dir)
+    st = collect_status(settings)
+    if as_json:
+        print(json.dumps(st, indent=2))
+    else:
+        colour = {"running": "green", "degraded": "yellow", "starting": "yellow"}.get(st["state"], "red")
+        table = Table(show_header=False, box=None)
+        table.add_row("state", f"[{colour}]{st['state']}[/]" + (f" — {st['reason']}" if st.get("reason") else ""))
+        for key in ("pid", "address", "health", "model", "precision", "version"):
+            if st.get(key) is not None:
+                table.add_row(key, str(st[key]))
+        if st.get("uptime_s") is not None:
+            table.add_row("uptime", f"{st['uptime_s']:.0f}s")
+        probe = st.get("last_probe")
+        if probe:
+            lat = f"{probe['latency_s'] * 1000:.0f} ms" if probe.get("latency_s") is not None else "—"
+            ago = time.time() - probe["at"]
+            table.add_row("last probe", ("ok" if probe["ok"] else f"FAILED: {probe['error']}") + f" · {lat} · {ago:.0f}s ago")
+        if st.get("restarts") is not None and "pid" in st:
+            table.add_row("restarts", ", ".join(f"{k} {v}" for k, v in st["restarts"].items()))
+        if st.get("total_pss_bytes"):
+            table.add_row("memory", f"{_fmt_bytes(st['total_pss_bytes'])} PSS (whole tree)")
+        console.print(table)
+        if st.get("processes"):
+            procs = Table(title="processes")
+            for col in ("role", "pid", "status", "RSS", "PSS", "CPU %", "requests"):
+                procs.add_column(col)
+            for r in st["processes"]:
+                procs.add_row(r["role"], str(r["pid"]), r["status"], _fmt_bytes(r["rss_bytes"]), _fmt_bytes(r["pss_bytes"]),
+                              f"{r['cpu_percent']:.0f}", "—" if r["requests"] is None else str(r["requests"]))
+            console.print(procs)
+    raise typer.Exit(0 if st["healthy"] else 1)
+
+
+@app.command()
+@handled
+def logs(
+    run_dir: RunDirOpt = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="How many lines to show.")] = 50,
+) -> None:
+    """Show the daemon's log (rotated, so it cannot fill the disk)."""
+    from ..process.control import tail_file
+
+    settings = settings_from(run_dir=run_dir)
+    path = settings.log_path
+    if not path.exists():
+        console.print(f"no log yet at {path} (the log is written by serve --daemon)")
+        return
+    for line in tail_file(path, lines):
+        print(line)
+    if not follow:
+        return
+    fh = open(path, "r", encoding="utf-8", errors="replace")
+    fh.seek(0, os.SEEK_END)
+    inode = os.fstat(fh.fileno()).st_ino
+    try:
+        while True:
+            line = fh.readline()
+            if line:
+                print(line, end="", flush=True)
+                continue
+            time.sleep(0.25)
+            try:
+                if os.stat(path).st_ino != inode:  # rotated: follow the new file
+                    fh.close()
+                    fh = open(path, "r", encoding="utf-8", errors="replace")
+                    inode = os.fstat(fh.fileno()).st_ino
+            except FileNotFoundError:
+                pass
+    finally:
+        fh.close()
+
+
+@app.command()
+@handled
+def watchdog(
+    url: Annotated[Optional[str], typer.Option("--url", help="Base URL of the API (default: the configured one).")] = None,
+    interval: Annotated[float, typer.Option("--interval", help="Probe every N seconds (0: once).")] = 0.0,
+    count: Annotated[int, typer.Option("--count", help="Stop after N probes (0: forever, with --interval).")] = 0,
+    failures: Annotated[int, typer.Option("--failures", help="Exit non-zero after N failures in a row.")] = 1,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Deadline of one probe (s).")] = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Probe a running server with a real rerank request; exit 0 if it answered correctly."""
+    from ..health.probe import probe_sync
+
+    settings = settings_from(host=host, port=port)
+    base = url or f"http://{'127.0.0.1' if settings.host == '0.0.0.0' else settings.host}:{settings.port}"
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    deadline = timeout or settings.probe_timeout_s
+    done = bad = 0
+    while True:
+        res = probe_sync(base, deadline, key)
+        done += 1
+        bad = 0 if res.ok else bad + 1
+        if as_json:
+            print(json.dumps(res.to_dict()), flush=True)
+        else:
+            lat = f"{res.latency_s * 1000:.0f} ms" if res.latency_s is not None else "—"
+            console.print(f"{'[green]ok[/]' if res.ok else '[red]FAIL[/]'} {base} {lat}" + ("" if res.ok else f" — {res.error}"))
+        if bad >= failures:
+            raise typer.Exit(1)
+        if interval <= 0 or (count and done >= count):
+            raise typer.Exit(0 if res.ok else 1)
+        time.sleep(interval)

@@ -24,6 +24,7 @@ class Encoded:
 
     ids: np.ndarray  # int64 [n]
     type_ids: np.ndarray  # int64 [n]
+    truncated: bool = False
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -55,15 +56,17 @@ class Tokenizer:
         self.pad_id = 0 if pad_id is None else int(pad_id)
 
     def encode_pairs(self, query: str, passages: Sequence[str]) -> list[Encoded]:
-        encs = self._tok.encode_batch([(query, p) for p in passages])
-        return [
-            Encoded(np.asarray(e.ids, dtype=np.int64), np.asarray(e.type_ids, dtype=np.int64)) for e in encs
-        ]
+        return self.encode_items([(query, p) for p in passages])
 
     def encode_items(self, pairs: Iterable[tuple[str, str]]) -> list[Encoded]:
         encs = self._tok.encode_batch(list(pairs))
         return [
-            Encoded(np.asarray(e.ids, dtype=np.int64), np.asarray(e.type_ids, dtype=np.int64)) for e in encs
+            Encoded(
+                np.asarray(e.ids, dtype=np.int64),
+                np.asarray(e.type_ids, dtype=np.int64),
+                bool(e.overflowing),
+            )
+            for e in encs
         ]
 
 
@@ -154,13 +157,15 @@ class Scorer:
         # Two-label heads: the positive class's logit margin, so sigmoid() gives its softmax probability.
         return logits[:, 1] - logits[:, 0]
 
-    def score_encoded(self, encs: Sequence[Encoded]) -> np.ndarray:
+    def score_encoded(self, encs: Sequence[Encoded], on_progress=None) -> np.ndarray:
         """Raw logits for every pair, in input order, batched under the token budget."""
         out = np.empty(len(encs), dtype=np.float64)
         if not encs:
             return out
         for batch in plan_microbatches([len(e) for e in encs], self.token_budget):
             out[batch] = self._run([encs[i] for i in batch])
+            if on_progress is not None:
+                on_progress(len(batch))
         return out
 
     def score(self, query: str, passages: Sequence[str]) -> np.ndarray:

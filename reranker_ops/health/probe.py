@@ -1,0 +1,68 @@
+"""The canary: a real rerank request through the whole pipeline, judged on its answer, not its status."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+PROBE_HEADER = "X-Reranker-Probe"
+CANARY = {
+    "query": "как приготовить борщ",
+    "documents": ["Борщ варят из свёклы и капусты.", "Завтра будет дождь."],
+}
+
+
+@dataclass
+class ProbeResult:
+    ok: bool
+    at: float
+    latency_s: Optional[float]
+    status: Optional[int]
+    error: Optional[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def judge(status: int, body: Any) -> Optional[str]:
+    """None if the answer is a correct rerank answer for the canary, else what is wrong with it."""
+    if status != 200:
+        text = body if isinstance(body, str) else str(body)
+        return f"HTTP {status}: {text[:200]}"
+    if not isinstance(body, dict):
+        return "answer is not a JSON object"
+    scores = body.get("scores")
+    if not isinstance(scores, list) or len(scores) != len(CANARY["documents"]):
+        return "answer has no score per document"
+    for s in scores:
+        if not isinstance(s, (int, float)) or not math.isfinite(s) or not 0.0 <= s <= 1.0:
+            return f"score {s!r} is not a probability"
+    results = body.get("results")
+    if not isinstance(results, list) or sorted(r.get("index") for r in results) != [0, 1]:
+        return "answer's results do not rank every document"
+    return None
+
+
+def probe_sync(base_url: str, timeout: float, api_key: Optional[str] = None) -> ProbeResult:
+    """For ``rerankctl watchdog`` and ``serve --daemon``: one canary with httpx."""
+    import httpx
+
+    headers = {PROBE_HEADER: "1"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    t0 = time.monotonic()
+    at = time.time()
+    try:
+        resp = httpx.post(f"{base_url.rstrip('/')}/rerank", json=CANARY, headers=headers, timeout=timeout)
+        try:
+            body: Any = resp.json()
+        except ValueError:
+            body = resp.text
+        error = judge(resp.status_code, body)
+        return ProbeResult(error is None, at, time.monotonic() - t0, resp.status_code, error)
+    except httpx.TimeoutException:
+        return ProbeResult(False, at, time.monotonic() - t0, None, f"no answer within {timeout:g}s")
+    except httpx.HTTPError as exc:
+        return ProbeResult(False, at, time.monotonic() - t0, None, f"{type(exc).__name__}: {exc}")

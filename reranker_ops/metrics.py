@@ -1,0 +1,92 @@
+"""Prometheus text exposition for the supervisor: a few counters and histograms, no extra dependency."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from typing import Iterable
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+def _labels(pairs: Iterable[tuple[str, object]]) -> str:
+    items = [f'{k}="{str(v)}"' for k, v in pairs]
+    return "{" + ",".join(items) + "}" if items else ""
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = defaultdict(int)
+        self.duration_counts: dict[str, list[int]] = {}
+        self.duration_sum: dict[str, float] = defaultdict(float)
+        self.duration_n: dict[str, int] = defaultdict(int)
+        self.in_flight = 0
+        self.probes: dict[str, int] = defaultdict(int)
+        self.last_probe_latency = float("nan")
+        self.restarts: dict[str, int] = defaultdict(int)
+
+    def observe_request(self, route: str, code: int, seconds: float) -> None:
+        with self._lock:
+            self.requests[(route, code)] += 1
+            buckets = self.duration_counts.setdefault(route, [0] * len(DURATION_BUCKETS))
+            for i, b in enumerate(DURATION_BUCKETS):
+                if seconds <= b:
+                    buckets[i] += 1
+            self.duration_sum[route] += seconds
+            self.duration_n[route] += 1
+
+    def observe_probe(self, ok: bool, latency: float | None) -> None:
+        with self._lock:
+            self.probes["success" if ok else "failure"] += 1
+            if latency is not None:
+                self.last_probe_latency = latency
+
+    def count_restart(self, kind: str) -> None:
+        with self._lock:
+            self.restarts[kind] += 1
+
+    def render(self, *, healthy: bool, pairs: int, tokens: int, workers: dict[str, int], extra: str = "") -> str:
+        out: list[str] = []
+        with self._lock:
+            out += ["# HELP reranker_requests_total Requests answered, by route and HTTP status.",
+                    "# TYPE reranker_requests_total counter"]
+            for (route, code), n in sorted(self.requests.items()):
+                out.append(f"reranker_requests_total{_labels([('route', route), ('code', code)])} {n}")
+            out += ["# HELP reranker_request_duration_seconds Time from request to answer, by route.",
+                    "# TYPE reranker_request_duration_seconds histogram"]
+            for route, buckets in sorted(self.duration_counts.items()):
+                for b, n in zip(DURATION_BUCKETS, buckets):
+                    out.append(f"reranker_request_duration_seconds_bucket{_labels([('route', route), ('le', b)])} {n}")
+                out.append(
+                    f"reranker_request_duration_seconds_bucket{_labels([('route', route), ('le', '+Inf')])} "
+                    f"{self.duration_n[route]}"
+                )
+                out.append(f"reranker_request_duration_seconds_sum{_labels([('route', route)])} {self.duration_sum[route]}")
+                out.append(f"reranker_request_duration_seconds_count{_labels([('route', route)])} {self.duration_n[route]}")
+            out += ["# HELP reranker_requests_in_flight Requests being answered now.",
+                    "# TYPE reranker_requests_in_flight gauge", f"reranker_requests_in_flight {self.in_flight}"]
+            out += ["# HELP reranker_pairs_scored_total Query/passage pairs scored by the model.",
+                    "# TYPE reranker_pairs_scored_total counter", f"reranker_pairs_scored_total {pairs}"]
+            out += ["# HELP reranker_tokens_scored_total Tokens run through the model.",
+                    "# TYPE reranker_tokens_scored_total counter", f"reranker_tokens_scored_total {tokens}"]
+            out += ["# HELP reranker_probe_total Watchdog canary requests, by result.",
+                    "# TYPE reranker_probe_total counter"]
+            for result in ("success", "failure"):
+                out.append(f"reranker_probe_total{_labels([('result', result)])} {self.probes[result]}")
+            out += ["# HELP reranker_probe_latency_seconds Latency of the last canary request.",
+                    "# TYPE reranker_probe_latency_seconds gauge",
+                    f"reranker_probe_latency_seconds {self.last_probe_latency}"]
+            out += ["# HELP reranker_restarts_total Remediations: killed workers and restarted servers.",
+                    "# TYPE reranker_restarts_total counter"]
+            for kind in ("worker", "server"):
+                out.append(f"reranker_restarts_total{_labels([('kind', kind)])} {self.restarts[kind]}")
+        out += ["# HELP reranker_workers Live MOSEC worker processes, by stage.", "# TYPE reranker_workers gauge"]
+        for stage, n in sorted(workers.items()):
+            out.append(f"reranker_workers{_labels([('stage', stage)])} {n}")
+        out += ["# HELP reranker_up 1 while the last canary request succeeded recently.",
+                "# TYPE reranker_up gauge", f"reranker_up {1 if healthy else 0}"]
+        text = "\n".join(out) + "\n"
+        if extra:
+            text += "\n".join(l for l in extra.splitlines() if l.strip() != "# EOF") + "\n"
+        return text

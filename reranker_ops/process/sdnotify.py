@@ -1,0 +1,46 @@
+"""sd_notify without libraries: one datagram on the socket systemd names in ``$NOTIFY_SOCKET``."""
+
+from __future__ import annotations
+
+import socket
+from typing import Optional
+
+
+class Notifier:
+    """Silent when there is no socket (not under systemd). Never raises: a lost datagram is not fatal."""
+
+    def __init__(self, address: Optional[str]) -> None:
+        self.address = address or None
+        self.sent: list[str] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+    def notify(self, *lines: str) -> bool:
+        if not self.address:
+            return False
+        msg = "\n".join(lines)
+        addr = self.address
+        if addr.startswith("@"):  # abstract namespace
+            addr = "\0" + addr[1:]
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.connect(addr)
+                sock.sendall(msg.encode("utf-8"))
+        except OSError:
+            return False
+        self.sent.append(msg)
+        return True
+
+    def ready(self, status: str) -> bool:
+        return self.notify("READY=1", f"STATUS={status}")
+
+    def watchdog(self) -> bool:
+        return self.notify("WATCHDOG=1")
+
+    def status(self, status: str) -> bool:
+        return self.notify(f"STATUS={status}")
+
+    def stopping(self, status: str = "stopping") -> bool:
+        return self.notify("STOPPING=1", f"STATUS={status}")

@@ -1,0 +1,166 @@
+"""MOSEC workers. Imports mosec, numpy, tokenizers and openvino (through the engine): nothing heavier.
+
+Stage 1 (``Validate``, unbatched) decodes, validates and tokenizes one request: a bad request stops here
+and never reaches the batched stage, where one failure would fail every request in the batch.
+Stage 2 (``Score``, batched across requests) scores all pairs of the batch in length-sorted micro-batches.
+
+Each worker keeps a heartbeat file (``<worker_dir>/<stage>-<pid>.json``): when it last made progress,
+whether it is inside a forward pass and since when, and counters. The supervisor's watchdog reads them
+to tell a hung worker from a busy one; ``/metrics`` sums the counters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mosec import ClientError, ValidationError, Worker
+
+from .engine import Scorer, Tokenizer, configure_process_threads, read_variant_manifest
+from .schema import TAG_ROUTES, Limits, RequestError, build_response, parse_job
+
+CONFIG_ENV = "RERANKER_WORKER_CONFIG"
+HEAVY_MODULES = ("torch", "transformers", "optimum", "nncf")
+
+
+def load_config() -> dict:
+    """The child's configuration, written by the supervisor; the one handoff across the process boundary."""
+    return json.loads(Path(os.environ[CONFIG_ENV]).read_text(encoding="utf-8"))
+
+
+class Heartbeat:
+    def __init__(self, worker_dir: str, stage: str) -> None:
+        self.path = Path(worker_dir) / f"{stage}-{os.getpid()}.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        now = time.time()
+        self.data: dict[str, Any] = {
+            "pid": os.getpid(),
+            "stage": stage,
+            "started": now,
+            "ready": False,
+            "busy_since": None,
+            "progress_at": now,
+            "batches": 0,
+            "requests": 0,
+            "pairs": 0,
+            "tokens": 0,
+            "errors": 0,
+        }
+
+    def write(self, **changes: Any) -> None:
+        self.data.update(changes)
+        with open(self.tmp, "w", encoding="utf-8") as fh:
+            json.dump(self.data, fh)
+        os.replace(self.tmp, self.path)
+
+
+def _loaded_heavy_modules() -> list[str]:
+    return sorted(m for m in HEAVY_MODULES if m in sys.modules)
+
+
+class Validate(Worker):
+    """Stage 1: route tag + body -> tokenized job, or a 400/422 with a message naming the rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        configure_process_threads()
+        cfg = load_config()
+        manifest = read_variant_manifest(Path(cfg["variant_dir"]))
+        model_max = int(manifest.get("max_length") or 512)
+        max_length = min(cfg["max_length"], model_max) if cfg["max_length"] else model_max
+        self.tokenizer = Tokenizer(Path(cfg["variant_dir"]) / "tokenizer.json", max_length)
+        self.limits = Limits.from_mapping(cfg["limits"])
+        self.hb = Heartbeat(cfg["worker_dir"], "validate")
+        self.hb.write(ready=True, heavy_modules=_loaded_heavy_modules())
+
+    def deserialize(self, data: bytes) -> bytes:
+        return data  # parsed in forward, where every failure maps to a status
+
+    def forward(self, data: bytes) -> dict:
+        now = time.time()
+        self.hb.write(busy_since=now, progress_at=now)
+        try:
+            tag, _, body = data.partition(b"\n")
+            route = TAG_ROUTES.get(tag.decode("ascii", "replace"))
+            if route is None:
+                raise ClientError("unknown route tag")
+            try:
+                job = parse_job(route, body, self.limits)
+            except RequestError as exc:
+                self.hb.data["errors"] += 1
+                if exc.status == 400:
+                    raise ClientError(exc.message) from None
+                raise ValidationError(exc.message) from None
+            encs = self.tokenizer.encode_items(zip(job.queries, job.passages))
+            if not job.truncate:
+                over = [i for i, e in enumerate(encs) if e.truncated]
+                if over:
+                    self.hb.data["errors"] += 1
+                    raise ValidationError(
+                        f"pair {over[0]} is longer than the model's {self.tokenizer.max_length} tokens and"
+                        " truncate is false; send truncate: true or shorter text"
+                    )
+            job.queries = []
+            if not job.return_documents:
+                job.passages = []
+            return {"job": job, "encs": encs}
+        finally:
+            done = time.time()
+            self.hb.data["requests"] += 1
+            self.hb.write(busy_since=None, progress_at=done)
+
+
+class Score(Worker):
+    """Stage 2: score every pair of every request in the batch, then split the answers back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        configure_process_threads()
+        cfg = load_config()
+        self.hb = Heartbeat(cfg["worker_dir"], "score")
+        self.hb.write()
+        self.scorer = Scorer(
+            Path(cfg["variant_dir"]),
+            threads=cfg["threads"],
+            pin_threads=cfg["pin_threads"],
+            token_budget=cfg["token_budget"],
+            max_length=cfg["max_length"],
+        )
+        self.model_name = cfg["model_name"]
+        # Warm up so the first real request does not pay for the first inference.
+        self.scorer.score(cfg.get("warmup_query", "проверка"), ["прогрев модели", "warm-up"])
+        self.hb.write(ready=True, progress_at=time.time(), heavy_modules=_loaded_heavy_modules())
+
+    def _progress(self, _n: int) -> None:
+        self.hb.write(progress_at=time.time())
+
+    def forward(self, data: list[dict]) -> list:
+        now = time.time()
+        self.hb.write(busy_since=now, progress_at=now)
+        encs, owners = [], []
+        for k, item in enumerate(data):
+            encs.extend(item["encs"])
+            owners.append(len(item["encs"]))
+        logits = self.scorer.score_encoded(encs, on_progress=self._progress)
+        out, start = [], 0
+        tokens_total = 0
+        for item, n in zip(data, owners):
+            tokens = sum(len(e) for e in item["encs"])
+            tokens_total += tokens
+            out.append(build_response(item["job"], logits[start : start + n].tolist(), tokens, self.model_name))
+            start += n
+        d = self.hb.data
+        d["batches"] += 1
+        d["requests"] += len(data)
+        d["pairs"] += len(encs)
+        d["tokens"] += tokens_total
+        self.hb.write(busy_since=None, progress_at=time.time())
+        return out
+
+    def serialize(self, data: Any) -> bytes:
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
