@@ -57,3 +57,140 @@ def tiny_fp32(tiny_model_dir, tmp_path_factory) -> Path:
     settings = Settings(models_dir=work.parent, model=str(work))
     results = convert(settings, str(work), formats=["openvino"], precision="fp32", bench_seconds=0.2)
     return Path(results[0]["dir"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# real servers
+# ----------------------------------------------------------------------------------------------------------
+import json as _json  # noqa: E402
+import signal as _signal  # noqa: E402
+import time as _time  # noqa: E402
+
+
+class ServerHandle:
+    """A real ``rerankctl serve --daemon`` on free loopback ports, with its own run dir."""
+
+    def __init__(self, model_dir: Path, run_dir: Path, **settings: object) -> None:
+        self.model_dir = model_dir
+        self.run_dir = run_dir
+        self.port = free_port()
+        self.health_port = free_port()
+        self.env = clean_env(
+            RERANKER_MODEL=str(model_dir),
+            RERANKER_RUN_DIR=str(run_dir),
+            RERANKER_PORT=str(self.port),
+            RERANKER_HEALTH_PORT=str(self.health_port),
+            RERANKER_STARTUP_TIMEOUT_S="90",
+            **{f"RERANKER_{k.upper()}": str(v) for k, v in settings.items()},
+        )
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.health = f"http://127.0.0.1:{self.health_port}"
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return run_cli(list(args), env=self.env, timeout=timeout)
+
+    def start(self) -> "ServerHandle":
+        res = self.cli("serve", "--daemon")
+        assert res.returncode == 0, f"serve --daemon failed:\n{res.stdout}\n{res.stderr}"
+        return self
+
+    def status(self) -> dict:
+        res = self.cli("status", "--json", timeout=30)
+        return _json.loads(res.stdout)
+
+    def pidfile(self) -> dict:
+        return _json.loads((self.run_dir / "rerankctl.pid.json").read_text())
+
+    def processes(self) -> dict[str, list[int]]:
+        roles: dict[str, list[int]] = {}
+        for p in self.status().get("processes", []):
+            roles.setdefault(p["role"], []).append(p["pid"])
+        return roles
+
+    def cleanup(self) -> None:
+        """Stop it, and make sure nothing of it survives, whatever the test did."""
+        try:
+            self.cli("stop", "--timeout", "10", timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        kill_marked(self.run_dir)
+
+
+def kill_marked(run_dir: Path) -> None:
+    import psutil
+
+    from reranker_ops.process.runstate import INSTANCE_ENV
+
+    instances = set()
+    for path in (run_dir / "rerankctl.pid.json", run_dir / "state.json"):
+        try:
+            instances.add(_json.loads(path.read_text())["instance"])
+        except (OSError, ValueError, KeyError):
+            pass
+    if not instances:
+        return
+    for proc in psutil.process_iter():
+        try:
+            env = proc.environ()
+        except (psutil.Error, OSError):
+            continue
+        if env.get(INSTANCE_ENV) in instances or (
+            env.get("RERANKER_RUN_DIR") == str(run_dir) and proc.pid != os.getpid()
+        ):
+            try:
+                proc.send_signal(_signal.SIGCONT)
+                proc.kill()
+            except psutil.Error:
+                pass
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value or ``timeout`` passes (then fail)."""
+    deadline = _time.monotonic() + timeout
+    last = None
+    while _time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        _time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture()
+def make_server(tiny_fp32, tmp_path):
+    """Factory: ``make_server(**settings)`` starts a real server; every one is stopped and reaped after."""
+    made: list[ServerHandle] = []
+
+    def factory(start: bool = True, model_dir: Path | None = None, **settings) -> ServerHandle:
+        run_dir = tmp_path / f"run{len(made)}"
+        h = ServerHandle(model_dir or tiny_fp32.parent, run_dir, **settings)
+        made.append(h)
+        return h.start() if start else h
+
+    yield factory
+    for h in made:
+        h.cleanup()
+
+
+@pytest.fixture(scope="module")
+def shared_server(tiny_fp32, tmp_path_factory):
+    """One server for the read-only API tests of a module."""
+    h = ServerHandle(tiny_fp32.parent, tmp_path_factory.mktemp("shared-run"))
+    h.start()
+    yield h
+    h.cleanup()
+
+
+@pytest.fixture(scope="session")
+def reference_scorer(tiny_fp32):
+    """sigmoid(logits) of the transformers model the tiny variant was converted from."""
+    from reranker_ops.models.convert import load_reference, model_max_length, reference_scores
+
+    source = Path(_json.loads((tiny_fp32 / "manifest.json").read_text())["source"]["path"])
+    tok, model = load_reference(source)
+    limit = model_max_length(tok, model)
+
+    def score(query: str, passages: list[str]):
+        return reference_scores(tok, model, query, passages, limit)
+
+    return score

@@ -103,6 +103,7 @@ class Supervisor:
         self.last_probe: Optional[ProbeResult] = None
         self.ever_ready = False
         self.start_failures = 0
+        self.boot_wrong_answers = 0
         self.restarts = {"worker": 0, "server": 0}
         self.outages: deque[dict] = deque(maxlen=20)
         self._outage: Optional[dict] = None
@@ -439,8 +440,15 @@ class Supervisor:
             result = await self.probe()
             self.last_probe = result
             self.loop_tick = time.time()
-            if self.state == "starting" and not result.ok:
+            if self.state == "starting" and not result.ok and result.status in (None, 503):
                 interval = STARTUP_PROBE_INTERVAL  # still booting: no verdict, just look again soon
+            elif self.state == "starting" and not result.ok:
+                # It answers, but wrongly: a broken model or pipeline, not a slow boot.
+                self.boot_wrong_answers += 1
+                if self.boot_wrong_answers >= self.settings.probe_failures:
+                    self.fatal = f"the server answers but fails the canary request: {result.error}; {self._last_error()}"
+                    return
+                interval = STARTUP_PROBE_INTERVAL
             else:
                 await self._after_probe(result)
                 if self.fatal:

@@ -139,7 +139,12 @@ class Score(Worker):
     def _progress(self, _n: int) -> None:
         self.hb.write(progress_at=time.time())
 
-    def forward(self, data: list[dict]) -> list:
+    def forward(self, data: list[dict] | dict) -> list | dict:
+        if isinstance(data, dict):  # MOSEC passes a bare item when max_batch_size is 1
+            return self._forward([data])[0]
+        return self._forward(data)
+
+    def _forward(self, data: list[dict]) -> list:
         now = time.time()
         self.hb.write(busy_since=now, progress_at=now)
         encs, owners = [], []

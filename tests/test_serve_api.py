@@ -1,0 +1,304 @@
+"""`rerankctl serve`: every route's contract against a real server, bad input, concurrency, overload."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import clean_env, free_port, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+QUERY = "Как приготовить борщ?"
+DOCS = [
+    "Борщ — традиционный свекольный суп, его варят с капустой.",
+    "Вчера была хорошая погода для прогулки 🌞",
+    "Машинное обучение использует нейронные сети.",
+    "How to cook borscht: beets, cabbage and broth. 🍲",
+]
+
+
+def post(server, route: str, body, timeout: float = 30, **kw) -> httpx.Response:
+    if isinstance(body, (bytes, str)):
+        return httpx.post(server.base + route, content=body, timeout=timeout, **kw)
+    return httpx.post(server.base + route, json=body, timeout=timeout, **kw)
+
+
+def test_rerank_contract_and_reference_scores(shared_server, reference_scorer):
+    r = post(shared_server, "/rerank", {"query": QUERY, "documents": DOCS, "top_k": 2, "return_documents": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = reference_scorer(QUERY, DOCS)
+    np.testing.assert_allclose(body["scores"], expected, atol=1e-4)
+    best = sorted(range(len(DOCS)), key=lambda i: -expected[i])[:2]
+    assert [x["index"] for x in body["results"]] == best
+    assert [x["document"] for x in body["results"]] == [DOCS[i] for i in best]
+    assert all(0 <= s <= 1 for s in body["scores"])
+    assert body["usage"]["total_tokens"] > 0 and body["model"]
+    # top_n is a synonym, raw_scores gives logits, return_documents defaults to off
+    r = post(shared_server, "/rerank", {"query": QUERY, "documents": DOCS, "top_n": 1, "raw_scores": True})
+    body = r.json()
+    assert len(body["results"]) == 1 and "document" not in body["results"][0]
+    np.testing.assert_allclose(1 / (1 + np.exp(-np.array(body["scores"]))), expected, atol=1e-4)
+    # no top_k: every document, best first
+    body = post(shared_server, "/rerank", {"query": QUERY, "documents": DOCS}).json()
+    assert len(body["results"]) == len(DOCS)
+    assert [x["relevance_score"] for x in body["results"]] == sorted(body["scores"], reverse=True)
+
+
+@pytest.mark.parametrize("route", ["/v1/rerank", "/v2/rerank"])
+def test_cohere_routes(shared_server, reference_scorer, route):
+    docs = [DOCS[0], {"text": DOCS[1]}, DOCS[2]]
+    r = post(shared_server, route, {"model": "whatever", "query": QUERY, "documents": docs, "top_n": 2,
+                                    "return_documents": True, "rank_fields": None})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = reference_scorer(QUERY, DOCS[:3])
+    best = sorted(range(3), key=lambda i: -expected[i])[:2]
+    assert [x["index"] for x in body["results"]] == best
+    for x in body["results"]:
+        assert x["relevance_score"] == pytest.approx(expected[x["index"]], abs=1e-4)
+        assert x["document"] == {"text": DOCS[x["index"]]}
+    assert body["id"] and body["meta"]["api_version"]["version"] == route[2]
+
+
+def test_inference_route(shared_server, reference_scorer):
+    pairs = [{"query": QUERY, "passage": d} for d in DOCS] + [{"query": "погода", "passage": DOCS[1]}]
+    r = post(shared_server, "/inference", pairs)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    expected = list(reference_scorer(QUERY, DOCS)) + list(reference_scorer("погода", [DOCS[1]]))
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_long_passage_truncates_like_the_reference(shared_server, reference_scorer):
+    long_doc = "Борщ варят долго и со вкусом. " * 400  # far past 512 tokens
+    body = post(shared_server, "/rerank", {"query": QUERY, "documents": [long_doc, DOCS[1]]}).json()
+    np.testing.assert_allclose(body["scores"], reference_scorer(QUERY, [long_doc, DOCS[1]]), atol=1e-4)
+    r = post(shared_server, "/rerank", {"query": QUERY, "documents": [long_doc], "truncate": False})
+    assert r.status_code == 422 and "512" in r.json()["message"]
+
+
+def test_fifty_concurrent_clients(shared_server, reference_scorer):
+    def one(i: int):
+        docs = [f"{DOCS[i % 4]} вариант {i}", DOCS[(i + 1) % 4]]
+        r = post(shared_server, "/rerank", {"query": f"{QUERY} {i}", "documents": docs}, timeout=60)
+        return i, docs, r.status_code, r.json()
+
+    with cf.ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(one, range(50)))
+    for i, docs, status, body in results:
+        assert status == 200, body
+        np.testing.assert_allclose(body["scores"], reference_scorer(f"{QUERY} {i}", docs), atol=1e-4)
+
+
+BAD_INPUTS = [
+    ("malformed", b'{"query": "q", "documents": [', 400),
+    ("truncated", b'{"query": "q", "docu', 400),
+    ("not json", b"hello", 400),
+    ("array body", b'["q"]', 422),
+    ("query int", {"query": 5, "documents": ["a"]}, 422),
+    ("query missing", {"documents": ["a"]}, 422),
+    ("documents string", {"query": "q", "documents": "a"}, 422),
+    ("documents null", {"query": "q", "documents": None}, 422),
+    ("document int", {"query": "q", "documents": ["a", 3]}, 422),
+    ("document object", {"query": "q", "documents": [{"text": "a"}]}, 422),
+    ("top_k string", {"query": "q", "documents": ["a"], "top_k": "2"}, 422),
+    ("top_k zero", {"query": "q", "documents": ["a"], "top_k": 0}, 422),
+    ("top_k bool", {"query": "q", "documents": ["a"], "top_k": True}, 422),
+    ("return_documents str", {"query": "q", "documents": ["a"], "return_documents": "yes"}, 422),
+    ("raw_scores int", {"query": "q", "documents": ["a"], "raw_scores": 1}, 422),
+    ("truncate str", {"query": "q", "documents": ["a"], "truncate": "no"}, 422),
+    ("model int", {"query": "q", "documents": ["a"], "model": 1}, 422),
+    ("empty query", {"query": "", "documents": ["a"]}, 422),
+    ("blank query", {"query": "   ", "documents": ["a"]}, 422),
+    ("empty documents", {"query": "q", "documents": []}, 422),
+    ("empty string doc", {"query": "q", "documents": ["a", ""]}, 422),
+    ("10000 documents", {"query": "q", "documents": ["d"] * 10_000}, 422),
+    ("5 MB document", {"query": "q", "documents": ["я" * 2_500_000]}, 413),
+    ("long document", {"query": "q", "documents": ["a" * 60_000]}, 422),
+    ("invalid utf-8", b'{"query": "\xff\xfe", "documents": ["a"]}', 400),
+    ("NUL in document", {"query": "q", "documents": ["a\u0000b"]}, 422),
+    ("NUL in query", {"query": "q\u0000", "documents": ["a"]}, 422),
+    ("deeply nested", b"[" * 100_000 + b"]" * 100_000, 400),
+    ("nested object", ("{\"a\":" * 50_000 + "1" + "}" * 50_000).encode(), 400),
+    ("empty body", b"", 400),
+    ("whitespace body", b"   ", 400),
+]
+
+
+def test_bad_input_is_answered_4xx_quickly_and_valid_work_survives(shared_server, reference_scorer):
+    before = shared_server.processes()
+    good_docs = DOCS[:3]
+    expected = reference_scorer(QUERY, good_docs)
+
+    def bad(case):
+        name, body, want = case
+        t0 = time.monotonic()
+        r = post(shared_server, "/rerank", body, timeout=10)
+        return name, want, r.status_code, r.text, time.monotonic() - t0
+
+    def good(_):
+        r = post(shared_server, "/rerank", {"query": QUERY, "documents": good_docs}, timeout=30)
+        return r.status_code, r.json()
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        goods = [pool.submit(good, i) for i in range(8)]
+        bads = list(pool.map(bad, BAD_INPUTS))
+        goods = [g.result() for g in goods]
+    for name, want, status, text, seconds in bads:
+        assert status == want, f"{name}: {status} {text[:200]}"
+        assert seconds < 1.0, f"{name} took {seconds:.2f}s"
+        body = json.loads(text)
+        assert body["message"] and body["status"] == status, name
+    for status, body in goods:
+        assert status == 200
+        np.testing.assert_allclose(body["scores"], expected, atol=1e-4)
+    # the limit is named in the message
+    r = post(shared_server, "/rerank", {"query": "q", "documents": ["d"] * 10_000})
+    assert "RERANKER_MAX_DOCUMENTS" in r.json()["message"]
+    r = post(shared_server, "/rerank", {"query": "q", "documents": ["я" * 2_500_000]})
+    assert "RERANKER_MAX_BODY_BYTES" in r.json()["message"]
+    # same workers: no bad request crashed or restarted anything
+    assert shared_server.processes() == before
+    assert shared_server.status()["restarts"] == {"worker": 0, "server": 0}
+
+
+def test_wrong_method_and_unknown_route(shared_server):
+    assert httpx.get(shared_server.base + "/rerank").status_code == 405
+    assert httpx.post(shared_server.base + "/nope", json={}).status_code == 404
+    info = httpx.get(shared_server.base + "/").json()
+    assert "/rerank" in info["routes"]
+
+
+def test_metrics(shared_server):
+    post(shared_server, "/rerank", {"query": QUERY, "documents": DOCS})
+    post(shared_server, "/rerank", {"query": "", "documents": DOCS})
+    for url in (shared_server.base + "/metrics", shared_server.health + "/metrics"):
+        text = httpx.get(url).text
+        assert re.search(r'^reranker_requests_total\{route="/rerank",code="200"\} [1-9]', text, re.M)
+        assert re.search(r'^reranker_requests_total\{route="/rerank",code="422"\} [1-9]', text, re.M)
+        assert re.search(r'^reranker_request_duration_seconds_bucket\{route="/rerank",le="\+Inf"\} [1-9]', text, re.M)
+        assert re.search(r"^reranker_pairs_scored_total [1-9]", text, re.M)
+        assert re.search(r"^reranker_tokens_scored_total [1-9]", text, re.M)
+        assert "mosec_service_throughput" in text  # MOSEC's own metrics are included
+        assert "reranker_up 1" in text
+
+
+def test_no_heavy_imports_in_server_processes(shared_server):
+    procs = shared_server.status()["processes"]
+    assert {p["role"] for p in procs} >= {"supervisor", "mosec", "controller", "validate", "score"}
+    for p in procs:
+        maps = Path(f"/proc/{p['pid']}/maps").read_text()
+        for lib in ("libtorch", "/torch/", "/transformers/", "/optimum/"):
+            assert lib not in maps, f"{p['role']} (pid {p['pid']}) loaded {lib}"
+    for beat in (shared_server.run_dir / "workers").glob("*.json"):
+        assert json.loads(beat.read_text())["heavy_modules"] == []
+
+
+def test_over_capacity_burst_gets_429_then_recovers(make_server):
+    server = make_server(queue_capacity=2, max_batch_requests=1)
+    heavy = {"query": QUERY, "documents": ["Борщ варят долго. " * 120] * 300}
+
+    def one(_):
+        t0 = time.monotonic()
+        r = post(server, "/rerank", heavy, timeout=120)
+        return r.status_code, time.monotonic() - t0, r.headers.get("Retry-After")
+
+    with cf.ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(one, range(24)))
+    codes = [c for c, _, _ in results]
+    assert codes.count(429) >= 1, codes
+    assert set(codes) <= {200, 429}, codes
+    assert all(ra == "1" for c, _, ra in results if c == 429)
+    r = post(server, "/rerank", {"query": QUERY, "documents": DOCS})
+    assert r.status_code == 200
+    assert "429" in httpx.get(server.base + "/metrics").text
+
+
+def test_api_key(make_server):
+    server = make_server(api_key="s3cret-key")
+    body = {"query": QUERY, "documents": DOCS}
+    assert post(server, "/rerank", body).status_code == 401
+    assert post(server, "/rerank", body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert post(server, "/rerank", body, headers={"Authorization": "s3cret-key"}).status_code == 401
+    r = post(server, "/rerank", body, headers={"Authorization": "Bearer s3cret-key"})
+    assert r.status_code == 200
+    # the watchdog's probe carries the key too, so health stays truthful
+    assert httpx.get(server.health + "/health").json()["status"] == "healthy"
+    # and the key is never on a command line
+    for p in server.status()["processes"]:
+        assert "s3cret-key" not in Path(f"/proc/{p['pid']}/cmdline").read_text()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_foreground_serve_stops_cleanly_on_signal(tiny_fp32, tmp_path, sig):
+    port, hport = free_port(), free_port()
+    env = clean_env(RERANKER_MODEL=str(tiny_fp32.parent), RERANKER_RUN_DIR=str(tmp_path / "run"),
+                    RERANKER_PORT=str(port), RERANKER_HEALTH_PORT=str(hport))
+    proc = subprocess.Popen([sys.executable, "-m", "reranker_ops", "serve"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        def healthy():
+            try:
+                return httpx.get(f"http://127.0.0.1:{hport}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, 90, what="foreground server healthy")
+        pid_info = json.loads((tmp_path / "run" / "rerankctl.pid.json").read_text())
+        assert pid_info["pid"] == proc.pid
+        # in-flight work finishes
+        with cf.ThreadPoolExecutor(4) as pool:
+            futs = [pool.submit(httpx.post, f"http://127.0.0.1:{port}/rerank",
+                                json={"query": QUERY, "documents": ["Борщ. " * 200] * 200}, timeout=60) for _ in range(4)]
+            time.sleep(0.3)  # let the requests reach the server before the signal (not a synchronisation)
+            proc.send_signal(sig)
+            codes = [f.result().status_code for f in futs]
+        assert set(codes) <= {200, 503}, codes
+        assert proc.wait(timeout=30) == 0
+        from reranker_ops.process.runstate import instance_processes
+
+        assert instance_processes(pid_info["instance"]) == []
+        assert not (tmp_path / "run" / "rerankctl.pid.json").exists()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_serve_without_conversion_names_the_command(tiny_model_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "fresh-model"
+    shutil.copytree(tiny_model_dir, model)
+    res = subprocess.run([sys.executable, "-m", "reranker_ops", "serve", "--model", str(model),
+                          "--run-dir", str(tmp_path / "run")], env=clean_env(), capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode != 0
+    assert "rerankctl convert" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run([sys.executable, "-m", "reranker_ops", "serve", "--model", "nobody/nothing",
+                          "--models-dir", str(tmp_path)], env=clean_env(), capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "rerankctl download nobody/nothing" in res.stderr
+
+
+def test_serve_prepare_converts_then_serves(tiny_model_dir, tmp_path, make_server):
+    import shutil
+
+    model = tmp_path / "prep-model"
+    shutil.copytree(tiny_model_dir, model)
+    server = make_server(start=False, model_dir=model)
+    res = server.cli("serve", "--daemon", "--prepare", timeout=240)
+    assert res.returncode == 0, res.stderr
+    assert (model / "openvino-fp32" / "manifest.json").is_file()
+    assert post(server, "/rerank", {"query": QUERY, "documents": DOCS}).status_code == 200
