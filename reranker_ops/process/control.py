@@ -207,7 +207,9 @@ def _process_rows(sup: psutil.Process, settings: Settings) -> list[dict]:
                     role = "supervisor"
                 elif p.pid in beats:
                     role = beats[p.pid].get("stage", "worker")
-                elif "reranker_ops.serving.app" in " ".join(p.cmdline()):
+                elif p.ppid() == sup.pid:
+                    # MOSEC's main process is the supervisor's only child. (Not by cmdline: a worker
+                    # between fork and exec briefly shows its parent's.)
                     role = "mosec"
                 elif os.path.basename(p.exe()) == "mosec":
                     role = "controller"
@@ -240,8 +242,12 @@ def collect_status(settings: Settings) -> dict:
     info, why = read_pidfile(settings.pidfile_path)
     out: dict = {"run_dir": str(settings.run_dir), "healthy": False}
     if not held:
+        last = _read_state(settings)
         if info is None and why == "missing":
-            out.update(state="stopped", reason="not running")
+            if last.get("state") == "failed":
+                out.update(state="failed", reason=f"not running; the last server gave up: {last.get('reason')}")
+            else:
+                out.update(state="stopped", reason="not running")
         else:
             detail = f"pid {info.pid} is not a running rerankctl" if info else f"pidfile is {why}"
             out.update(state="stale", reason=f"stale pidfile ({detail}); serve will replace it",

@@ -211,6 +211,7 @@ class Supervisor:
         finally:
             await self._cleanup()
         if self.fatal:
+            self.log.error("giving up: %s", self.fatal)
             raise ServerStartError(self.fatal, "see the log: rerankctl logs; fix the cause, then serve again")
         return 0
 

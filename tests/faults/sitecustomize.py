@@ -1,0 +1,36 @@
+"""Test-only fault injection, loaded into server processes through PYTHONPATH.
+
+OpenVINO cannot be made to hang on demand, so this stands in for it. When the file named by
+``RERANKER_TEST_HANG_FILE`` exists, the first scoring call to see it takes it (renames it to
+``<name>.taken``) and blocks like native code does while that file exists: SIGALRM (MOSEC's forward
+timeout) is blocked, so nothing in Python can interrupt it. Bounded at 10 minutes.
+"""
+
+import os
+
+_flag = os.environ.get("RERANKER_TEST_HANG_FILE")
+if _flag:
+    import signal
+    import time
+
+    try:
+        from reranker_ops.serving import engine as _engine
+
+        _orig = _engine.Scorer._run
+
+        def _run(self, encs):
+            taken = _flag + ".taken"
+            try:
+                os.rename(_flag, taken)
+            except OSError:
+                return _orig(self, encs)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+            deadline = time.monotonic() + 600
+            while os.path.exists(taken) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
+            return _orig(self, encs)
+
+        _engine.Scorer._run = _run
+    except Exception:  # pragma: no cover - never break a process that does not score
+        pass

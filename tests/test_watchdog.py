@@ -1,0 +1,328 @@
+"""The watchdog heals hung and dead workers; health never lies; sd_notify follows real probes."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from conftest import clean_env, free_port, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+QUERY = "Как приготовить борщ?"
+DOCS = ["Борщ — суп из свёклы.", "Завтра дождь.", "Нейронные сети."]
+FAST = dict(probe_interval_s=1, probe_timeout_s=2, request_timeout_s=8, worker_hang_s=3, stop_timeout_s=10)
+
+
+class Clients:
+    """Clients sending requests in a loop (bounded by time), recording every outcome."""
+
+    def __init__(self, base: str, deadline_s: float, n: int = 3) -> None:
+        self.base = base
+        self.deadline_s = deadline_s
+        self.records: list[tuple[float, float, object]] = []  # start, seconds, status or error
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(n)]
+
+    def _loop(self) -> None:
+        end = time.monotonic() + 240  # hard bound
+        while not self._stop.is_set() and time.monotonic() < end:
+            t0 = time.monotonic()
+            try:
+                r = httpx.post(self.base + "/rerank", json={"query": QUERY, "documents": DOCS},
+                               timeout=self.deadline_s + 10)
+                outcome: object = r.status_code
+                if r.status_code == 200:
+                    assert len(r.json()["scores"]) == 3
+            except httpx.HTTPError as exc:
+                outcome = type(exc).__name__
+            self.records.append((t0, time.monotonic() - t0, outcome))
+            if outcome != 200:
+                time.sleep(0.1)  # a client's retry pause, not synchronisation
+
+    def __enter__(self) -> "Clients":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+    def first_success_after(self, t: float) -> float | None:
+        oks = [t0 + d for t0, d, o in self.records if o == 200 and t0 > t]
+        return min(oks) if oks else None
+
+
+def score_workers(server) -> list[int]:
+    return server.processes().get("score", [])
+
+
+def restarts(server) -> dict:
+    return server.status().get("restarts", {})
+
+
+def test_sigstop_of_the_inference_worker_heals(make_server):
+    server = make_server(**FAST)
+    [victim] = score_workers(server)
+    with Clients(server.base, FAST["request_timeout_s"]) as clients:
+        wait_until(lambda: any(o == 200 for *_, o in clients.records), 30, what="traffic flowing")
+        t_stop = time.monotonic()
+        os.kill(victim, signal.SIGSTOP)
+        wait_until(lambda: restarts(server).get("worker", 0) >= 1, 15, 0.2, what="watchdog detection")
+        detected = time.monotonic() - t_stop
+        wait_until(lambda: clients.first_success_after(time.monotonic() - 0.5) or
+                   httpx.get(server.health + "/health").status_code == 200 and clients.first_success_after(t_stop), 60,
+                   0.2, what="answers resume")
+        resumed = clients.first_success_after(t_stop) - t_stop
+        wait_until(lambda: len([1 for t0, *_ in clients.records if t0 > t_stop + resumed]) >= 3, 30,
+                   what="more answers after recovery")
+    print(f"SIGSTOP: detected in {detected:.1f}s, answers resumed after {resumed:.1f}s")
+    assert detected <= 15 and resumed <= 60
+    # no client waited past the request deadline (plus transport slack)
+    assert max(d for _, d, _ in clients.records) <= FAST["request_timeout_s"] + 2.5
+    assert all(o in (200, 408, 503, 504) for *_, o in clients.records), {o for *_, o in clients.records}
+    # the stopped process is gone, a new worker serves
+    assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == "zombie"
+    assert score_workers(server) and victim not in score_workers(server)
+    st = server.status()
+    assert st["healthy"] and st["outages"] and st["outages"][-1]["seconds"] is not None
+
+
+def test_native_hang_in_forward_heals(make_server, tmp_path):
+    hang = tmp_path / "hang-now"
+    server = make_server(start=False, **FAST)
+    server.env["PYTHONPATH"] = str(Path(__file__).parent / "faults")
+    server.env["RERANKER_TEST_HANG_FILE"] = str(hang)
+    server.start()
+    [victim] = score_workers(server)
+    hang.touch()
+    t0 = time.monotonic()
+    with cf.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(httpx.post, server.base + "/rerank", json={"query": QUERY, "documents": DOCS}, timeout=30)
+        beat = server.run_dir / "workers" / f"score-{victim}.json"
+        wait_until(lambda: json.loads(beat.read_text()).get("busy_since"), 10, what="worker inside forward")
+        assert Path(str(hang) + ".taken").exists()  # that worker is hung until it is killed
+        r = fut.result(timeout=30)
+    assert r.status_code in (408, 503, 504)
+    assert time.monotonic() - t0 <= FAST["request_timeout_s"] + 2.5
+    wait_until(lambda: restarts(server).get("worker", 0) >= 1, 20, 0.2, what="hang detected")
+    wait_until(lambda: httpx.post(server.base + "/rerank", json={"query": QUERY, "documents": DOCS},
+                                  timeout=10).status_code == 200, 60, 0.5, what="service restored")
+    assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == "zombie"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkill_of_a_worker_restores_service(make_server, workers):
+    server = make_server(workers=workers, **FAST)
+    before = score_workers(server)
+    assert len(before) == workers
+    with Clients(server.base, FAST["request_timeout_s"], n=2) as clients:
+        wait_until(lambda: any(o == 200 for *_, o in clients.records), 30, what="traffic flowing")
+        t_kill = time.monotonic()
+        os.kill(before[0], signal.SIGKILL)
+        wait_until(lambda: clients.first_success_after(t_kill + 0.5), 60, 0.2, what="service restored")
+        wait_until(lambda: len(score_workers(server)) == workers and before[0] not in score_workers(server), 60, 0.2,
+                   what="worker replaced")
+    failed = [(t0, d, o) for t0, d, o in clients.records if t0 >= t_kill and o != 200]
+    outage = (max(t0 + d for t0, d, _ in failed) - t_kill) if failed else 0.0
+    st = server.status()
+    print(f"SIGKILL with {workers} worker(s): client-side outage {outage:.1f}s, "
+          f"{len(failed)} failed request(s), supervisor outages {st['outages']}")
+    assert st["healthy"]
+    if workers == 1:
+        # the lone worker's death takes MOSEC down; the supervisor restarts it and reports the outage
+        assert st["restarts"]["server"] >= 1
+        assert st["outages"] and st["outages"][-1]["seconds"] > 0
+    else:
+        # MOSEC respawns the worker; the sibling keeps serving
+        assert st["restarts"]["server"] == 0
+    assert all(o in (200, 408, 500, 503, 504) for *_, o in clients.records)
+
+
+def _broken_model(tiny_fp32: Path, tmp_path: Path) -> Path:
+    model = tmp_path / "broken-model"
+    shutil.copytree(tiny_fp32.parent, model, ignore=shutil.ignore_patterns("onnx-*", "openvino-int8*", "openvino-fp16"))
+    weights = model / "openvino-fp32" / "openvino_model.bin"
+    weights.write_bytes(weights.read_bytes()[:100])
+    return model
+
+
+class NotifySocket:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def times(self, token: str) -> list[float]:
+        return [t for t, m in self.messages if token in m.split("\n")]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+
+def test_a_model_that_crashes_at_every_start_makes_the_supervisor_give_up(tiny_fp32, tmp_path):
+    model = _broken_model(tiny_fp32, tmp_path)
+    notify = NotifySocket(tmp_path / "notify.sock")
+    port, hport = free_port(), free_port()
+    env = clean_env(RERANKER_MODEL=str(model), RERANKER_RUN_DIR=str(tmp_path / "run"), RERANKER_PORT=str(port),
+                    RERANKER_HEALTH_PORT=str(hport), NOTIFY_SOCKET=str(notify.path), RERANKER_START_ATTEMPTS="2")
+    try:
+        t0 = time.monotonic()
+        res = subprocess.run([sys.executable, "-m", "reranker_ops", "serve"], env=env, capture_output=True,
+                             text=True, timeout=180)
+        assert res.returncode != 0
+        assert "failed to start 2 time(s)" in res.stderr, res.stderr[-2000:]
+        assert time.monotonic() - t0 < 120
+        assert not notify.times("READY=1") and not notify.times("WATCHDOG=1")
+        # daemon mode: same verdict, the reason and the log tail printed, nothing left behind
+        env.pop("NOTIFY_SOCKET")
+        res = subprocess.run([sys.executable, "-m", "reranker_ops", "serve", "--daemon"], env=env,
+                             capture_output=True, text=True, timeout=180)
+        assert res.returncode != 0 and "failed to start" in res.stderr and "log tail" in res.stderr
+        assert not (tmp_path / "run" / "rerankctl.pid.json").exists()
+        leftovers = [p for p in psutil.process_iter() if _env(p).get("RERANKER_RUN_DIR") == str(tmp_path / "run")]
+        assert leftovers == []
+    finally:
+        notify.close()
+
+
+def _env(p):
+    try:
+        return p.environ()
+    except psutil.Error:
+        return {}
+
+
+def test_restart_budget_is_bounded(make_server):
+    """A server that dies after being healthy is restarted with backoff, and not forever."""
+    server = make_server(restart_budget=2, restart_window_s=600, **FAST)
+    for i in range(3):
+        wait_until(lambda: server.status().get("healthy"), 60, 0.2, what=f"healthy before kill {i}")
+        st = server.status()
+        mosec = [p["pid"] for p in st["processes"] if p["role"] == "mosec"]
+        if not mosec:
+            break
+        os.kill(mosec[0], signal.SIGKILL)
+        if i < 2:
+            wait_until(lambda: server.status()["restarts"]["server"] >= i + 1, 30, 0.2, what="restart counted")
+    wait_until(lambda: server.status()["state"] == "failed", 60, 0.3, what="supervisor gave up")
+    assert "gave up" in server.status()["reason"]
+    assert server.cli("status").returncode != 0
+    log = (server.run_dir / "rerankctl.log").read_text()
+    assert "giving up: gave up: 2 restarts" in log
+
+
+def test_sd_notify_contract(tiny_fp32, tmp_path):
+    notify = NotifySocket(tmp_path / "notify.sock")
+    port, hport = free_port(), free_port()
+    env = clean_env(RERANKER_MODEL=str(tiny_fp32.parent), RERANKER_RUN_DIR=str(tmp_path / "run"),
+                    RERANKER_PORT=str(port), RERANKER_HEALTH_PORT=str(hport), NOTIFY_SOCKET=str(notify.path),
+                    RERANKER_PROBE_INTERVAL_S="0.5", RERANKER_PROBE_TIMEOUT_S="1.5", RERANKER_WORKER_HANG_S="60",
+                    RERANKER_PROBE_FAILURES="3")
+    proc = subprocess.Popen([sys.executable, "-m", "reranker_ops", "serve"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until(lambda: notify.times("READY=1"), 90, what="READY=1")
+        [ready_at] = notify.times("READY=1")
+        # READY comes with or after the first successful probe: the probe counter proves a real one ran
+        metrics = httpx.get(f"http://127.0.0.1:{hport}/metrics").text
+        assert 'reranker_probe_total{result="success"} ' in metrics
+        assert not [t for t in notify.times("WATCHDOG=1") if t < ready_at]
+        wait_until(lambda: len(notify.times("WATCHDOG=1")) >= 3, 10, what="watchdog pings")
+        # SIGSTOP the scoring worker: pings stop until the watchdog has healed it
+        st = json.loads(subprocess.run([sys.executable, "-m", "reranker_ops", "status", "--json"], env=env,
+                                       capture_output=True, text=True, timeout=30).stdout)
+        [victim] = [p["pid"] for p in st["processes"] if p["role"] == "score"]
+        t_stop = time.monotonic()
+        os.kill(victim, signal.SIGSTOP)
+        wait_until(lambda: [t for t in notify.times("WATCHDOG=1") if t > t_stop + 0.6], 60, 0.1,
+                   what="pings resume after healing")
+        after = [t for t in notify.times("WATCHDOG=1") if t > t_stop]
+        before = [t for t in notify.times("WATCHDOG=1") if t <= t_stop]
+        silence = after[0] - t_stop
+        normal_gap = max(b - a for a, b in zip(before, before[1:]))
+        assert silence >= 1.5 > normal_gap, (silence, normal_gap)
+        assert any("STATUS=degraded" in m for _, m in notify.messages)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert notify.times("STOPPING=1")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        from conftest import kill_marked
+
+        kill_marked(tmp_path / "run")
+        notify.close()
+
+
+def test_health_is_red_while_rerank_hangs(make_server, tmp_path):
+    """infinity_emb's failure: health green while rerank hangs. Here health follows the canary.
+
+    The watchdog is told not to act (huge thresholds), so the hang stays and health must show it.
+    """
+    hang = tmp_path / "hang-now"
+    server = make_server(start=False, probe_interval_s=1, probe_timeout_s=2, worker_hang_s=600, probe_failures=100,
+                         request_timeout_s=30)
+    server.env["PYTHONPATH"] = str(Path(__file__).parent / "faults")
+    server.env["RERANKER_TEST_HANG_FILE"] = str(hang)
+    server.start()
+    assert httpx.get(server.health + "/health").status_code == 200
+    hang.touch()
+    taken = Path(str(hang) + ".taken")
+    try:
+        wait_until(lambda: httpx.get(server.health + "/health").status_code == 503, 15, 0.2, what="health red")
+        assert taken.exists()
+        body = httpx.get(server.health + "/health").json()
+        assert body["status"] == "unhealthy" and "probe" in body["reason"]
+        assert httpx.get(server.health + "/ready").status_code == 503
+        assert httpx.get(server.health + "/live").status_code == 200  # the supervisor itself is fine
+        assert server.cli("status").returncode != 0
+        assert server.status()["state"] == "degraded"
+    finally:
+        taken.unlink(missing_ok=True)
+    wait_until(lambda: httpx.get(server.health + "/health").status_code == 200, 60, 0.2, what="health green again")
+
+
+def test_watchdog_command(make_server):
+    server = make_server()
+    res = server.cli("watchdog", "--url", server.base)
+    assert res.returncode == 0 and "ok" in res.stdout
+    res = server.cli("watchdog", "--url", server.base, "--interval", "0.2", "--count", "3", "--json")
+    assert res.returncode == 0 and len(res.stdout.strip().splitlines()) == 3
+    res = server.cli("watchdog", "--url", server.base + "/nope", "--timeout", "1")
+    assert res.returncode == 1 and "FAIL" in res.stdout
+    port = free_port()
+    res = server.cli("watchdog", "--url", f"http://127.0.0.1:{port}", "--timeout", "1")
+    assert res.returncode == 1
