@@ -126,3 +126,30 @@ def load_settings(**overrides: Any) -> Settings:
     """Settings from env / .env, with the options the user actually gave (not None) on top."""
     given = {k: v for k, v in overrides.items() if v is not None}
     return Settings(**given)
+
+
+def render_env_example() -> str:
+    """``env.example``: every setting, its description and default, ready to uncomment."""
+    lines = [
+        "# rerankctl settings. Copy to .env (or /etc/rerankctl/env for systemd) and uncomment what you change.",
+        "# Command-line options override these; these override the defaults shown.",
+        "",
+    ]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if field.default_factory is not None:
+            default = "$XDG_RUNTIME_DIR/rerankctl, else ~/.local/state/rerankctl/run"
+        if default is None:
+            default = ""
+        if isinstance(default, bool):
+            default = "true" if default else "false"
+        lines.append(f"# {field.description}")
+        lines.append(f"# RERANKER_{name.upper()}={default}")
+        lines.append("")
+    lines += [
+        "# Hugging Face: a token for gated or private models (never printed), and the hub's address.",
+        "# HF_TOKEN=",
+        "# HF_ENDPOINT=",
+        "",
+    ]
+    return "\n".join(lines)

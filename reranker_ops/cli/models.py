@@ -61,6 +61,9 @@ def convert(
     ] = None,
     bench_seconds: Annotated[float, typer.Option("--bench-seconds", help="Micro-benchmark length (0: skip).")] = 3.0,
     list_: Annotated[bool, typer.Option("--list", help="List the converted variants and exit.")] = False,
+    if_missing: Annotated[
+        bool, typer.Option("--if-missing", help="Do nothing if this variant is already converted.")
+    ] = False,
     models_dir: ModelsDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -76,6 +79,12 @@ def convert(
         return
     from ..models.convert import convert as do_convert
 
+    if if_missing:
+        ref = store.resolve_model(settings, model)
+        fmts = ["openvino", "onnx"] if fmt == "all" else [fmt]
+        if all((ref.variant_dir(f, settings.precision) / "manifest.json").is_file() for f in fmts):
+            console.print(f"already converted: {', '.join(f'{f}-{settings.precision}' for f in fmts)} of {ref.name}")
+            return
     formats = ["openvino", "onnx"] if fmt == "all" else [fmt]
     with err_console.status("starting") as status:
         results = do_convert(
