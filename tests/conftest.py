@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("RERANKER_TEST_CACHE", REPO / ".pytest_cache" / "models"))
 
 
 def free_port() -> int:
