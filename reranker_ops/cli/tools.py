@@ -2,16 +2,112 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
 from . import app
-from .common import handled
-from ..errors import NotImplementedYet
+from .common import JsonOpt, ModelOpt, ModelsDirOpt, console, err_console, handled, settings_from
+from ..errors import ConfigError, NotImplementedYet
 
 
 @app.command()
 @handled
-def bench() -> None:
-    """Load-test a /rerank endpoint (not built yet)."""
-    raise NotImplementedYet("bench is not built yet", "see issue 7")
+def bench(
+    url: Annotated[Optional[str], typer.Option("--url", help="Base URL of a /rerank endpoint (default: ours).")] = None,
+    workload: Annotated[str, typer.Option("--workload", help="tiny, rag or mixed.")] = "tiny",
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Clients in the closed loop.")] = 1,
+    duration: Annotated[Optional[float], typer.Option("--duration", "-z", help="Seconds to run.")] = None,
+    requests: Annotated[Optional[int], typer.Option("--requests", "-n", help="Requests to send (instead of --duration).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Same seed, same requests.")] = 0,
+    warmup: Annotated[int, typer.Option("--warmup", help="Requests sent before measuring.")] = 2,
+    timeout: Annotated[float, typer.Option("--timeout", help="Client timeout per request (s).")] = 120.0,
+    model_name: Annotated[
+        Optional[str], typer.Option("--model-name", help="Send this 'model' field (infinity_emb needs it).")
+    ] = None,
+    ceiling: Annotated[
+        bool, typer.Option("--ceiling", help="Also score the same kind of pairs in-process: served / ceiling.")
+    ] = False,
+    ceiling_only: Annotated[bool, typer.Option("--ceiling-only", help="Only the in-process ceiling.")] = False,
+    model: ModelOpt = None,
+    models_dir: ModelsDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Load-test a /rerank endpoint (ours or infinity_emb's) and compare with the in-process ceiling."""
+    from ..bench import WORKLOADS, run_ceiling, run_load
+
+    if workload not in WORKLOADS:
+        raise ConfigError(f"unknown workload {workload!r}", f"choose one of {', '.join(WORKLOADS)}")
+    if concurrency < 1:
+        raise ConfigError("--concurrency must be at least 1", "give a positive number of clients")
+    settings = settings_from(model=model, models_dir=models_dir)
+    if duration is None and requests is None:
+        duration = 10.0
+    out: dict = {}
+    if not ceiling_only:
+        target = url or f"http://{'127.0.0.1' if settings.host == '0.0.0.0' else settings.host}:{settings.port}"
+        key = settings.api_key.get_secret_value() if settings.api_key and not url else None
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err_console, transient=True, disable=as_json) as bar:
+            task = bar.add_task(f"{workload} c={concurrency} → {target}", total=requests)
+            res = run_load(target, workload=workload, concurrency=concurrency, duration=None if requests else duration,
+                           requests=requests, seed=seed, timeout=timeout, warmup=warmup, model_name=model_name,
+                           api_key=key, on_progress=lambda n: bar.update(task, completed=n))
+        out["served"] = res.summary()
+        out["served"]["url"] = target
+    if ceiling or ceiling_only:
+        from ..models.convert import find_variant
+
+        variant = find_variant(settings)
+        with err_console.status(f"in-process ceiling on {variant}"):
+            out["ceiling"] = run_ceiling(variant, workload=workload, seconds=max(4.0, min(30.0, duration or 10.0)),
+                                         seed=seed + 1, threads=settings.threads, token_budget=settings.token_budget,
+                                         batch_requests=settings.max_batch_requests)
+        if "served" in out:
+            s, c = out["served"], out["ceiling"]
+            out["ratios"] = {
+                "served_pairs_per_s_over_batched_ceiling": round(s["pairs_per_s"] / c["batched"]["pairs_per_s"], 3),
+                "served_requests_per_s_over_batched_ceiling": round(
+                    s["requests_per_s"] / c["batched"]["requests_per_s"], 3),
+                "served_p50_minus_inprocess_ms": round(s["latency_ms"]["p50"] - c["single"]["latency_ms_p50"], 2),
+            }
+    if as_json:
+        print(json.dumps(out, indent=2))
+        return
+    _bench_table(out)
+
+
+def _bench_table(out: dict) -> None:
+    t = Table(title="rerankctl bench")
+    t.add_column("")
+    t.add_column("value", justify="right")
+    if "served" in out:
+        s = out["served"]
+        t.add_row("endpoint", s["url"])
+        t.add_row("workload · concurrency", f"{s['workload']} · {s['concurrency']}")
+        t.add_row("requests (ok / sent)", f"{s['ok']} / {s['requests']} in {s['seconds']:.1f}s")
+        t.add_row("requests/s", f"{s['requests_per_s']:.2f}")
+        t.add_row("pairs/s", f"{s['pairs_per_s']:.2f}")
+        t.add_row("tokens/s", f"{s['tokens_per_s']:.0f}")
+        lat = s["latency_ms"]
+        t.add_row("latency p50 / p95 / p99 / max", f"{lat['p50']:.1f} / {lat['p95']:.1f} / {lat['p99']:.1f} / {lat['max']:.1f} ms")
+        t.add_row("status codes", ", ".join(f"{k}×{v}" for k, v in s["codes"].items()) or "—")
+        t.add_row("errors", ", ".join(f"{k}×{v}" for k, v in s["errors"].items()) or "none")
+    if "ceiling" in out:
+        c = out["ceiling"]
+        t.add_row("ceiling: batched pairs/s", f"{c['batched']['pairs_per_s']:.2f}")
+        t.add_row("ceiling: batched requests/s", f"{c['batched']['requests_per_s']:.2f}")
+        t.add_row("ceiling: single-request p50", f"{c['single']['latency_ms_p50']:.1f} ms")
+    if "ratios" in out:
+        r = out["ratios"]
+        t.add_row("served / ceiling (pairs/s)", f"{r['served_pairs_per_s_over_batched_ceiling']:.2f}")
+        t.add_row("served / ceiling (requests/s)", f"{r['served_requests_per_s_over_batched_ceiling']:.2f}")
+        t.add_row("served p50 − in-process p50", f"{r['served_p50_minus_inprocess_ms']:+.1f} ms")
+    console.print(t)
 
 
 @app.command()

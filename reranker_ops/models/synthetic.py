@@ -114,3 +114,21 @@ def _spread_head(model, tokenizer, seed: int) -> None:
         w = direction / proj.std() * 2.0
         model.classifier.weight.copy_(w.float().unsqueeze(0))
         model.classifier.bias.copy_((-(mean @ w)).float().reshape(1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m reranker_ops.models.synthetic OUT [--shape tiny|dity]``: a model for tests and benchmarks."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--shape", choices=("tiny", "dity"), default="dity")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    build_model(args.out, shape=args.shape, seed=args.seed)
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

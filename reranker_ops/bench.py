@@ -1,0 +1,250 @@
+"""A closed-loop load generator for any endpoint with the ``/rerank`` shape, and the in-process ceiling.
+
+Requests are distinct and seeded (no cache can flatter a result) and the same seed gives the same
+requests, so two endpoints — ours and infinity_emb's — can be measured on identical work.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+WORKLOADS = ("tiny", "rag", "mixed")
+
+_RU = (
+    "борщ суп свёкла капуста бульон сметана рецепт кухня погода дождь солнце ветер прогулка набережная город "
+    "москва река кремль история наука книга библиотека школа университет студент учитель модель данные поиск "
+    "документ запрос ответ сервер память процессор сеть обучение нейронный машинный быстрый медленный новый "
+    "старый хороший плохой большой маленький красивый важный простой сложный первый последний весь каждый "
+    "работа жизнь время человек дело день рука глаз голова дом страна мир вопрос сторона система группа"
+).split()
+
+
+def _text(rng: random.Random, chars: int) -> str:
+    words: list[str] = []
+    size = 0
+    while size < chars:
+        w = rng.choice(_RU)
+        words.append(w)
+        size += len(w) + 1
+    text = " ".join(words)[:chars]
+    return text[:1].upper() + text[1:] + "."
+
+
+def make_request(workload: str, rng: random.Random, n: int) -> dict:
+    """One distinct request: the counter ``n`` is in the query, so no two requests are alike."""
+    query = f"{_text(rng, rng.randint(20, 60))} {n}"
+    if workload == "tiny":
+        docs = [_text(rng, rng.randint(20, 40))]
+    elif workload == "rag":
+        docs = [_text(rng, rng.randint(540, 660)) for _ in range(20)]
+    elif workload == "mixed":
+        docs = [_text(rng, rng.randint(20, 3000)) for _ in range(rng.randint(1, 100))]
+    else:
+        raise ValueError(f"unknown workload {workload!r}")
+    return {"query": query, "documents": docs}
+
+
+def request_stream(workload: str, seed: int) -> Iterator[dict]:
+    rng = random.Random(seed)
+    n = 0
+    while True:
+        yield make_request(workload, rng, n)
+        n += 1
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+@dataclass
+class BenchResult:
+    workload: str
+    concurrency: int
+    seconds: float
+    requests: int
+    pairs: int
+    tokens: int
+    latencies: list[float] = field(default_factory=list)
+    codes: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)
+
+    def summary(self) -> dict:
+        ok = self.codes.get(200, 0)
+        lat = self.latencies
+        return {
+            "workload": self.workload,
+            "concurrency": self.concurrency,
+            "seconds": round(self.seconds, 3),
+            "requests": self.requests,
+            "ok": ok,
+            "requests_per_s": round(ok / self.seconds, 3) if self.seconds else 0.0,
+            "pairs_per_s": round(self.pairs / self.seconds, 3) if self.seconds else 0.0,
+            "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds else 0.0,
+            "latency_ms": {
+                "p50": round(percentile(lat, 0.50) * 1000, 2),
+                "p95": round(percentile(lat, 0.95) * 1000, 2),
+                "p99": round(percentile(lat, 0.99) * 1000, 2),
+                "max": round(max(lat) * 1000, 2) if lat else float("nan"),
+                "mean": round(statistics.fmean(lat) * 1000, 2) if lat else float("nan"),
+            },
+            "codes": {str(k): v for k, v in sorted(self.codes.items())},
+            "errors": dict(self.errors),
+        }
+
+
+def run_load(
+    url: str,
+    *,
+    workload: str = "tiny",
+    concurrency: int = 1,
+    duration: Optional[float] = 10.0,
+    requests: Optional[int] = None,
+    seed: int = 0,
+    timeout: float = 120.0,
+    warmup: int = 0,
+    model_name: Optional[str] = None,
+    api_key: Optional[str] = None,
+    on_progress: Optional[Callable[[int], None]] = None,
+) -> BenchResult:
+    """Closed loop: ``concurrency`` clients, each sending its next request when the last is answered."""
+    import httpx
+
+    endpoint = url.rstrip("/")
+    if not endpoint.endswith("/rerank"):
+        endpoint += "/rerank"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    stream = request_stream(workload, seed)
+    lock = threading.Lock()
+    result = BenchResult(workload, concurrency, 0.0, 0, 0, 0)
+    issued = [0]
+
+    def next_request() -> Optional[dict]:
+        with lock:
+            if requests is not None and issued[0] >= requests + warmup:
+                return None
+            issued[0] += 1
+            req = next(stream)
+        if model_name:
+            req["model"] = model_name
+        return req
+
+    with httpx.Client(timeout=timeout, headers=headers, limits=httpx.Limits(max_connections=concurrency + 4)) as c:
+        for _ in range(warmup):
+            req = next_request()
+            if req is not None:
+                try:
+                    c.post(endpoint, json=req)
+                except httpx.HTTPError:
+                    break  # the measured loop counts what is wrong
+        t_start = time.perf_counter()
+        stop_at = t_start + duration if duration else None
+
+        def client() -> None:
+            while stop_at is None or time.perf_counter() < stop_at:
+                req = next_request()
+                if req is None:
+                    return
+                t0 = time.perf_counter()
+                try:
+                    r = c.post(endpoint, json=req)
+                    dt = time.perf_counter() - t0
+                    tokens = 0
+                    if r.status_code == 200:
+                        try:
+                            usage = r.json().get("usage") or {}
+                            tokens = int(usage.get("total_tokens") or 0)
+                        except ValueError:
+                            pass
+                    with lock:
+                        result.codes[r.status_code] += 1
+                        result.requests += 1
+                        if r.status_code == 200:
+                            result.latencies.append(dt)
+                            result.pairs += len(req["documents"])
+                            result.tokens += tokens
+                        n = result.requests
+                except httpx.HTTPError as exc:
+                    with lock:
+                        result.errors[type(exc).__name__] += 1
+                        result.requests += 1
+                        n = result.requests
+                if on_progress:
+                    on_progress(n)
+
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def run_ceiling(
+    variant_dir: Path,
+    *,
+    workload: str = "tiny",
+    seconds: float = 10.0,
+    seed: int = 0,
+    threads: int = 0,
+    token_budget: int = 4096,
+    batch_requests: int = 32,
+) -> dict:
+    """The same kind of pairs scored in-process, no server: what this machine can do at best.
+
+    ``batched``: many requests' pairs per call under the token budget (the throughput ceiling).
+    ``single``: one request per call (the latency floor for a lone client).
+    """
+    from .serving.engine import Scorer, configure_process_threads
+
+    configure_process_threads()
+    scorer = Scorer(variant_dir, threads=threads, token_budget=token_budget)
+    stream = request_stream(workload, seed)
+    reqs = [next(stream) for _ in range(max(batch_requests * 4, 64))]
+    encoded = [scorer.tokenizer.encode_pairs(r["query"], r["documents"]) for r in reqs]
+    scorer.score_encoded(encoded[0])  # warm-up
+
+    def measure(group: int, budget: float) -> tuple[float, float, float, list[float]]:
+        done_req = done_pairs = 0
+        lat: list[float] = []
+        i = 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < budget or done_req == 0:
+            batch = [encoded[(i + k) % len(encoded)] for k in range(group)]
+            i += group
+            flat = [e for req in batch for e in req]
+            t1 = time.perf_counter()
+            scorer.score_encoded(flat)
+            lat.append(time.perf_counter() - t1)
+            done_req += group
+            done_pairs += len(flat)
+        elapsed = time.perf_counter() - t0
+        return done_req / elapsed, done_pairs / elapsed, elapsed, lat
+
+    # Enough requests per call for about 64 pairs, as the server's batcher would gather under load.
+    avg_pairs = sum(len(r["documents"]) for r in reqs) / len(reqs)
+    group = max(1, min(batch_requests, round(64 / avg_pairs)))
+    b_rps, b_pps, b_s, _ = measure(group, seconds / 2)
+    s_rps, s_pps, s_s, s_lat = measure(1, seconds / 2)
+    return {
+        "workload": workload,
+        "threads": threads or "auto",
+        "batched": {"requests_per_s": round(b_rps, 3), "pairs_per_s": round(b_pps, 3), "requests_per_call": group},
+        "single": {
+            "requests_per_s": round(s_rps, 3),
+            "pairs_per_s": round(s_pps, 3),
+            "latency_ms_p50": round(percentile(s_lat, 0.5) * 1000, 2),
+        },
+    }
