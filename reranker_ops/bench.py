@@ -130,11 +130,12 @@ def run_load(
     result = BenchResult(workload, concurrency, 0.0, 0, 0, 0)
     issued = [0]
 
-    def next_request() -> Optional[dict]:
+    def next_request(measured: bool = True) -> Optional[dict]:
         with lock:
-            if requests is not None and issued[0] >= requests + warmup:
-                return None
-            issued[0] += 1
+            if measured:
+                if requests is not None and issued[0] >= requests:
+                    return None
+                issued[0] += 1
             req = next(stream)
         if model_name:
             req["model"] = model_name
@@ -142,7 +143,7 @@ def run_load(
 
     with httpx.Client(timeout=timeout, headers=headers, limits=httpx.Limits(max_connections=concurrency + 4)) as c:
         for _ in range(warmup):
-            req = next_request()
+            req = next_request(measured=False)
             if req is not None:
                 try:
                     c.post(endpoint, json=req)
