@@ -12,7 +12,7 @@ from rich.table import Table
 
 from . import app
 from .common import JsonOpt, ModelOpt, ModelsDirOpt, console, err_console, handled, settings_from
-from ..errors import ConfigError, NotImplementedYet
+from ..errors import ConfigError
 
 
 @app.command()
@@ -112,6 +112,44 @@ def _bench_table(out: dict) -> None:
 
 @app.command()
 @handled
-def compare() -> None:
-    """Compare two rerank endpoints side by side (not built yet)."""
-    raise NotImplementedYet("compare is not built yet", "see issue 8")
+def compare(
+    url_a: Annotated[str, typer.Argument(help="Base URL of endpoint A (for example ours).")],
+    url_b: Annotated[str, typer.Argument(help="Base URL of endpoint B (for example infinity_emb's).")],
+    queries: Annotated[
+        Optional[Path], typer.Option("--queries", help='JSONL of {"query", "documents": [...]}; default: built-in set.')
+    ] = None,
+    api_a: Annotated[str, typer.Option("--api-a", help="rerank (/rerank) or cohere (/v1/rerank).")] = "rerank",
+    api_b: Annotated[str, typer.Option("--api-b", help="rerank (/rerank) or cohere (/v1/rerank).")] = "rerank",
+    top_k: Annotated[int, typer.Option("--top-k", help="k of the top-k overlap.")] = 3,
+    timeout: Annotated[float, typer.Option("--timeout", help="Per request (s).")] = 60.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Send the same queries to two rerank endpoints; agreement and latency side by side."""
+    from ..compare import compare as do_compare
+    from ..compare import load_queries
+
+    for name, api in (("--api-a", api_a), ("--api-b", api_b)):
+        if api not in ("rerank", "cohere"):
+            raise ConfigError(f"{name} must be rerank or cohere, not {api!r}", "rerank = /rerank, cohere = /v1/rerank")
+    items = load_queries(queries)
+    with err_console.status(f"comparing {len(items)} queries"):
+        out = do_compare(url_a, url_b, items, api_a=api_a, api_b=api_b, top_k=top_k, timeout=timeout)  # type: ignore[arg-type]
+    if as_json:
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return
+    t = Table(title=f"A = {url_a}   B = {url_b}")
+    for col in ("query", "docs", "Spearman", f"top-{top_k} overlap", "top-1", "ms A", "ms B"):
+        t.add_column(col)
+    for r in out["per_query"]:
+        t.add_row(r["query"][:40], str(r["documents"]), f"{r['spearman']:.3f}" if "spearman" in r else "—",
+                  f"{r['top_k_overlap']:.2f}" if "top_k_overlap" in r else "—",
+                  ("yes" if r["top1_agrees"] else "NO") if "top1_agrees" in r else "—",
+                  f"{r['latency_ms_a']:.0f}" + (" ERR" if "error_a" in r else ""),
+                  f"{r['latency_ms_b']:.0f}" + (" ERR" if "error_b" in r else ""))
+    console.print(t)
+    if out["compared"]:
+        console.print(f"mean Spearman {out['mean_spearman']:.3f} (min {out['min_spearman']:.3f}) · "
+                      f"top-{top_k} overlap {out['mean_top_k_overlap']:.0%} · top-1 agreement {out['top1_agreement']:.0%}")
+    la, lb = out["latency_ms"]["a"], out["latency_ms"]["b"]
+    console.print(f"latency p50/p95: A {la['p50']:.0f}/{la['p95']:.0f} ms · B {lb['p50']:.0f}/{lb['p95']:.0f} ms · "
+                  f"errors A {out['errors']['a']} · B {out['errors']['b']}")
