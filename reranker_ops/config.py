@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, le=256, description="OpenVINO threads per worker; 0 = cores / workers.")
     pin_threads: bool = Field(False, description="Let OpenVINO pin threads to cores (off: workers must not share a core).")
     max_batch_requests: int = Field(32, ge=1, le=1024, description="Requests MOSEC batches into one scoring call.")
-    batch_wait_ms: int = Field(3, ge=0, le=1000, description="How long MOSEC waits to fill a batch.")
+    batch_wait_ms: int = Field(1, ge=0, le=1000, description="How long MOSEC waits to fill a batch.")
     token_budget: int = Field(4096, ge=64, description="Padded tokens per OpenVINO call (micro-batch size).")
     max_length: int = Field(0, ge=0, description="Truncate pairs to this many tokens; 0 = the model's maximum.")
 

@@ -261,3 +261,25 @@ def test_sd_notify_datagrams(tmp_path):
         sock.close()
     assert Notifier(None).ready("x") is False  # silent outside systemd
     assert Notifier(str(tmp_path / "gone.sock")).watchdog() is False  # never raises
+
+
+# --- heartbeats ---------------------------------------------------------------------------------------------
+def test_heartbeat_record_roundtrip_and_torn_reads(tmp_path):
+    import struct
+
+    from reranker_ops.serving.heartbeat import Heartbeat, read_heartbeat, read_worker_dir
+
+    hb = Heartbeat(str(tmp_path), "score")
+    hb.publish_info(heavy_modules=[])
+    hb.write(busy_since=123.5, progress_at=124.0, pairs=7, tokens=70, ready=1)
+    path = next(tmp_path.glob("score-*.hb"))
+    got = read_heartbeat(path)
+    assert got["busy_since"] == 123.5 and got["pairs"] == 7 and got["tokens"] == 70 and got["ready"] == 1
+    hb.write(busy_since=None)
+    assert read_heartbeat(path)["busy_since"] is None
+    [(pid, rec)] = read_worker_dir(tmp_path).items()
+    assert pid == os.getpid() and rec["stage"] == "score" and rec["heavy_modules"] == []
+    # a write caught half-way (odd sequence number) is never taken for a consistent record
+    struct.pack_into("<Q", hb._mm, 0, 41)
+    hb._mm.flush()
+    assert read_heartbeat(path) is None

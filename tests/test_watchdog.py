@@ -114,8 +114,10 @@ def test_native_hang_in_forward_heals(make_server, tmp_path):
     t0 = time.monotonic()
     with cf.ThreadPoolExecutor(1) as pool:
         fut = pool.submit(httpx.post, server.base + "/rerank", json={"query": QUERY, "documents": DOCS}, timeout=30)
-        beat = server.run_dir / "workers" / f"score-{victim}.json"
-        wait_until(lambda: json.loads(beat.read_text()).get("busy_since"), 10, what="worker inside forward")
+        from reranker_ops.serving.heartbeat import read_heartbeat
+
+        beat = server.run_dir / "workers" / f"score-{victim}.hb"
+        wait_until(lambda: (read_heartbeat(beat) or {}).get("busy_since"), 10, what="worker inside forward")
         assert Path(str(hang) + ".taken").exists()  # that worker is hung until it is killed
         r = fut.result(timeout=30)
     assert r.status_code in (408, 503, 504)

@@ -90,7 +90,8 @@ def serve(
             started = start_daemon(settings)
         console.print(
             f"[green]running[/] pid {started['pid']} · API http://{started['host']}:{started['port']} · "
-            f"health http://{started['host']}:{started['health_port']}/health · log {started['log']}"
+            f"health http://{started['host']}:{started['health_port']}/health · log {started['log']}",
+            soft_wrap=True,
         )
         return
     from ..process.sdnotify import Notifier

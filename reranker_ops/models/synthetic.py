@@ -23,6 +23,18 @@ EN_WORDS = (
     "server memory processor fast slow good bad new old the a of and in is was"
 ).split()
 
+# The benchmark workloads' vocabulary. The DiTy-shaped model's tokenizer is trained on it with a vocabulary
+# small enough that a Russian word becomes ~1.8 pieces, as with DiTy's own (mBERT-style) vocabulary, so a
+# 600-character passage is ~160 tokens: sequence length, not just shape, sets a cross-encoder's speed.
+BENCH_RU_WORDS = (
+    "борщ суп свёкла капуста бульон сметана рецепт кухня погода дождь солнце ветер прогулка набережная город "
+    "москва река кремль история наука книга библиотека школа университет студент учитель модель данные поиск "
+    "документ запрос ответ сервер память процессор сеть обучение нейронный машинный быстрый медленный новый "
+    "старый хороший плохой большой маленький красивый важный простой сложный первый последний весь каждый "
+    "работа жизнь время человек дело день рука глаз голова дом страна мир вопрос сторона система группа"
+).split()
+DITY_TOKENIZER_VOCAB = 360
+
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, initializer_range=0.1)
 DITY_SHAPE = dict(
     hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=119547
@@ -55,8 +67,14 @@ def build_model(out_dir: Path, *, shape: str = "tiny", seed: int = 0, max_positi
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     vocab_size = dims.pop("vocab_size", 1000)
-    trainer = trainers.WordPieceTrainer(vocab_size=min(vocab_size, 1000), special_tokens=specials)
-    tok.train_from_iterator(generated_corpus(seed=seed), trainer=trainer)
+    corpus = generated_corpus(seed=seed)
+    if shape == "tiny":
+        trainer = trainers.WordPieceTrainer(vocab_size=1000, special_tokens=specials)
+    else:
+        rng = random.Random(seed)
+        corpus += [" ".join(rng.choice(BENCH_RU_WORDS) for _ in range(20)) for _ in range(2000)]
+        trainer = trainers.WordPieceTrainer(vocab_size=DITY_TOKENIZER_VOCAB, special_tokens=specials)
+    tok.train_from_iterator(corpus, trainer=trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",

@@ -182,13 +182,9 @@ def _read_state(settings: Settings) -> dict:
 
 
 def _process_rows(sup: psutil.Process, settings: Settings) -> list[dict]:
-    beats = {}
-    for path in settings.worker_dir.glob("*.json"):
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-            beats[int(d["pid"])] = d
-        except (OSError, ValueError, KeyError):
-            continue
+    from ..serving.heartbeat import read_worker_dir
+
+    beats = read_worker_dir(settings.worker_dir)
     try:
         tree = [sup] + sup.children(recursive=True)
     except psutil.NoSuchProcess:

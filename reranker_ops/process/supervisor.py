@@ -36,6 +36,7 @@ from ..metrics import Metrics
 from ..models.store import write_json_atomic
 from ..serving.engine import read_variant_manifest
 from ..serving.gate import Gate
+from ..serving.heartbeat import read_worker_dir
 from .runstate import (
     INSTANCE_ENV,
     RunLock,
@@ -132,14 +133,7 @@ class Supervisor:
         return f"{base}/score" if base else None
 
     def _heartbeats(self) -> dict[int, dict]:
-        beats = {}
-        for path in self.settings.worker_dir.glob("*.json"):
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-                beats[int(data["pid"])] = data
-            except (OSError, ValueError, KeyError):
-                continue
-        return beats
+        return read_worker_dir(self.settings.worker_dir)
 
     def scored_totals(self) -> tuple[int, int]:
         pairs = tokens = 0

@@ -4,8 +4,8 @@ Stage 1 (``Validate``, unbatched) decodes, validates and tokenizes one request: 
 and never reaches the batched stage, where one failure would fail every request in the batch.
 Stage 2 (``Score``, batched across requests) scores all pairs of the batch in length-sorted micro-batches.
 
-Each worker keeps a heartbeat file (``<worker_dir>/<stage>-<pid>.json``): when it last made progress,
-whether it is inside a forward pass and since when, and counters. The supervisor's watchdog reads them
+Each worker keeps a heartbeat (``heartbeat.py``): when it last made progress, whether it is inside a
+forward pass and since when, and counters. The supervisor's watchdog reads them
 to tell a hung worker from a busy one; ``/metrics`` sums the counters.
 """
 
@@ -21,6 +21,7 @@ from typing import Any
 from mosec import ClientError, ValidationError, Worker
 
 from .engine import Scorer, Tokenizer, configure_process_threads, read_variant_manifest
+from .heartbeat import Heartbeat
 from .schema import TAG_ROUTES, Limits, RequestError, build_response, parse_job
 
 CONFIG_ENV = "RERANKER_WORKER_CONFIG"
@@ -30,33 +31,6 @@ HEAVY_MODULES = ("torch", "transformers", "optimum", "nncf")
 def load_config() -> dict:
     """The child's configuration, written by the supervisor; the one handoff across the process boundary."""
     return json.loads(Path(os.environ[CONFIG_ENV]).read_text(encoding="utf-8"))
-
-
-class Heartbeat:
-    def __init__(self, worker_dir: str, stage: str) -> None:
-        self.path = Path(worker_dir) / f"{stage}-{os.getpid()}.json"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
-        now = time.time()
-        self.data: dict[str, Any] = {
-            "pid": os.getpid(),
-            "stage": stage,
-            "started": now,
-            "ready": False,
-            "busy_since": None,
-            "progress_at": now,
-            "batches": 0,
-            "requests": 0,
-            "pairs": 0,
-            "tokens": 0,
-            "errors": 0,
-        }
-
-    def write(self, **changes: Any) -> None:
-        self.data.update(changes)
-        with open(self.tmp, "w", encoding="utf-8") as fh:
-            json.dump(self.data, fh)
-        os.replace(self.tmp, self.path)
 
 
 def _loaded_heavy_modules() -> list[str]:
@@ -76,7 +50,8 @@ class Validate(Worker):
         self.tokenizer = Tokenizer(Path(cfg["variant_dir"]) / "tokenizer.json", max_length)
         self.limits = Limits.from_mapping(cfg["limits"])
         self.hb = Heartbeat(cfg["worker_dir"], "validate")
-        self.hb.write(ready=True, heavy_modules=_loaded_heavy_modules())
+        self.hb.publish_info(heavy_modules=_loaded_heavy_modules())
+        self.hb.write(ready=1)
 
     def deserialize(self, data: bytes) -> bytes:
         return data  # parsed in forward, where every failure maps to a status
@@ -134,7 +109,8 @@ class Score(Worker):
         self.model_name = cfg["model_name"]
         # Warm up so the first real request does not pay for the first inference.
         self.scorer.score(cfg.get("warmup_query", "проверка"), ["прогрев модели", "warm-up"])
-        self.hb.write(ready=True, progress_at=time.time(), heavy_modules=_loaded_heavy_modules())
+        self.hb.publish_info(heavy_modules=_loaded_heavy_modules())
+        self.hb.write(ready=1, progress_at=time.time())
 
     def _progress(self, _n: int) -> None:
         self.hb.write(progress_at=time.time())

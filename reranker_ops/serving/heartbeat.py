@@ -1,0 +1,97 @@
+"""Worker heartbeats: what the watchdog reads to tell a hung worker from a busy one, and /metrics sums.
+
+Standard library only: the supervisor reads these without importing MOSEC or numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+
+class Heartbeat:
+    """A worker's live record: an mmapped fixed-layout file, so an update is a memory store, not a syscall.
+
+    ``<stage>-<pid>.hb`` holds the hot fields (see ``FIELDS``) behind a sequence counter (a seqlock: odd
+    while a write is under way), read with ``read_heartbeat``; ``<stage>-<pid>.json`` holds what never
+    changes (pid, stage, start, heavy modules loaded), written once.
+    """
+
+    def __init__(self, worker_dir: str, stage: str) -> None:
+        import mmap
+
+        base = Path(worker_dir) / f"{stage}-{os.getpid()}"
+        base.parent.mkdir(parents=True, exist_ok=True)
+        self.info_path = base.with_suffix(".json")
+        self.stage = stage
+        self.started = time.time()
+        with open(base.with_suffix(".hb"), "wb+") as fh:
+            fh.write(b"\0" * RECORD.size)
+            fh.flush()
+            self._mm = mmap.mmap(fh.fileno(), RECORD.size)
+        self.data: dict[str, Any] = {name: 0 for name in FIELDS}
+        self.data["progress_at"] = self.started
+        self._seq = 0
+        self.write()
+
+    def write(self, **changes: Any) -> None:
+        self.data.update(changes)
+        d = self.data
+        self._seq += 1  # odd: write in progress
+        struct.pack_into("<Q", self._mm, 0, self._seq)
+        RECORD.pack_into(self._mm, 0, self._seq, d["busy_since"] or 0.0, d["progress_at"] or 0.0,
+                         *(int(d[k]) for k in FIELDS[2:]))
+        self._seq += 1  # even: consistent
+        struct.pack_into("<Q", self._mm, 0, self._seq)
+
+    def publish_info(self, **info: Any) -> None:
+        data = {"pid": os.getpid(), "stage": self.stage, "started": self.started, **info}
+        tmp = self.info_path.with_name(f".{self.info_path.name}.tmp")
+        tmp.write_text(json.dumps(data), encoding="utf-8")
+        os.replace(tmp, self.info_path)
+
+
+FIELDS = ("busy_since", "progress_at", "ready", "batches", "requests", "pairs", "tokens", "errors")
+RECORD = struct.Struct("<Q d d q q q q q q")
+
+
+def read_heartbeat(path: Path) -> dict | None:
+    """The hot fields of one worker's record, or None if it cannot be read consistently."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    for _ in range(3):
+        if len(raw) < RECORD.size:
+            return None
+        seq, *values = RECORD.unpack_from(raw)
+        if seq % 2 == 0:
+            data = dict(zip(FIELDS, values))
+            data["busy_since"] = data["busy_since"] or None
+            return data
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            return None
+    return None
+
+
+def read_worker_dir(worker_dir: Path) -> dict[int, dict]:
+    """Every worker's record (hot fields and static info) by pid."""
+    out: dict[int, dict] = {}
+    for hb in Path(worker_dir).glob("*.hb"):
+        stage, _, pid = hb.stem.rpartition("-")
+        data = read_heartbeat(hb)
+        if data is None or not pid.isdigit():
+            continue
+        data.update(pid=int(pid), stage=stage)
+        try:
+            data.update(json.loads(hb.with_suffix(".json").read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            pass
+        out[int(pid)] = data
+    return out
