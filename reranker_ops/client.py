@@ -155,7 +155,11 @@ class _Core:
         return random.uniform(0, min(self.max_backoff, self.backoff * (2**attempt)))
 
 
-class RerankerClient:
+class _ClientBase:
+    """Settings and the pooled httpx client; subclasses differ only in sync vs async I/O."""
+
+    _http_class: Any = httpx.Client
+
     def __init__(
         self,
         base_url: str,
@@ -167,13 +171,15 @@ class RerankerClient:
         backoff: float = 0.5,
         max_backoff: float = 10.0,
         model: Optional[str] = None,
-        transport: Optional[httpx.BaseTransport] = None,
+        transport: Any = None,
     ) -> None:
         self._core = _Core(base_url, api, api_key, timeout, max_retries, backoff, max_backoff, model)
-        self._http = httpx.Client(base_url=self._core.base_url, timeout=timeout, headers=self._core.headers(),
-                                  transport=transport)
+        self._http = self._http_class(base_url=self._core.base_url, timeout=timeout, headers=self._core.headers(),
+                                      transport=transport)
         self.attempts = 0  # requests sent by the last call (1 + retries)
 
+
+class RerankerClient(_ClientBase):
     def rerank(self, query: str, documents: Sequence[str], top_k: Optional[int] = None) -> list[Ranked]:
         core = self._core
         body = core.body(query, documents, top_k)
@@ -200,24 +206,8 @@ class RerankerClient:
         self.close()
 
 
-class AsyncRerankerClient:
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        api: Api = "rerank",
-        api_key: Optional[str] = None,
-        timeout: float = 30.0,
-        max_retries: int = 3,
-        backoff: float = 0.5,
-        max_backoff: float = 10.0,
-        model: Optional[str] = None,
-        transport: Optional[httpx.AsyncBaseTransport] = None,
-    ) -> None:
-        self._core = _Core(base_url, api, api_key, timeout, max_retries, backoff, max_backoff, model)
-        self._http = httpx.AsyncClient(base_url=self._core.base_url, timeout=timeout, headers=self._core.headers(),
-                                       transport=transport)
-        self.attempts = 0
+class AsyncRerankerClient(_ClientBase):
+    _http_class = httpx.AsyncClient
 
     async def rerank(self, query: str, documents: Sequence[str], top_k: Optional[int] = None) -> list[Ranked]:
         core = self._core

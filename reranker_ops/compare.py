@@ -2,44 +2,31 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from .bench import percentile
 from .client import Api, RerankerClient, RerankerClientError
-from .errors import ConfigError
 from .models.convert import spearman
-from .models.evalset import EVAL_SET
+from .models.evalset import EVAL_SET, read_jsonl
 
 
 def load_queries(path: Optional[Path]) -> list[dict]:
     """JSONL of ``{"query": ..., "documents": [...]}``; the built-in Russian/English set by default."""
     if path is None:
         return [{"query": q["query"], "documents": list(q["passages"])} for q in EVAL_SET]
-    items = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}", "give a UTF-8 JSONL file") from exc
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            docs = obj.get("documents", obj.get("passages"))
-            if not isinstance(obj["query"], str) or not isinstance(docs, list) or len(docs) < 2 or \
-                    not all(isinstance(d, str) for d in docs):
-                raise TypeError("query must be a string and documents a list of at least two strings")
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ConfigError(f"{path}:{n}: {exc}", 'each line: {"query": "...", "documents": ["...", "..."]}') from exc
-        items.append({"query": obj["query"], "documents": docs})
-    if not items:
-        raise ConfigError(f"{path} has no queries", 'add lines like {"query": "...", "documents": ["a", "b"]}')
-    return items
+
+    def parse(obj: Any) -> dict:
+        docs = obj.get("documents", obj.get("passages"))
+        if not isinstance(obj["query"], str) or not isinstance(docs, list) or len(docs) < 2 or \
+                not all(isinstance(d, str) for d in docs):
+            raise TypeError("query must be a string and documents a list of at least two strings")
+        return {"query": obj["query"], "documents": docs}
+
+    return read_jsonl(path, parse, '{"query": "...", "documents": ["...", "..."]}')
 
 
 def _scores(client: RerankerClient, query: str, docs: Sequence[str]) -> tuple[Optional[np.ndarray], float, str]:

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 from ..errors import ConfigError
+
+T = TypeVar("T")
 
 _BORSCH = (
     "Борщ — традиционный свекольный суп восточнославянской кухни. Для него варят мясной бульон, "
@@ -62,28 +65,33 @@ CALIBRATION_SET: list[tuple[str, str]] = [
 ]
 
 
-def load_pairs_jsonl(path: Path) -> list[tuple[str, str]]:
-    """Read ``{"query": ..., "passage": ...}`` lines (``document`` or ``text`` also accepted)."""
-    pairs: list[tuple[str, str]] = []
+def read_jsonl(path: Path, parse: Callable[[Any], T], example: str) -> list[T]:
+    """Every non-blank line of a JSONL file through ``parse``; a bad line is one error naming file:line."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}", "give a UTF-8 JSONL file") from exc
+    out: list[T] = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-            q = obj["query"]
-            p = obj.get("passage", obj.get("document", obj.get("text")))
-            if not isinstance(q, str) or not isinstance(p, str):
-                raise TypeError("query and passage must be strings")
+            out.append(parse(json.loads(line)))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ConfigError(
-                f"{path}:{n}: not a query/passage line ({exc})",
-                'each line must look like {"query": "...", "passage": "..."}',
-            ) from exc
-        pairs.append((q, p))
-    if not pairs:
-        raise ConfigError(f"{path} has no query/passage lines", 'add lines like {"query": "...", "passage": "..."}')
-    return pairs
+            raise ConfigError(f"{path}:{n}: {exc}", f"each line must look like {example}") from exc
+    if not out:
+        raise ConfigError(f"{path} has no lines", f"add lines like {example}")
+    return out
+
+
+def load_pairs_jsonl(path: Path) -> list[tuple[str, str]]:
+    """Read ``{"query": ..., "passage": ...}`` lines (``document`` or ``text`` also accepted)."""
+
+    def parse(obj: Any) -> tuple[str, str]:
+        q = obj["query"]
+        p = obj.get("passage", obj.get("document", obj.get("text")))
+        if not isinstance(q, str) or not isinstance(p, str):
+            raise TypeError("query and passage must be strings")
+        return q, p
+
+    return read_jsonl(path, parse, '{"query": "...", "passage": "..."}')
