@@ -83,22 +83,33 @@ def serve(
     if prepare:
         _prepare(settings)
     variant = find_variant(settings)  # fails here, in the caller's terminal, with the command to run
+    from ..process.sdnotify import Notifier
+    from ..process.supervisor import Supervisor
+
+    ref = resolve_model(settings)
     if daemon:
         from ..process.control import start_daemon
+        from .common import report_error
 
-        with err_console.status("starting the server (waiting for its first real rerank probe)"):
-            started = start_daemon(settings)
+        def run_daemon() -> int:
+            log = _setup_logging(settings.log_path, settings)
+            sup = Supervisor(settings, variant, ref.name, Notifier(None), log)
+            try:
+                asyncio.run(sup.run())
+                return 0
+            except Exception as exc:  # noqa: BLE001 - reported in the boot log the caller reads
+                return report_error(exc)
+
+        started = start_daemon(
+            settings, run_daemon, waiting=lambda: err_console.status("starting (waiting for a real rerank probe)")
+        )
         console.print(
             f"[green]running[/] pid {started['pid']} · API http://{started['host']}:{started['port']} · "
             f"health http://{started['host']}:{started['health_port']}/health · log {started['log']}",
             soft_wrap=True,
         )
         return
-    from ..process.sdnotify import Notifier
-    from ..process.supervisor import Supervisor
-
     log = _setup_logging(log_file, settings)
-    ref = resolve_model(settings)
     sup = Supervisor(settings, variant, ref.name, Notifier(os.environ.get("NOTIFY_SOCKET")), log)
     if log_file is None:
         err_console.print(f"serving {ref.name} ({settings.precision}) on http://{settings.host}:{settings.port}"
@@ -107,27 +118,30 @@ def serve(
 
 
 def _prepare(settings) -> None:
+    """Download and convert in child commands: torch (and its threads) never enter this process,
+    which may fork into the daemon next."""
+    import subprocess
+
+    from ..errors import ModelNotFound, RerankerError
     from ..models import store
-    from ..models.convert import convert
 
     ref = store.resolve_model(settings)
     variant = ref.variant_dir(settings.model_format, settings.precision)
     if (variant / "manifest.json").is_file():
         return
+    steps = []
     if not (ref.path / "config.json").is_file():
         if not ref.repo_id:
-            from ..errors import ModelNotFound
-
             raise ModelNotFound(f"no model at {ref.path}", "give a repo id or a model folder")
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
-
-        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=err_console) as bar:
-            task = bar.add_task(f"downloading {ref.repo_id}", total=None)
-            store.download(settings, ref.repo_id, settings.revision,
-                           progress=lambda d, t, _n: bar.update(task, completed=d, total=t or None))
-    with err_console.status("converting") as status:
-        convert(settings, str(ref.path), formats=[settings.model_format], precision=settings.precision,
-                step=lambda msg: status.update(msg))
+        steps.append(["download", ref.repo_id, "--models-dir", str(settings.models_dir)]
+                     + (["--revision", settings.revision] if settings.revision else []))
+    steps.append(["convert", str(ref.path), "--models-dir", str(settings.models_dir), "--precision",
+                  settings.precision, "--format", settings.model_format])
+    for step in steps:
+        res = subprocess.run([sys.executable, "-m", "reranker_ops", *step])
+        if res.returncode != 0:
+            raise RerankerError(f"'rerankctl {step[0]}' failed (exit {res.returncode}); see its message above",
+                                "fix that, then run serve again")
 
 
 @app.command()

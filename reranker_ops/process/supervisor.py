@@ -47,7 +47,7 @@ from .runstate import (
 )
 from .sdnotify import Notifier
 
-STARTUP_PROBE_INTERVAL = 0.25
+STARTUP_PROBE_INTERVAL = 0.05
 CHILD_TERM_GRACE = 3.0
 
 
