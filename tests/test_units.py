@@ -283,3 +283,9 @@ def test_heartbeat_record_roundtrip_and_torn_reads(tmp_path):
     struct.pack_into("<Q", hb._mm, 0, 41)
     hb._mm.flush()
     assert read_heartbeat(path) is None
+
+
+def test_help_names_the_env_twins():
+    out = CliRunner().invoke(app, ["serve", "--help"], terminal_width=240).output
+    for var in ("RERANKER_MODEL", "RERANKER_PORT", "RERANKER_HEALTH_PORT", "RERANKER_RUN_DIR", "RERANKER_WORKERS"):
+        assert var in out, var

@@ -27,7 +27,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks. [env: RERANKER_DEBUG]")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks. \\[env: RERANKER_DEBUG]")] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,

@@ -22,18 +22,18 @@ err_console = Console(stderr=True)
 # Options spelled the same in every command, each with its RERANKER_* twin (read by Settings, not here).
 ModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", "-m", help="Repo id, name under the models dir, or model folder. [env: RERANKER_MODEL]"),
+    typer.Option("--model", "-m", help="Repo id, name under the models dir, or model folder. \\[env: RERANKER_MODEL]"),
 ]
 ModelsDirOpt = Annotated[
-    Optional[Path], typer.Option("--models-dir", help="Models folder. [env: RERANKER_MODELS_DIR]")
+    Optional[Path], typer.Option("--models-dir", help="Models folder. \\[env: RERANKER_MODELS_DIR]")
 ]
-HostOpt = Annotated[Optional[str], typer.Option("--host", help="API address. [env: RERANKER_HOST]")]
-PortOpt = Annotated[Optional[int], typer.Option("--port", "-p", help="API port. [env: RERANKER_PORT]")]
+HostOpt = Annotated[Optional[str], typer.Option("--host", help="API address. \\[env: RERANKER_HOST]")]
+PortOpt = Annotated[Optional[int], typer.Option("--port", "-p", help="API port. \\[env: RERANKER_PORT]")]
 HealthPortOpt = Annotated[
-    Optional[int], typer.Option("--health-port", help="Health/metrics port. [env: RERANKER_HEALTH_PORT]")
+    Optional[int], typer.Option("--health-port", help="Health/metrics port. \\[env: RERANKER_HEALTH_PORT]")
 ]
 RunDirOpt = Annotated[
-    Optional[Path], typer.Option("--run-dir", help="Lock, pidfile, logs. [env: RERANKER_RUN_DIR]")
+    Optional[Path], typer.Option("--run-dir", help="Lock, pidfile, logs. \\[env: RERANKER_RUN_DIR]")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 

@@ -54,7 +54,7 @@ def convert(
     ] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="openvino, onnx or all.")] = "openvino",
     precision: Annotated[
-        Optional[str], typer.Option("--precision", help="fp32, fp16, int8 or int8-weights. [env: RERANKER_PRECISION]")
+        Optional[str], typer.Option("--precision", help="fp32, fp16, int8 or int8-weights. \\[env: RERANKER_PRECISION]")
     ] = None,
     calibration: Annotated[
         Optional[Path], typer.Option("--calibration", help="JSONL of {query, passage} to calibrate INT8 on.")

@@ -30,9 +30,9 @@ from .common import (
     settings_from,
 )
 
-WorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-w", help="Inference workers. [env: RERANKER_WORKERS]")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-w", help="Inference workers. \\[env: RERANKER_WORKERS]")]
 ThreadsOpt = Annotated[
-    Optional[int], typer.Option("--threads", help="OpenVINO threads per worker, 0 = cores/workers. [env: RERANKER_THREADS]")
+    Optional[int], typer.Option("--threads", help="OpenVINO threads per worker, 0 = cores/workers. \\[env: RERANKER_THREADS]")
 ]
 PrecisionOpt = Annotated[
     Optional[str], typer.Option("--precision", help="Which conversion to serve: fp32, fp16, int8, int8-weights.")
