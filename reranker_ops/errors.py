@@ -21,10 +21,6 @@ class ConfigError(RerankerError):
     exit_code = 2
 
 
-class NotImplementedYet(RerankerError):
-    exit_code = 3
-
-
 class ModelNotFound(RerankerError):
     exit_code = 4
 

@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import run_cli, wait_until
+from conftest import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

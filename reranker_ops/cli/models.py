@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..models import store
 from . import app
-from .common import JsonOpt, ModelOpt, ModelsDirOpt, console, err_console, handled, settings_from
+from .common import JsonOpt, ModelsDirOpt, console, err_console, handled, settings_from
 
 
 @app.command()

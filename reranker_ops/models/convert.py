@@ -7,7 +7,6 @@ built in a temporary folder beside its final place and renamed into place only a
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -451,7 +450,3 @@ def find_variant(settings: Settings, model: Optional[str] = None) -> Path:
         f"run: rerankctl convert {ref.repo_id or ref.path} --precision {settings.precision}"
         f" --format {settings.model_format}",
     )
-
-
-def describe(result: dict) -> str:
-    return json.dumps({k: result[k] for k in ("dir", "format", "precision") if k in result})

@@ -16,7 +16,6 @@ import psutil
 from ..config import Settings
 from ..errors import AlreadyRunning, ServerStartError, StopError
 from .runstate import (
-    PidInfo,
     identify,
     kill_instance,
     lock_is_held,

@@ -14,14 +14,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import psutil
 
-from ..errors import AlreadyRunning
 from ..models.store import write_json_atomic
 
 INSTANCE_ENV = "RERANKER_INSTANCE"
@@ -142,14 +140,3 @@ def kill_instance(instance: str, sig: int = 9, timeout: float = 10.0) -> list[in
             pass
     psutil.wait_procs(procs, timeout=timeout)
     return [p.pid for p in procs]
-
-
-def ensure_not_running(lock_path: Path, pidfile_path: Path) -> None:
-    if lock_is_held(lock_path):
-        info, _ = read_pidfile(pidfile_path)
-        where = f" (pid {info.pid}, port {info.data.get('port')})" if info else ""
-        raise AlreadyRunning(f"a server is already running{where}", "see: rerankctl status; stop it with: rerankctl stop")
-
-
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
