@@ -115,6 +115,16 @@ class ServerHandle:
         kill_marked(self.run_dir)
 
 
+def proc_env(proc) -> dict:
+    """A process's environment, or {} when it is gone or not ours to read."""
+    import psutil
+
+    try:
+        return proc.environ()
+    except (psutil.Error, OSError):
+        return {}
+
+
 def kill_marked(run_dir: Path) -> None:
     import psutil
 

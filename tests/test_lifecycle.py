@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import wait_until
+from conftest import proc_env, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -135,17 +135,10 @@ def test_ten_daemons_at_once_exactly_one_runs(make_server):
         assert "already running" in r.stderr, r.stderr[-500:]
     st = server.status()
     assert st["state"] == "running"
-    supervisors = [p for p in psutil.process_iter(["pid"]) if _env(p).get("RERANKER_RUN_DIR") == str(server.run_dir)
+    supervisors = [p for p in psutil.process_iter(["pid"]) if proc_env(p).get("RERANKER_RUN_DIR") == str(server.run_dir)
                    and "serve" in " ".join(_cmd(p)) and "reranker_ops.serving" not in " ".join(_cmd(p))]
     assert [p.pid for p in supervisors] == [st["pid"]]
     assert listening_pids(server.port) == {st["pid"]}
-
-
-def _env(p):
-    try:
-        return p.environ()
-    except psutil.Error:
-        return {}
 
 
 def _cmd(p):
@@ -168,7 +161,7 @@ def test_port_taken_by_another_program(make_server):
         st = server.status()
         assert st["state"] == "stopped", st
         assert not (server.run_dir / "rerankctl.pid.json").exists()
-        marked = [p for p in psutil.process_iter() if _env(p).get("RERANKER_RUN_DIR") == str(server.run_dir)]
+        marked = [p for p in psutil.process_iter() if proc_env(p).get("RERANKER_RUN_DIR") == str(server.run_dir)]
         assert marked == []
     finally:
         blocker.close()

@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import clean_env, free_port, wait_until
+from conftest import clean_env, free_port, proc_env, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -214,17 +214,10 @@ def test_a_model_that_crashes_at_every_start_makes_the_supervisor_give_up(tiny_f
                              capture_output=True, text=True, timeout=180)
         assert res.returncode != 0 and "failed to start" in res.stderr and "log tail" in res.stderr
         assert not (tmp_path / "run" / "rerankctl.pid.json").exists()
-        leftovers = [p for p in psutil.process_iter() if _env(p).get("RERANKER_RUN_DIR") == str(tmp_path / "run")]
+        leftovers = [p for p in psutil.process_iter() if proc_env(p).get("RERANKER_RUN_DIR") == str(tmp_path / "run")]
         assert leftovers == []
     finally:
         notify.close()
-
-
-def _env(p):
-    try:
-        return p.environ()
-    except psutil.Error:
-        return {}
 
 
 def test_restart_budget_is_bounded(make_server):
