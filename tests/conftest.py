@@ -115,6 +115,20 @@ class ServerHandle:
         kill_marked(self.run_dir)
 
 
+def in_flight(health_url: str) -> int:
+    """Requests the server is answering now, from its own gauge (0 when it cannot be read)."""
+    import re
+
+    import httpx
+
+    try:
+        text = httpx.get(f"{health_url}/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return 0
+    m = re.search(r"^reranker_requests_in_flight (\d+)", text, re.M)
+    return int(m.group(1)) if m else 0
+
+
 def proc_env(proc) -> dict:
     """A process's environment, or {} when it is gone or not ours to read."""
     import psutil

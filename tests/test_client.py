@@ -35,7 +35,7 @@ class Scripted:
     moments. Each script entry is (status, headers) or "stall".
     """
 
-    def __init__(self, script: list, upstream: str | None = None) -> None:
+    def __init__(self, script: list, upstream: str | None = None, port: int = 0) -> None:
         self.script = list(script)
         self.upstream = upstream
         self.hits: list[float] = []
@@ -69,7 +69,7 @@ class Scripted:
                 self.end_headers()
                 self.wfile.write(payload)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), H)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -146,17 +146,11 @@ def test_retries_on_connection_refused_then_raises():
 def test_connection_refused_then_server_appears(shared_server):
     """Retries bridge a restart: the first attempts are refused, a later one reaches the server."""
     port = free_port()
-    stub_holder: dict = {}
+    started: list[Scripted] = []
 
     def start_later():
-        time.sleep(0.4)  # the server comes up while the client is backing off (not test synchronisation)
-        from http.server import ThreadingHTTPServer as S
-
-        stub = Scripted([], upstream=shared_server.base)
-        stub.close()
-        srv = S(("127.0.0.1", port), stub.server.RequestHandlerClass)
-        stub_holder["srv"] = srv
-        srv.serve_forever()
+        time.sleep(0.4)  # the fault being simulated: the server comes up while the client backs off
+        started.append(Scripted([], upstream=shared_server.base, port=port))
 
     threading.Thread(target=start_later, daemon=True).start()
     try:
@@ -164,8 +158,8 @@ def test_connection_refused_then_server_appears(shared_server):
             ranked = client.rerank(QUERY, DOCS)
         assert len(ranked) == 4 and client.attempts >= 2
     finally:
-        if "srv" in stub_holder:
-            stub_holder["srv"].shutdown()
+        for stub in started:
+            stub.close()
 
 
 def test_timeout_is_raised_never_a_hang():

@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import proc_env, wait_until
+from conftest import in_flight, proc_env, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -181,7 +181,7 @@ def test_stop_with_twenty_requests_in_flight(make_server):
 
     with cf.ThreadPoolExecutor(20) as pool:
         futs = [pool.submit(one, i) for i in range(20)]
-        wait_until(lambda: _in_flight(server) >= 5, 30, 0.02, what="requests in flight")
+        wait_until(lambda: in_flight(server.health) >= 5, 30, 0.02, what="requests in flight")
         t0 = time.monotonic()
         res = server.cli("stop", "--timeout", "30")
         stop_seconds = time.monotonic() - t0
@@ -197,17 +197,6 @@ def test_stop_with_twenty_requests_in_flight(make_server):
     assert instance_alive(info["instance"]) == []
     assert not psutil.pid_exists(info["pid"]) or psutil.Process(info["pid"]).status() == "zombie"
     assert listening_pids(server.port) == set()
-
-
-def _in_flight(server) -> int:
-    try:
-        text = httpx.get(server.health + "/metrics", timeout=2).text
-    except httpx.HTTPError:
-        return 0
-    for line in text.splitlines():
-        if line.startswith("reranker_requests_in_flight "):
-            return int(float(line.split()[1]))
-    return 0
 
 
 def test_status_json_matches_the_real_processes(make_server):

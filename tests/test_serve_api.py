@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import clean_env, free_port, wait_until
+from conftest import clean_env, free_port, in_flight, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -263,7 +263,7 @@ def test_foreground_serve_stops_cleanly_on_signal(tiny_fp32, tmp_path, sig):
         with cf.ThreadPoolExecutor(4) as pool:
             futs = [pool.submit(httpx.post, f"http://127.0.0.1:{port}/rerank",
                                 json={"query": QUERY, "documents": ["Борщ. " * 200] * 200}, timeout=60) for _ in range(4)]
-            wait_until(lambda: _in_flight(hport) >= 1, 30, 0.02, what="requests in flight")
+            wait_until(lambda: in_flight(f"http://127.0.0.1:{hport}") >= 1, 30, 0.02, what="requests in flight")
             proc.send_signal(sig)
             codes = [f.result().status_code for f in futs]
         assert set(codes) <= {200, 503}, codes
@@ -275,15 +275,6 @@ def test_foreground_serve_stops_cleanly_on_signal(tiny_fp32, tmp_path, sig):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _in_flight(health_port: int) -> int:
-    try:
-        text = httpx.get(f"http://127.0.0.1:{health_port}/metrics", timeout=2).text
-    except httpx.HTTPError:
-        return 0
-    m = re.search(r"^reranker_requests_in_flight (\d+)", text, re.M)
-    return int(m.group(1)) if m else 0
 
 
 def test_serve_without_conversion_names_the_command(tiny_model_dir, tmp_path):

@@ -94,7 +94,7 @@ def start_daemon(settings: Settings, run: Callable[[], int],
             while time.monotonic() < deadline:
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done:
-                    raise _start_failure(settings, pid, os.waitstatus_to_exitcode(status), boot)
+                    raise _start_failure(settings, os.waitstatus_to_exitcode(status), boot)
                 health = _http_ready(settings)
                 if health is not None:
                     info, _ = read_pidfile(settings.pidfile_path)
@@ -119,7 +119,7 @@ def start_daemon(settings: Settings, run: Callable[[], int],
         boot.unlink(missing_ok=True)
 
 
-def _start_failure(settings: Settings, pid: int, code: int, boot: Path):
+def _start_failure(settings: Settings, code: int, boot: Path):
     lines = [l for l in tail_file(boot, 40) if l.strip()]
     message = next((l.split("error:", 1)[1].strip() for l in reversed(lines) if "error:" in l), None)
     if code == AlreadyRunning.exit_code:

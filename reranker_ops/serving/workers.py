@@ -124,7 +124,7 @@ class Score(Worker):
         now = time.time()
         self.hb.write(busy_since=now, progress_at=now)
         encs, owners = [], []
-        for k, item in enumerate(data):
+        for item in data:
             encs.extend(item["encs"])
             owners.append(len(item["encs"]))
         logits = self.scorer.score_encoded(encs, on_progress=self._progress)
