@@ -45,8 +45,8 @@ class Clients:
                 r = httpx.post(self.base + "/rerank", json={"query": QUERY, "documents": DOCS},
                                timeout=self.deadline_s + 10)
                 outcome: object = r.status_code
-                if r.status_code == 200:
-                    assert len(r.json()["scores"]) == 3
+                if r.status_code == 200 and len(r.json().get("scores", [])) != 3:
+                    outcome = "wrong answer"  # judged by the test, in the main thread
             except httpx.HTTPError as exc:
                 outcome = type(exc).__name__
             self.records.append((t0, time.monotonic() - t0, outcome))
@@ -85,9 +85,7 @@ def test_sigstop_of_the_inference_worker_heals(make_server):
         os.kill(victim, signal.SIGSTOP)
         wait_until(lambda: restarts(server).get("worker", 0) >= 1, 15, 0.2, what="watchdog detection")
         detected = time.monotonic() - t_stop
-        wait_until(lambda: clients.first_success_after(time.monotonic() - 0.5) or
-                   httpx.get(server.health + "/health").status_code == 200 and clients.first_success_after(t_stop), 60,
-                   0.2, what="answers resume")
+        wait_until(lambda: clients.first_success_after(t_stop), 60, 0.2, what="answers resume")
         resumed = clients.first_success_after(t_stop) - t_stop
         wait_until(lambda: len([1 for t0, *_ in clients.records if t0 > t_stop + resumed]) >= 3, 30,
                    what="more answers after recovery")
@@ -262,13 +260,17 @@ def test_sd_notify_contract(tiny_fp32, tmp_path):
         [victim] = [p["pid"] for p in st["processes"] if p["role"] == "score"]
         t_stop = time.monotonic()
         os.kill(victim, signal.SIGSTOP)
-        wait_until(lambda: [t for t in notify.times("WATCHDOG=1") if t > t_stop + 0.6], 60, 0.1,
-                   what="pings resume after healing")
-        after = [t for t in notify.times("WATCHDOG=1") if t > t_stop]
         before = [t for t in notify.times("WATCHDOG=1") if t <= t_stop]
-        silence = after[0] - t_stop
         normal_gap = max(b - a for a, b in zip(before, before[1:]))
-        assert silence >= 1.5 > normal_gap, (silence, normal_gap)
+
+        def pause_around_stop() -> float:
+            # the longest gap between pings from the last one before the stop on; a ping from a probe
+            # that finished just as SIGSTOP landed does not hide the pause that follows it
+            ts = [t for t in notify.times("WATCHDOG=1") if t >= before[-1]]
+            return max((b - a for a, b in zip(ts, ts[1:])), default=0.0)
+
+        wait_until(lambda: pause_around_stop() >= 1.5, 60, 0.1, what="pings pause, then resume after healing")
+        assert pause_around_stop() >= 1.5 > normal_gap, (pause_around_stop(), normal_gap)
         assert any("STATUS=degraded" in m for _, m in notify.messages)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
