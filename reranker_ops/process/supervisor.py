@@ -167,6 +167,15 @@ class Supervisor:
             out.append((p, role))
         return out
 
+    def _mosec_gone(self) -> bool:
+        """MOSEC's main process has died, even if asyncio has not reported its exit yet."""
+        if self.child is None or self.child.returncode is not None:
+            return True
+        try:
+            return psutil.Process(self.child.pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
     def worker_views(self) -> list[WorkerView]:
         beats = self._heartbeats()
         views = []
@@ -476,6 +485,8 @@ class Supervisor:
         if self._outage is None:
             self._outage = {"start": result.at, "end": None, "seconds": None, "cause": result.error}
             self.outages.append(self._outage)
+        if self._mosec_gone():
+            return  # a crash, not a hang: the main loop's exit path restarts it, within the budget
         decision = self.policy.decide(now, self.worker_views())
         if decision.action == "none":
             if decision.reason:
@@ -506,9 +517,9 @@ class Supervisor:
             self.policy.reset_after_restart()
             self.state, self.reason = "degraded", decision.reason
         elif decision.action == "restart":
-            await self._restart(decision.reason, count=False)
+            await self._restart(decision.reason)
 
-    async def _restart(self, why: str, count: bool = True) -> None:
+    async def _restart(self, why: str) -> None:
         self.state, self.reason = "restarting", why
         self._publish()
         self.restarts["server"] += 1
