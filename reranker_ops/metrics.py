@@ -6,6 +6,7 @@ import threading
 from collections import defaultdict
 from typing import Iterable
 
+STATES = ("starting", "running", "degraded", "restarting", "stopping", "stopped", "failed")
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -46,7 +47,8 @@ class Metrics:
         with self._lock:
             self.restarts[kind] += 1
 
-    def render(self, *, healthy: bool, pairs: int, tokens: int, workers: dict[str, int], extra: str = "") -> str:
+    def render(self, *, healthy: bool, pairs: int, tokens: int, workers: dict[str, int],
+               expected: dict[str, int] | None = None, state: str = "", extra: str = "") -> str:
         out: list[str] = []
         with self._lock:
             out += ["# HELP reranker_requests_total Requests answered, by route and HTTP status.",
@@ -81,9 +83,17 @@ class Metrics:
                     "# TYPE reranker_restarts_total counter"]
             for kind in ("worker", "server"):
                 out.append(f"reranker_restarts_total{_labels([('kind', kind)])} {self.restarts[kind]}")
-        out += ["# HELP reranker_workers Live MOSEC worker processes, by stage.", "# TYPE reranker_workers gauge"]
+        out += ["# HELP reranker_workers Live, ready MOSEC worker processes, by stage.", "# TYPE reranker_workers gauge"]
         for stage, n in sorted(workers.items()):
             out.append(f"reranker_workers{_labels([('stage', stage)])} {n}")
+        out += ["# HELP reranker_workers_expected MOSEC worker processes the server should have, by stage.",
+                "# TYPE reranker_workers_expected gauge"]
+        for stage, n in sorted((expected or {}).items()):
+            out.append(f"reranker_workers_expected{_labels([('stage', stage)])} {n}")
+        if state:
+            out += ["# HELP reranker_state The supervisor's state (1 for the current one).", "# TYPE reranker_state gauge"]
+            for name in STATES:
+                out.append(f"reranker_state{_labels([('state', name)])} {1 if name == state else 0}")
         out += ["# HELP reranker_up 1 while the last canary request succeeded recently.",
                 "# TYPE reranker_up gauge", f"reranker_up {1 if healthy else 0}"]
         text = "\n".join(out) + "\n"

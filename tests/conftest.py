@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,9 @@ def tiny_fp32(tiny_model_dir, tmp_path_factory) -> Path:
 import json as _json  # noqa: E402
 import signal as _signal  # noqa: E402
 import time as _time  # noqa: E402
+import time  # noqa: E402
+
+import httpx  # noqa: E402
 
 
 class ServerHandle:
@@ -165,6 +169,52 @@ def kill_marked(run_dir: Path) -> None:
                 proc.kill()
             except psutil.Error:
                 pass
+
+
+QUERY = "Как приготовить борщ?"
+DOCS = ["Борщ — суп из свёклы.", "Завтра дождь.", "Нейронные сети."]
+
+
+class Clients:
+    """Clients sending requests in a loop (bounded by time), recording every outcome."""
+
+    def __init__(self, base: str, deadline_s: float, n: int = 3) -> None:
+        self.base = base
+        self.deadline_s = deadline_s
+        self.records: list[tuple[float, float, object]] = []  # start, seconds, status or error
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(n)]
+
+    def _loop(self) -> None:
+        end = time.monotonic() + 240  # hard bound
+        while not self._stop.is_set() and time.monotonic() < end:
+            t0 = time.monotonic()
+            try:
+                r = httpx.post(self.base + "/rerank", json={"query": QUERY, "documents": DOCS},
+                               timeout=self.deadline_s + 10)
+                outcome: object = r.status_code
+                if r.status_code == 200 and len(r.json().get("scores", [])) != 3:
+                    outcome = "wrong answer"  # judged by the test, in the main thread
+            except httpx.HTTPError as exc:
+                outcome = type(exc).__name__
+            self.records.append((t0, time.monotonic() - t0, outcome))
+            if outcome != 200:
+                time.sleep(0.1)  # a client's retry pause, not synchronisation
+
+    def __enter__(self) -> "Clients":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+    def first_success_after(self, t: float) -> float | None:
+        oks = [t0 + d for t0, d, o in self.records if o == 200 and t0 > t]
+        return min(oks) if oks else None
+
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):

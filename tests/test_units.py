@@ -1,10 +1,9 @@
-"""Pure logic: settings precedence, request schemas, micro-batching, watchdog policy, run state, sd_notify."""
+"""Pure logic: settings precedence, request schemas, micro-batching, the CLI's help."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,9 +13,6 @@ from typer.testing import CliRunner
 from reranker_ops.cli import app
 from reranker_ops.config import Settings, load_settings
 from reranker_ops.health.probe import CANARY, judge
-from reranker_ops.health.watchdog import WatchdogPolicy, WorkerView
-from reranker_ops.process.runstate import RunLock, identify, lock_is_held, read_pidfile, write_pidfile
-from reranker_ops.process.sdnotify import Notifier
 from reranker_ops.serving.engine import plan_microbatches
 from reranker_ops.serving.schema import Limits, RequestError, build_response, parse_job
 
@@ -161,127 +157,6 @@ def test_microbatches_sorted_and_within_budget():
     flat = [lengths[i] for b in batches for i in b]
     assert flat == sorted(flat)
     assert plan_microbatches([2000], 512) == [[0]]  # a pair longer than the budget runs alone
-
-
-# --- watchdog policy (a fake clock: times are plain numbers) -------------------------------------------------
-def policy(**kw) -> WatchdogPolicy:
-    return WatchdogPolicy(failures_needed=2, hang_after_s=10, restart_budget=3, restart_window_s=100, **kw)
-
-
-def test_policy_does_nothing_while_probes_pass():
-    p = policy()
-    p.record_probe(True, 0)
-    assert p.decide(0, [WorkerView(1, "score", "stopped")]).action == "none"
-
-
-def test_policy_kills_a_stopped_worker_at_the_first_failure():
-    p = policy()
-    p.record_probe(False, 100)
-    d = p.decide(100, [WorkerView(1, "score", "stopped"), WorkerView(2, "validate", "sleeping")])
-    assert d.action == "kill_workers" and d.pids == [1]
-
-
-def test_policy_kills_a_worker_without_progress_inside_forward():
-    p = policy()
-    p.record_probe(False, 100)
-    busy = WorkerView(7, "score", "running", busy_since=80, progress_at=85)
-    assert p.decide(100, [busy]).action == "kill_workers"
-    fresh = WorkerView(7, "score", "running", busy_since=80, progress_at=95)
-    assert p.decide(100, [fresh]).action == "none"  # progressing: busy, not hung
-
-
-def test_policy_restarts_a_wedged_server_but_not_an_overloaded_one():
-    p = policy()
-    p.record_probe(False, 100)
-    idle = [WorkerView(1, "score", "sleeping", None, 50)]
-    assert p.decide(100, idle).action == "none"  # one failure is not enough
-    p.record_probe(False, 105)
-    assert p.decide(105, idle).action == "restart"
-    progressing = [WorkerView(1, "score", "running", 101, 104)]
-    d = p.decide(105, progressing)
-    assert d.action == "none" and "overloaded" in d.reason
-    p.record_probe(True, 110)
-    assert p.consecutive_failures == 0
-
-
-def test_policy_restart_budget_and_backoff():
-    p = policy()
-    assert [p.allow_restart(t) for t in (0, 1, 2)] == [True, True, True]
-    assert p.backoff() == 4.0
-    assert p.allow_restart(3) is False  # budget spent inside the window
-    assert p.allow_restart(101) is True  # the oldest fell out of the window
-
-
-# --- run state ----------------------------------------------------------------------------------------------
-def test_lock_is_exclusive_and_freed_on_death(tmp_path):
-    path = tmp_path / "x.lock"
-    code = "import fcntl,os,sys,time; fd=os.open(sys.argv[1],os.O_RDWR|os.O_CREAT); fcntl.flock(fd,fcntl.LOCK_EX); print('ok',flush=True); time.sleep(60)"
-    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "ok"
-        assert lock_is_held(path)
-        assert RunLock(path).acquire() is False
-    finally:
-        holder.kill()
-        holder.wait()
-    assert not lock_is_held(path)  # the kernel freed it: it can never go stale
-    lock = RunLock(path)
-    assert lock.acquire()
-    lock.release()
-
-
-def test_pidfile_identity(tmp_path):
-    import psutil
-
-    me = psutil.Process()
-    path = tmp_path / "p.json"
-    write_pidfile(path, {"pid": me.pid, "create_time": me.create_time(), "pgid": os.getpgid(0), "instance": "i"})
-    info, why = read_pidfile(path)
-    assert why is None and identify(info.pid, info.create_time) is not None
-    assert identify(info.pid, info.create_time - 5) is None  # same pid, other start: a recycled pid
-    for content, reason in (("", "empty"), ("{not json", "garbage"), ('{"pid": 1}', "garbage")):
-        path.write_text(content)
-        assert read_pidfile(path) == (None, reason)
-    assert read_pidfile(tmp_path / "none.json") == (None, "missing")
-
-
-# --- sd_notify ----------------------------------------------------------------------------------------------
-def test_sd_notify_datagrams(tmp_path):
-    addr = tmp_path / "n.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(addr))
-    sock.settimeout(2)
-    try:
-        n = Notifier(str(addr))
-        assert n.ready("serving") and sock.recv(100) == b"READY=1\nSTATUS=serving"
-        assert n.watchdog() and sock.recv(100) == b"WATCHDOG=1"
-        assert n.stopping() and sock.recv(100).startswith(b"STOPPING=1")
-    finally:
-        sock.close()
-    assert Notifier(None).ready("x") is False  # silent outside systemd
-    assert Notifier(str(tmp_path / "gone.sock")).watchdog() is False  # never raises
-
-
-# --- heartbeats ---------------------------------------------------------------------------------------------
-def test_heartbeat_record_roundtrip_and_torn_reads(tmp_path):
-    import struct
-
-    from reranker_ops.serving.heartbeat import Heartbeat, read_heartbeat, read_worker_dir
-
-    hb = Heartbeat(str(tmp_path), "score")
-    hb.publish_info(heavy_modules=[])
-    hb.write(busy_since=123.5, progress_at=124.0, pairs=7, tokens=70, ready=1)
-    path = next(tmp_path.glob("score-*.hb"))
-    got = read_heartbeat(path)
-    assert got["busy_since"] == 123.5 and got["pairs"] == 7 and got["tokens"] == 70 and got["ready"] == 1
-    hb.write(busy_since=None)
-    assert read_heartbeat(path)["busy_since"] is None
-    [(pid, rec)] = read_worker_dir(tmp_path).items()
-    assert pid == os.getpid() and rec["stage"] == "score" and rec["heavy_modules"] == []
-    # a write caught half-way (odd sequence number) is never taken for a consistent record
-    struct.pack_into("<Q", hb._mm, 0, 41)
-    hb._mm.flush()
-    assert read_heartbeat(path) is None
 
 
 def test_help_names_the_env_twins():

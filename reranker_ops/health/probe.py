@@ -7,7 +7,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-PROBE_HEADER = "X-Reranker-Probe"
+PROBE_HEADER = "X-Reranker-Probe"  # with the supervisor's token, the gate's reserved canary slot
 CANARY = {
     "query": "как приготовить борщ",
     "documents": ["Борщ варят из свёклы и капусты.", "Завтра будет дождь."],
@@ -17,10 +17,16 @@ CANARY = {
 @dataclass
 class ProbeResult:
     ok: bool
-    at: float
+    at: float  # wall clock, for people
     latency_s: Optional[float]
     status: Optional[int]
     error: Optional[str]
+    mono: float = 0.0  # monotonic, for every comparison
+
+    @property
+    def busy(self) -> bool:
+        """Failed, but the way a live server that is overloaded, booting or slow fails (not a wrong answer)."""
+        return not self.ok and (self.status is None or self.status in (408, 429, 503, 504))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,8 +67,8 @@ def probe_sync(base_url: str, timeout: float, api_key: Optional[str] = None) -> 
         except ValueError:
             body = resp.text
         error = judge(resp.status_code, body)
-        return ProbeResult(error is None, at, time.monotonic() - t0, resp.status_code, error)
+        return ProbeResult(error is None, at, time.monotonic() - t0, resp.status_code, error, t0)
     except httpx.TimeoutException:
-        return ProbeResult(False, at, time.monotonic() - t0, None, f"no answer within {timeout:g}s")
+        return ProbeResult(False, at, time.monotonic() - t0, None, f"no answer within {timeout:g}s", t0)
     except httpx.HTTPError as exc:
-        return ProbeResult(False, at, time.monotonic() - t0, None, f"{type(exc).__name__}: {exc}")
+        return ProbeResult(False, at, time.monotonic() - t0, None, f"{type(exc).__name__}: {exc}", t0)

@@ -1,61 +1,104 @@
 """/health, /ready, /live and /metrics, served by the supervisor on the health port (and the API port).
 
-Health never lies: it is green only while the last real canary rerank request succeeded recently.
+Health never lies: it is green only while the last real canary rerank request succeeded recently and
+every worker the server should have is there.
+- ``/health``: 200 ``healthy`` only then; 503 with ``degraded`` (serving, but a probe failed or capacity
+  is reduced), ``starting``, ``stopping``... and the reason.
+- ``/ready``: 200 while the server answers correctly now (a balancer may send traffic), even with
+  reduced capacity; 503 otherwise.
+- ``/live``: 200 while the supervisor's own loop turns (restarting the pod would help only if not).
+
+It reads what it needs through ``HealthSource``, not the supervisor itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import Optional, Protocol
 
 import aiohttp
 from aiohttp import web
 
 from .. import __version__
+from ..config import Settings
+from ..metrics import Metrics
+from .probe import ProbeResult
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..process.supervisor import Supervisor
+
+class HealthSource(Protocol):
+    """What the health server reads from whoever supervises the service."""
+
+    model_name: str
+    precision: str
+    metrics: Metrics
+    last_probe: Optional[ProbeResult]
+    restarts: dict
+    started_mono: float
+    loop_tick: float  # monotonic
+
+    @property
+    def state_name(self) -> str: ...
+    @property
+    def state_reason(self) -> str: ...
+    @property
+    def http(self) -> Optional[aiohttp.ClientSession]: ...
+    def mosec_metrics_url(self) -> Optional[str]: ...
+    def capacity(self) -> dict[str, dict[str, int]]: ...
+    def scored_totals(self) -> tuple[int, int]: ...
+    def extra_metrics(self) -> str: ...
 
 
 class Health:
-    def __init__(self, sup: "Supervisor") -> None:
-        self.sup = sup
+    def __init__(self, settings: Settings, source: HealthSource) -> None:
+        self.settings = settings
+        self.src = source
 
     def max_probe_age(self) -> float:
-        s = self.sup.settings
+        s = self.settings
         return 2 * s.probe_interval_s + s.probe_timeout_s + 1.0
 
-    def verdict(self) -> tuple[bool, str]:
-        sup = self.sup
-        if sup.state == "stopping":
-            return False, "stopping"
-        probe = sup.last_probe
+    def serving(self) -> tuple[bool, str]:
+        """Answers correctly now: the last canary succeeded, recently."""
+        state = self.src.state_name
+        if state in ("stopping", "stopped", "failed"):
+            return False, state
+        probe = self.src.last_probe
         if probe is None:
             return False, "starting: no probe has succeeded yet"
-        age = time.time() - probe.at
         if not probe.ok:
             return False, f"last probe failed: {probe.error}"
+        age = time.monotonic() - probe.mono
         if age > self.max_probe_age():
             return False, f"last successful probe is {age:.0f}s old"
-        if sup.state != "running":
-            return False, sup.reason or sup.state
+        return True, "ok"
+
+    def verdict(self) -> tuple[bool, str]:
+        """Healthy: serving, and nothing missing (state running)."""
+        ok, reason = self.serving()
+        if not ok:
+            return ok, reason
+        if self.src.state_name != "running":
+            return False, self.src.state_reason or self.src.state_name
         return True, "ok"
 
     def body(self) -> dict:
-        sup = self.sup
+        src = self.src
         ok, reason = self.verdict()
-        probe = sup.last_probe
+        probe = src.last_probe
+        capacity = src.capacity()
         return {
-            "status": "healthy" if ok else "unhealthy",
+            "status": "healthy" if ok else ("degraded" if src.state_name == "degraded" else "unhealthy"),
             "reason": reason,
-            "state": sup.state,
-            "model": sup.model_name,
-            "precision": sup.settings.precision,
+            "state": src.state_name,
+            "model": src.model_name,
+            "precision": src.precision,
             "version": __version__,
-            "uptime_s": round(time.time() - sup.started_at, 1),
+            "uptime_s": round(time.monotonic() - src.started_mono, 1),
             "last_probe": probe.to_dict() if probe else None,
-            "restarts": dict(sup.restarts),
-            "workers": sup.worker_counts(),
+            "restarts": dict(src.restarts),
+            "workers": {stage: c["live"] for stage, c in capacity.items()},
+            "capacity": capacity,
         }
 
     async def handle_health(self, request: web.Request) -> web.Response:
@@ -63,38 +106,45 @@ class Health:
         return web.json_response(body, status=200 if body["status"] == "healthy" else 503)
 
     async def handle_ready(self, request: web.Request) -> web.Response:
-        ok, reason = self.verdict()
+        ok, reason = self.serving()
         return web.json_response({"ready": ok, "reason": reason}, status=200 if ok else 503)
 
     async def handle_live(self, request: web.Request) -> web.Response:
         # Live: the supervisor's loop answers (this handler runs) and its watchdog loop is turning.
-        lag = time.time() - self.sup.loop_tick
-        limit = self.sup.settings.probe_interval_s + self.sup.settings.probe_timeout_s + 10.0
+        lag = time.monotonic() - self.src.loop_tick
+        limit = self.settings.probe_interval_s + self.settings.probe_timeout_s + 10.0
         ok = lag <= limit
         return web.json_response({"live": ok, "watchdog_lag_s": round(lag, 2)}, status=200 if ok else 503)
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
-        sup = self.sup
+        src = self.src
         extra = ""
-        url = sup.upstream_base
-        if url and sup.gate.session is not None:
+        url = src.mosec_metrics_url()
+        session = src.http
+        if url and session is not None:
             try:
-                async with sup.gate.session.get(f"{url}/metrics", timeout=aiohttp.ClientTimeout(total=1.0)) as r:
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=1.0)) as r:
                     if r.status == 200:
                         extra = await r.text()
-            except (aiohttp.ClientError, TimeoutError):
+            except (aiohttp.ClientError, asyncio.TimeoutError):
                 extra = ""
-        pairs, tokens = sup.scored_totals()
-        text = sup.metrics.render(
-            healthy=self.verdict()[0], pairs=pairs, tokens=tokens, workers=sup.worker_counts(), extra=extra
+        pairs, tokens = src.scored_totals()
+        capacity = src.capacity()
+        text = src.metrics.render(
+            healthy=self.verdict()[0], pairs=pairs, tokens=tokens,
+            workers={stage: c["live"] for stage, c in capacity.items()},
+            expected={stage: c["expected"] for stage, c in capacity.items()},
+            state=src.state_name, extra=src.extra_metrics() + extra,
         )
         return web.Response(text=text, content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
 
+    def routes(self) -> list[tuple[str, str, object]]:
+        return [("GET", "/health", self.handle_health), ("GET", "/ready", self.handle_ready),
+                ("GET", "/live", self.handle_live), ("GET", "/metrics", self.handle_metrics)]
+
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_get("/health", self.handle_health)
-        app.router.add_get("/ready", self.handle_ready)
-        app.router.add_get("/live", self.handle_live)
-        app.router.add_get("/metrics", self.handle_metrics)
+        for method, path, handler in self.routes():
+            app.router.add_route(method, path, handler)  # type: ignore[arg-type]
         return app

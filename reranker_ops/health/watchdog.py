@@ -1,42 +1,53 @@
-"""When to kill what. Pure policy: the caller feeds probe results and worker views, with the time.
+"""When to kill what. Pure policy: the caller feeds worker views, probe results and the time.
 
-The rules, in order:
-1. No failed probe: nothing to do.
-2. A failed probe and a worker that is stopped (SIGSTOP, tracing) or a zombie: kill it. It can never
-   answer, and MOSEC never notices (its forward timeout is a SIGALRM the worker cannot take).
-3. A failed probe and a worker inside a forward pass that has made no progress (no micro-batch finished)
-   for ``hang_after_s``: hung in native code; kill it.
-4. ``failures_needed`` failed probes in a row, no culprit, and no scoring worker made progress since the
-   first failure: the server is wedged (controller, IPC); restart MOSEC.
-   If a scoring worker did make progress, the server is overloaded, not hung: do not destroy its work.
-5. Restarts are bounded: more than ``restart_budget`` within ``restart_window_s`` and the policy gives up,
-   so the supervisor exits non-zero and its own supervisor (systemd) decides.
+All times are ``time.monotonic()`` (CLOCK_MONOTONIC: one clock for every process of a machine, never
+stepped), so a wall-clock step in either direction changes no decision.
+
+Two independent parts:
+
+``inspect`` runs on **every** tick, whatever the canary says (with two workers, the healthy one keeps
+answering the canary while its sibling is stuck, so a probe-driven check would never look):
+  - a worker that is stopped (SIGSTOP, tracing) can never answer and MOSEC never notices: kill it now;
+  - a worker inside a forward pass that made no progress (no micro-batch finished) for ``hang_after_s``
+    is hung in native code: dump its stack, then kill it;
+  - a zombie or dead worker is left to MOSEC, which reaps and replaces it: killing it again would do
+    nothing, so it is neither killed nor counted.
+
+``wedged`` is the canary's rule: ``failures_needed`` failed probes in a row, and no scoring worker made
+progress since the first of them, means the server as a whole is stuck (controller, IPC): restart MOSEC.
+If a worker did make progress the server is overloaded, not hung, and its work is not destroyed.
+
+Restarts of MOSEC are bounded: more than ``restart_budget`` within ``restart_window_s`` and the policy
+gives up, so the supervisor ends in ``failed`` and its own supervisor (systemd) decides. Killing a stuck
+worker is a local repair, not a restart, and spends no budget.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
-STUCK_STATUSES = {"stopped", "tracing-stop", "zombie", "dead"}
-Action = Literal["none", "kill_workers", "restart", "give_up"]
+STOPPED_STATUSES = {"stopped", "tracing-stop"}
+GONE_STATUSES = {"zombie", "dead"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class WorkerView:
     pid: int
+    stage: str  # "score" or "validate"
+    status: str  # psutil's: running, sleeping, stopped, zombie, ...
+    ready: bool = True
+    busy_since: Optional[float] = None  # monotonic
+    progress_at: Optional[float] = None  # monotonic
+
+
+@dataclass(frozen=True)
+class Kill:
+    pid: int
     stage: str
-    status: str
-    busy_since: Optional[float] = None
-    progress_at: Optional[float] = None
-
-
-@dataclass
-class Decision:
-    action: Action
-    reason: str = ""
-    pids: list[int] = field(default_factory=list)
+    reason: str
+    dump_stack: bool  # hung inside native code: ask for its stack first
 
 
 class WatchdogPolicy:
@@ -60,7 +71,20 @@ class WatchdogPolicy:
         self.first_failure_at: Optional[float] = None
         self.restarts: deque[float] = deque()
 
-    # --- probes --------------------------------------------------------------------------------------
+    # --- every tick ----------------------------------------------------------------------------------
+    def inspect(self, now: float, workers: Sequence[WorkerView]) -> list[Kill]:
+        kills = []
+        for w in workers:
+            if w.status in GONE_STATUSES:
+                continue  # MOSEC reaps and respawns it; nothing to kill
+            if w.status in STOPPED_STATUSES:
+                kills.append(Kill(w.pid, w.stage, f"{w.stage} worker {w.pid} is stopped ({w.status})", False))
+            elif w.busy_since is not None and w.progress_at is not None and now - w.progress_at > self.hang_after_s:
+                kills.append(Kill(w.pid, w.stage, f"{w.stage} worker {w.pid} made no progress inside forward for "
+                                  f"{now - w.progress_at:.0f}s (limit {self.hang_after_s:g}s)", True))
+        return kills
+
+    # --- the canary ----------------------------------------------------------------------------------
     def record_probe(self, ok: bool, now: float) -> None:
         if ok:
             self.consecutive_failures = 0
@@ -70,28 +94,14 @@ class WatchdogPolicy:
                 self.first_failure_at = now
             self.consecutive_failures += 1
 
-    def decide(self, now: float, workers: Sequence[WorkerView]) -> Decision:
-        if self.consecutive_failures == 0:
-            return Decision("none")
-        stuck = [w.pid for w in workers if w.status in STUCK_STATUSES]
-        if stuck:
-            return Decision("kill_workers", f"worker(s) {stuck} stopped or dead while probes fail", stuck)
-        hung = [
-            w.pid
-            for w in workers
-            if w.busy_since is not None and w.progress_at is not None and now - w.progress_at > self.hang_after_s
-        ]
-        if hung:
-            return Decision(
-                "kill_workers", f"worker(s) {hung} made no progress for over {self.hang_after_s:g}s", hung
-            )
+    def wedged(self, now: float, workers: Sequence[WorkerView]) -> Optional[str]:
+        """Why MOSEC must be restarted, or None."""
         if self.consecutive_failures < self.failures_needed:
-            return Decision("none", "probe failed; waiting for confirmation")
+            return None
         since = self.first_failure_at if self.first_failure_at is not None else now
-        progressing = [w.pid for w in workers if w.stage == "score" and (w.progress_at or 0) > since]
-        if progressing:
-            return Decision("none", "overloaded: probes fail while workers make progress")
-        return Decision("restart", f"{self.consecutive_failures} probes failed and no worker made progress")
+        if any(w.stage == "score" and (w.progress_at or float("-inf")) > since for w in workers):
+            return None  # overloaded: probes fail while workers make progress
+        return f"{self.consecutive_failures} probes failed and no worker made progress for {now - since:.0f}s"
 
     # --- restarts ------------------------------------------------------------------------------------
     def allow_restart(self, now: float) -> bool:

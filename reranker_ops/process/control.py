@@ -15,7 +15,9 @@ import psutil
 
 from ..config import Settings
 from ..errors import AlreadyRunning, ServerStartError, StopError
+from . import roles
 from .runstate import (
+    RunLock,
     identify,
     kill_instance,
     lock_is_held,
@@ -29,9 +31,8 @@ POLL = 0.05
 def _http_ready(settings: Settings, timeout: float = 1.0) -> Optional[dict]:
     import httpx
 
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
     try:
-        r = httpx.get(f"http://{host}:{settings.health_port}/health", timeout=timeout)
+        r = httpx.get(f"{roles.base_url(settings.host, settings.health_port)}/health", timeout=timeout)
         body = r.json()
         return body if r.status_code == 200 else None
     except (httpx.HTTPError, ValueError):
@@ -61,8 +62,11 @@ def start_daemon(settings: Settings, run: Callable[[], int],
         info, _ = read_pidfile(settings.pidfile_path)
         where = f" (pid {info.pid}, port {info.data.get('port')})" if info else ""
         raise AlreadyRunning(f"a server is already running{where}", "see: rerankctl status; stop it with: rerankctl stop")
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
-    boot = settings.run_dir / f"boot-{os.getpid()}-{time.monotonic_ns()}.log"
+    from .supervisor import ensure_private_dir
+
+    ensure_private_dir(settings.run_dir)
+    # The daemon's stdout and stderr: kept (never deleted under it), truncated at each start.
+    boot = settings.run_dir / "daemon.out"
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -89,34 +93,31 @@ def start_daemon(settings: Settings, run: Callable[[], int],
             sys.stderr.flush()
             os._exit(code)
     deadline = time.monotonic() + settings.startup_timeout_s + 15
-    try:
-        with (waiting() if waiting else contextlib.nullcontext()):
-            while time.monotonic() < deadline:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    raise _start_failure(settings, os.waitstatus_to_exitcode(status), boot)
-                health = _http_ready(settings)
-                if health is not None:
-                    info, _ = read_pidfile(settings.pidfile_path)
-                    if info is not None and info.pid == pid:
-                        return {"pid": pid, "host": settings.host, "port": settings.port,
-                                "health_port": settings.health_port, "model": health.get("model"),
-                                "log": str(settings.log_path)}
-                time.sleep(POLL)
-            # Not healthy in time: stop it, leave nothing behind.
-            os.kill(pid, signal.SIGTERM)
-            t_end = time.monotonic() + settings.stop_timeout_s + 5
-            while time.monotonic() < t_end and os.waitpid(pid, os.WNOHANG)[0] == 0:
-                time.sleep(POLL)
-            if os.waitpid(pid, os.WNOHANG)[0] == 0:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-        raise ServerStartError(
-            f"the server was not healthy within {settings.startup_timeout_s:g}s; it was stopped",
-            "see the log: " + " | ".join(tail_file(settings.log_path, 3)),
-        )
-    finally:
-        boot.unlink(missing_ok=True)
+    with (waiting() if waiting else contextlib.nullcontext()):
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                raise _start_failure(settings, os.waitstatus_to_exitcode(status), boot)
+            health = _http_ready(settings)
+            if health is not None:
+                info, _ = read_pidfile(settings.pidfile_path)
+                if info is not None and info.pid == pid:
+                    return {"pid": pid, "host": settings.host, "port": settings.port,
+                            "health_port": settings.health_port, "model": health.get("model"),
+                            "log": str(settings.log_path)}
+            time.sleep(POLL)
+        # Not healthy in time: stop it, leave nothing behind.
+        os.kill(pid, signal.SIGTERM)
+        t_end = time.monotonic() + settings.stop_timeout_s + 5
+        while time.monotonic() < t_end and os.waitpid(pid, os.WNOHANG)[0] == 0:
+            time.sleep(POLL)
+        if os.waitpid(pid, os.WNOHANG)[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    raise ServerStartError(
+        f"the server was not healthy within {settings.startup_timeout_s:g}s; it was stopped",
+        "see the log: " + " | ".join(tail_file(settings.log_path, 3)),
+    )
 
 
 def _start_failure(settings: Settings, code: int, boot: Path):
@@ -138,13 +139,22 @@ def stop_server(settings: Settings, timeout: Optional[float] = None) -> dict:
     timeout = settings.stop_timeout_s if timeout is None else timeout
     info, why = read_pidfile(settings.pidfile_path)
     if not lock_is_held(settings.lock_path):
-        killed: list[int] = []
-        if info is not None:
-            killed = kill_instance(info.instance)  # orphans of a dead supervisor, found by their mark
-        if info is not None or why not in ("missing",):
-            settings.pidfile_path.unlink(missing_ok=True)
-            return {"was_running": False, "stale_pidfile": True, "killed_leftovers": killed}
-        return {"was_running": False, "stale_pidfile": False, "killed_leftovers": []}
+        # Clean up a dead server's traces while holding the lock ourselves, so that a server starting at
+        # this moment cannot have its fresh pidfile removed: it would fail to take the lock, or we would.
+        lock = RunLock(settings.lock_path, create=False)
+        if lock.acquire():
+            try:
+                info, why = read_pidfile(settings.pidfile_path)
+                killed: list[int] = []
+                if info is not None:
+                    killed = kill_instance(info.instance)  # orphans of a dead supervisor, found by their mark
+                if info is not None or why not in ("missing",):
+                    settings.pidfile_path.unlink(missing_ok=True)
+                    return {"was_running": False, "stale_pidfile": True, "killed_leftovers": killed}
+                return {"was_running": False, "stale_pidfile": False, "killed_leftovers": []}
+            finally:
+                lock.release()
+        info, why = read_pidfile(settings.pidfile_path)  # a server took the lock just now: stop that one
     # Running. The pidfile is written right after the lock is taken: give a starting server a moment.
     t_end = time.monotonic() + 5
     while info is None and time.monotonic() < t_end:
@@ -153,15 +163,20 @@ def stop_server(settings: Settings, timeout: Optional[float] = None) -> dict:
     if info is None:
         raise StopError(f"a server holds {settings.lock_path} but its pidfile is {why}",
                         "find it with: fuser " + str(settings.lock_path))
-    proc = identify(info.pid, info.create_time)
+    proc = identify(info.pid, info.start_ticks)
     if proc is None:
         raise StopError(f"pid {info.pid} in the pidfile is not the running server",
                         "find it with: fuser " + str(settings.lock_path))
     t0 = time.monotonic()
+    # the server's own drain follows this deadline (it reads the request when SIGTERM arrives), so a short
+    # --timeout is a short drain, not a SIGKILL in the middle of one
+    from ..models.store import write_json_atomic
+
+    write_json_atomic(settings.run_dir / "stop-request.json", {"drain_s": timeout, "pid": info.pid})
     proc.send_signal(signal.SIGTERM)
     forced = False
     try:
-        proc.wait(timeout=timeout)
+        proc.wait(timeout=timeout + 3)  # the server aims at `timeout`; SIGKILL only if it cannot
     except psutil.TimeoutExpired:
         forced = True
         proc.send_signal(signal.SIGKILL)
@@ -173,6 +188,19 @@ def stop_server(settings: Settings, timeout: Optional[float] = None) -> dict:
     remove_pidfile_if_ours(settings.pidfile_path, info.pid)
     return {"was_running": True, "pid": info.pid, "forced": forced, "seconds": round(time.monotonic() - t0, 2),
             "killed_leftovers": leftovers}
+
+
+def _age_s(pid: int) -> Optional[float]:
+    """How long the process has run, from the kernel's clock ticks (immune to wall-clock steps)."""
+    from .runstate import start_ticks
+
+    ticks = start_ticks(pid)
+    try:
+        with open("/proc/uptime", encoding="ascii") as fh:
+            up = float(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if ticks is None else round(up - ticks / os.sysconf("SC_CLK_TCK"), 1)
 
 
 def _read_state(settings: Settings) -> dict:
@@ -200,18 +228,10 @@ def _process_rows(sup: psutil.Process, settings: Settings) -> list[dict]:
     for p in tree:
         try:
             with p.oneshot():
-                if p.pid == sup.pid:
-                    role = "supervisor"
-                elif p.pid in beats:
-                    role = beats[p.pid].get("stage", "worker")
-                elif p.ppid() == sup.pid:
-                    # MOSEC's main process is the supervisor's only child. (Not by cmdline: a worker
-                    # between fork and exec briefly shows its parent's.)
-                    role = "mosec"
-                elif os.path.basename(p.exe()) == "mosec":
-                    role = "controller"
-                else:
-                    role = "helper"
+                # MOSEC's main process is the supervisor's direct child. (Not by cmdline: a worker
+                # between fork and exec briefly shows its parent's.)
+                mosec_pid = p.pid if p.pid != sup.pid and p.ppid() == sup.pid else None
+                role = roles.role_of(p, supervisor_pid=sup.pid, mosec_pid=mosec_pid, beats=beats)
                 try:
                     pss = p.memory_full_info().pss
                 except (psutil.AccessDenied, AttributeError):
@@ -239,6 +259,11 @@ def collect_status(settings: Settings) -> dict:
     info, why = read_pidfile(settings.pidfile_path)
     out: dict = {"run_dir": str(settings.run_dir), "healthy": False}
     if not held:
+        from .runstate import registered_servers
+
+        elsewhere = [r for r in registered_servers() if r.get("run_dir") != str(settings.run_dir)]
+        if elsewhere:
+            out["elsewhere"] = elsewhere
         last = _read_state(settings)
         if info is None and why == "missing":
             if last.get("state") == "failed":
@@ -250,7 +275,7 @@ def collect_status(settings: Settings) -> dict:
             out.update(state="stale", reason=f"stale pidfile ({detail}); serve will replace it",
                        pid=info.pid if info else None)
         return out
-    proc = identify(info.pid, info.create_time) if info else None
+    proc = identify(info.pid, info.start_ticks) if info else None
     if info is None or proc is None:
         out.update(state="starting", reason="a server holds the lock; its pidfile is not written yet")
         return out
@@ -261,9 +286,9 @@ def collect_status(settings: Settings) -> dict:
         state=state.get("state", "starting"),
         reason=state.get("reason", ""),
         pid=info.pid,
-        uptime_s=round(time.time() - info.create_time, 1),
-        address=f"http://{info.data.get('host')}:{info.data.get('port')}",
-        health=f"http://{info.data.get('host')}:{info.data.get('health_port')}/health",
+        uptime_s=_age_s(info.pid),
+        address=f"http://{roles.url_host(str(info.data.get('host')))}:{info.data.get('port')}",
+        health=f"http://{roles.url_host(str(info.data.get('host')))}:{info.data.get('health_port')}/health",
         model=info.data.get("model"),
         precision=info.data.get("precision"),
         version=info.data.get("version"),
@@ -273,14 +298,60 @@ def collect_status(settings: Settings) -> dict:
         log=info.data.get("log"),
     )
     # Published state older than a few probe periods means the supervisor's loop is stuck: not healthy.
-    age = time.time() - state.get("updated_at", 0)
+    # Both stamps are CLOCK_MONOTONIC (shared by the processes of a machine): a clock step changes nothing.
+    age = time.monotonic() - state.get("updated_mono", 0)
     stale_after = 2 * settings.probe_interval_s + settings.probe_timeout_s + 5
     if out["state"] == "running" and age > stale_after:
         out.update(state="degraded", reason=f"supervisor has not published a probe for {age:.0f}s")
     out["healthy"] = out["state"] == "running" and bool(state.get("healthy"))
     if out["state"] == "running" and not out["healthy"]:
         out["state"] = "degraded"
+    out["capacity"] = state.get("capacity")
+    out["reload"] = state.get("reload")
     out["processes"] = _process_rows(proc, settings)
     pss = [r["pss_bytes"] for r in out["processes"] if r["pss_bytes"] is not None]
     out["total_pss_bytes"] = sum(pss) if pss else None
     return out
+
+
+def reload_server(settings: Settings, request: dict, timeout: Optional[float] = None) -> dict:
+    """Ask the running supervisor to reload (SIGHUP + a request file) and wait for its verdict."""
+    import uuid
+
+    from ..errors import ReloadError
+
+    info, why = read_pidfile(settings.pidfile_path)
+    if not lock_is_held(settings.lock_path) or info is None:
+        raise ReloadError("no server is running", "start one with: rerankctl serve --daemon")
+    proc = identify(info.pid, info.start_ticks)
+    if proc is None:
+        raise ReloadError(f"pid {info.pid} in the pidfile is not the running server", "see: rerankctl status")
+    rid = uuid.uuid4().hex
+    from ..models.store import write_json_atomic
+
+    write_json_atomic(settings.run_dir / "reload-request.json", {"id": rid, **request})
+    proc.send_signal(signal.SIGHUP)
+    limit = timeout if timeout is not None else settings.startup_timeout_s + settings.request_timeout_s + 30
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        st = _read_state(settings).get("reload") or {}
+        if st.get("id") == rid and st.get("state") in ("ok", "failed", "refused"):
+            if st["state"] != "ok":
+                raise ReloadError(f"reload {st['state']}: {st.get('reason')}", "see: rerankctl logs")
+            return st
+        if not proc.is_running():
+            raise ReloadError("the server stopped during the reload", "see: rerankctl logs")
+        time.sleep(POLL)
+    raise ReloadError(f"no verdict on the reload within {limit:g}s", "see: rerankctl status; rerankctl logs")
+
+
+# LSB init-script status codes (0 running, 1 dead with a pidfile, 3 not running, 4 unknown), and two of the
+# range LSB leaves to applications for the states in between.
+EXIT_CODES = {"running": 0, "stale": 1, "stopped": 3, "failed": 3, "degraded": 150, "starting": 151,
+              "restarting": 151, "stopping": 151}
+
+
+def status_exit_code(st: dict) -> int:
+    if st.get("state") == "running" and not st.get("healthy"):
+        return EXIT_CODES["degraded"]
+    return EXIT_CODES.get(str(st.get("state")), 4)

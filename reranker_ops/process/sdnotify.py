@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections import deque
 from typing import Optional
 
 
@@ -11,7 +12,7 @@ class Notifier:
 
     def __init__(self, address: Optional[str]) -> None:
         self.address = address or None
-        self.sent: list[str] = []
+        self.sent: deque[str] = deque(maxlen=32)  # the last few, for debugging; bounded
 
     @property
     def enabled(self) -> bool:

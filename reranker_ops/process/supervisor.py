@@ -1,9 +1,21 @@
-"""The supervisor: one asyncio process, no model in it.
+"""The supervisor: one asyncio process, no model in it (gunicorn's arbiter is the model).
 
-It holds the run lock for its whole life, serves the API gate and the health port, runs MOSEC as a child
-in its own process group, probes it with real rerank requests and heals it: kills hung workers, restarts
-a crashed or wedged server with backoff, and gives up (exit non-zero, with the reason) when a budget of
-restarts is spent or the server never manages to boot. Signals only set a flag; the main loop acts.
+It holds the run lock for its whole life, serves the API gate and the health port, and runs MOSEC as a
+child generation in its own process group. Its loop turns every ``TICK_S``:
+
+1. queued signals are handled (handlers only queue them);
+2. a MOSEC generation that exited is replaced (budgeted, with backoff), or the supervisor gives up;
+3. the watchdog looks at **every** worker, whatever the canary says: a stopped worker is killed, a worker
+   hung inside forward has its stack dumped to the log and is killed; each kill is verified, and so is
+   the replacement MOSEC spawns (it must heartbeat ``ready`` within ``respawn_timeout_s``, else the
+   generation is replaced); a generation that does not boot by its own deadline is replaced too;
+4. the canary (a real rerank through the gate) runs as its own task, so a slow probe never stops the
+   watchdog; its results drive ``/health`` and the "whole server wedged" rule;
+5. the state is derived and moved through ``states.StateMachine``, whose one transition function
+   publishes ``state.json``, sd_notify, the metrics and a log line.
+
+All times are monotonic. An unexpected exception ends in state ``failed`` with its reason, and its
+traceback goes to the log.
 """
 
 from __future__ import annotations
@@ -13,42 +25,54 @@ import errno
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
 import time
-import uuid
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import aiohttp
 import psutil
-from aiohttp import web
 
 from .. import __version__
 from ..config import Settings
 from ..errors import AlreadyRunning, PortInUse, ServerStartError
 from ..health.probe import CANARY, PROBE_HEADER, ProbeResult, judge
 from ..health.server import Health
-from ..health.watchdog import WatchdogPolicy, WorkerView
+from ..health.watchdog import GONE_STATUSES, STOPPED_STATUSES, Kill, WatchdogPolicy, WorkerView
 from ..metrics import Metrics
 from ..models.store import write_json_atomic
 from ..serving.engine import read_variant_manifest
-from ..serving.gate import Gate
-from ..serving.heartbeat import read_worker_dir
+from ..serving.frontdoor import FrontDoor
+from ..serving.gate import Gate, Upstream
+from ..serving.heartbeat import forget_worker, read_worker_dir
+from . import roles
+from .child import Generation, child_environment
 from .runstate import (
+    GENERATION_ENV,
     INSTANCE_ENV,
     RunLock,
     kill_instance,
     read_pidfile,
+    register_server,
     remove_pidfile_if_ours,
+    start_ticks,
+    unregister_server,
     write_pidfile,
 )
 from .sdnotify import Notifier
+from .states import State, StateMachine, Transition
 
+TICK_S = 0.25
 STARTUP_PROBE_INTERVAL = 0.05
 CHILD_TERM_GRACE = 3.0
+KILL_CONFIRM_S = 5.0
+STACK_DUMP_WAIT_S = 1.0
+PUBLISH_EVERY_S = 1.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -71,6 +95,46 @@ def port_owner(port: int) -> str:
     return "another program"
 
 
+def ensure_private_dir(path: Path) -> None:
+    """Create ``path`` 0700, or check that an existing one is ours and make it 0700.
+
+    MOSEC passes pickled data over sockets in the run dir: nobody else may write there.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.geteuid():
+        raise ServerStartError(f"{path} belongs to uid {st.st_uid}, not to this user",
+                               "choose another --run-dir, or remove that folder")
+    if st.st_mode & 0o077:
+        path.chmod(0o700)
+
+
+FD_RESERVE = 256  # descriptors kept for the health port, MOSEC's connections, logs, the canary
+
+
+def connection_budget(wanted: int) -> int:
+    """How many client connections the API port may hold: raise the soft descriptor limit to the hard one,
+    then keep ``FD_RESERVE`` free, so a flood of clients can never take the descriptors the canary needs."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return max(8, min(wanted, soft - FD_RESERVE))
+
+
+@dataclass
+class PendingKill:
+    pid: int
+    stage: str
+    deadline: float
+
+
 class Supervisor:
     def __init__(
         self,
@@ -82,12 +146,16 @@ class Supervisor:
         argv: Optional[list[str]] = None,
     ) -> None:
         self.settings = settings
-        self.variant_dir = Path(variant_dir)
+        # The build the pointer names now: a later 'convert' switches the pointer, not what we serve.
+        self.variant_dir = Path(variant_dir).resolve()
+        self._build_locks: dict[Path, Optional[int]] = {}
+        self.precision = settings.precision
         self.model_name = model_name
         self.notifier = notifier
         self.log = log or logging.getLogger("rerankctl")
         self.argv = argv or sys.argv
-        self.instance = uuid.uuid4().hex
+        self.instance = uuid_hex()
+        self.probe_token = secrets.token_hex(16)
         self.metrics = Metrics()
         self.policy = WatchdogPolicy(
             failures_needed=settings.probe_failures,
@@ -95,12 +163,13 @@ class Supervisor:
             restart_budget=settings.restart_budget,
             restart_window_s=settings.restart_window_s,
         )
-        self.health = Health(self)
-        self.gate = Gate(self)
+        self.sm = StateMachine(State.STARTING, "loading the model")
+        self.sm.subscribe(self._on_transition)
+        self.health = Health(settings, self)
+        self.gate = Gate(settings, self.metrics, self.log, self.upstream, self.probe_token, self._index)
         self.started_at = time.time()
-        self.loop_tick = time.time()
-        self.state = "starting"
-        self.reason = "loading the model"
+        self.started_mono = time.monotonic()
+        self.loop_tick = time.monotonic()
         self.last_probe: Optional[ProbeResult] = None
         self.ever_ready = False
         self.start_failures = 0
@@ -108,29 +177,56 @@ class Supervisor:
         self.restarts = {"worker": 0, "server": 0}
         self.outages: deque[dict] = deque(maxlen=20)
         self._outage: Optional[dict] = None
-        self.child: Optional[asyncio.subprocess.Process] = None
-        self.child_started = 0.0
-        self.mosec_port: Optional[int] = None
+        self.gen: Optional[Generation] = None
+        self._generations = 0
         self.tail: deque[str] = deque(maxlen=200)
-        self.stop_event = asyncio.Event()
-        self.stop_signals = 0
+        self.expected = {"score": settings.workers, "validate": 1}
+        self._pending: dict[int, PendingKill] = {}
+        self._short_since: dict[str, float] = {}
+        self._views: list[WorkerView] = []
+        self._signals: deque[int] = deque()
+        self._wake: Optional[asyncio.Event] = None
+        self.stop_requests = 0
         self.fatal: Optional[str] = None
-        self._expected_exit_until = 0.0
-        self._runners: list[web.AppRunner] = []
+        self._probe_task: Optional[asyncio.Task] = None
+        self._next_probe = 0.0
+        self._last_publish = 0.0
+        self._doors: list[FrontDoor] = []
+        self._runners: list = []
+        self._ready_notified = False
         self._lock = RunLock(settings.lock_path)
-        self._reader: Optional[asyncio.Task] = None
+        self._reload_task: Optional[asyncio.Task] = None
+        self._stop_deadline_s = settings.stop_timeout_s
+        self.reload_status: Optional[dict] = None
 
-    # --- views used by gate and health -------------------------------------------------------------------
+    # --- what the gate and the health server read ------------------------------------------------------
     @property
-    def upstream_base(self) -> Optional[str]:
-        if self.child is None or self.child.returncode is not None or self.mosec_port is None:
+    def state_name(self) -> str:
+        return self.sm.state.value
+
+    @property
+    def state_reason(self) -> str:
+        return self.sm.reason
+
+    @property
+    def http(self) -> Optional[aiohttp.ClientSession]:
+        return self.gate.session
+
+    def upstream(self) -> Optional[Upstream]:
+        gen = self.gen
+        if gen is None or gen.exit_code is not None:
             return None
-        return f"http://127.0.0.1:{self.mosec_port}"
+        return Upstream(f"http://127.0.0.1:{gen.port}/score", gen.secret, gen.number)
 
-    @property
-    def upstream_url(self) -> Optional[str]:
-        base = self.upstream_base
-        return f"{base}/score" if base else None
+    def mosec_metrics_url(self) -> Optional[str]:
+        gen = self.gen
+        return None if gen is None or gen.exit_code is not None else f"http://127.0.0.1:{gen.port}/metrics"
+
+    def _index(self) -> dict:
+        from ..serving.schema import ROUTES
+
+        return {"name": "rerankctl", "model": self.model_name, "routes": list(ROUTES),
+                "health": f"{roles.base_url(self.settings.host, self.settings.health_port)}/health"}
 
     def _heartbeats(self) -> dict[int, dict]:
         return read_worker_dir(self.settings.worker_dir)
@@ -143,60 +239,58 @@ class Supervisor:
                 tokens += int(beat.get("tokens", 0))
         return pairs, tokens
 
-    def processes(self) -> list[tuple[psutil.Process, str]]:
-        """Every process of the running MOSEC tree with its role: main, controller, validate, score."""
-        if self.child is None or self.child.returncode is not None:
+    def extra_metrics(self) -> str:
+        door = self._doors[0] if self._doors else None
+        lines = [
+            "# HELP reranker_connections_open Open client connections on the API port.",
+            "# TYPE reranker_connections_open gauge",
+            f"reranker_connections_open {door.open_connections if door else 0}",
+            "# HELP reranker_connections_rejected_total Connections refused over RERANKER_MAX_CONNECTIONS.",
+            "# TYPE reranker_connections_rejected_total counter",
+            f"reranker_connections_rejected_total {door.rejected_total if door else 0}",
+            "# HELP reranker_connections_timed_out_total Connections closed for not sending a request in time.",
+            "# TYPE reranker_connections_timed_out_total counter",
+            f"reranker_connections_timed_out_total {door.timed_out_total if door else 0}",
+            "# HELP reranker_in_flight_per_worker Requests in flight per live score worker (a scaling signal).",
+            "# TYPE reranker_in_flight_per_worker gauge",
+            f"reranker_in_flight_per_worker {self.gate.in_flight / max(1, self.capacity()['score']['live']):.3f}",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def capacity(self, views: Optional[list[WorkerView]] = None) -> dict[str, dict[str, int]]:
+        live: dict[str, int] = {stage: 0 for stage in self.expected}
+        for v in (self._views if views is None else views):
+            if v.ready and v.status not in STOPPED_STATUSES | GONE_STATUSES and v.pid not in self._pending:
+                live[v.stage] = live.get(v.stage, 0) + 1
+        return {stage: {"live": live.get(stage, 0), "expected": n} for stage, n in self.expected.items()}
+
+    def processes(self, gen: Optional[Generation] = None) -> list[tuple[psutil.Process, str]]:
+        """Every process of a MOSEC generation (the current one by default) with its role."""
+        gen = gen or self.gen
+        if gen is None or gen.exit_code is not None:
             return []
         beats = self._heartbeats()
-        try:
-            main = psutil.Process(self.child.pid)
-            tree = [main] + main.children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-        out = []
-        for p in tree:
-            if p.pid == main.pid:
-                role = "main"
-            elif p.pid in beats:
-                role = beats[p.pid].get("stage", "worker")
-            else:
-                try:
-                    role = "controller" if "mosec" in os.path.basename(p.exe()) else "helper"
-                except psutil.Error:
-                    role = "helper"
-            out.append((p, role))
-        return out
+        return [(p, roles.role_of(p, supervisor_pid=None, mosec_pid=gen.pid, beats=beats))
+                for p in roles.tree(gen.pid)]
 
-    def _mosec_gone(self) -> bool:
-        """MOSEC's main process has died, even if asyncio has not reported its exit yet."""
-        if self.child is None or self.child.returncode is not None:
-            return True
-        try:
-            return psutil.Process(self.child.pid).status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
-    def worker_views(self) -> list[WorkerView]:
+    def worker_views(self, gen: Optional[Generation] = None) -> list[WorkerView]:
         beats = self._heartbeats()
         views = []
-        for proc, role in self.processes():
+        for proc, role in self.processes(gen):
+            if role not in self.expected:
+                continue
             try:
                 status = proc.status()
             except psutil.NoSuchProcess:
                 continue
             beat = beats.get(proc.pid, {})
-            views.append(WorkerView(proc.pid, role, status, beat.get("busy_since"), beat.get("progress_at")))
+            views.append(WorkerView(proc.pid, role, status, bool(beat.get("ready")), beat.get("busy_since"),
+                                    beat.get("progress_at")))
         return views
-
-    def worker_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for _proc, role in self.processes():
-            if role in ("score", "validate"):
-                counts[role] = counts.get(role, 0) + 1
-        return counts
 
     # --- lifecycle ---------------------------------------------------------------------------------------
     async def run(self) -> int:
+        self._wake = asyncio.Event()
         if not self._lock.acquire():
             info, _ = read_pidfile(self.settings.pidfile_path)
             where = f" (pid {info.pid}, port {info.data.get('port')})" if info else ""
@@ -204,12 +298,16 @@ class Supervisor:
         try:
             self._reap_previous()
             self._prepare_dirs()
+            self._hold(self.variant_dir)
             await self._bind()
             self._write_pidfile()
             self._install_signals()
             self._publish()
-            await self._start_child()
-            await self._main_loop()
+            try:
+                await self._main_loop()
+            except Exception as exc:  # noqa: BLE001 - a crash must end in 'failed', its cause in the log
+                self.log.exception("the supervisor crashed")
+                self.fatal = f"the supervisor crashed: {type(exc).__name__}: {exc}"
             await self._shutdown()
         finally:
             await self._cleanup()
@@ -231,22 +329,35 @@ class Supervisor:
 
     def _prepare_dirs(self) -> None:
         s = self.settings
-        s.run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(s.run_dir)
         for d in (s.worker_dir, s.mosec_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
             for f in d.iterdir():
-                if f.is_file():
+                if f.is_file() or f.is_socket():
                     f.unlink(missing_ok=True)
 
     async def _bind(self) -> None:
+        from aiohttp import web
+
         s = self.settings
         await self.gate.start()
-        for app, port, what in ((self.gate.app(), s.port, "API"), (self.health.app(), s.health_port, "health")):
-            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        max_conns = connection_budget(s.max_connections)
+        if max_conns < s.max_connections:
+            self.log.warning("RERANKER_MAX_CONNECTIONS=%d does not fit the descriptor limit: using %d",
+                             s.max_connections, max_conns)
+        apps = (
+            (self.gate.app(self.health.routes()), s.port, "API", max_conns),
+            (self.health.app(), s.health_port, "health", 64),
+        )
+        for app, port, what, max_conns in apps:
+            # auto_decompress off: a compressed body is never inflated, not even by aiohttp's parser
+            runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False,
+                                   keepalive_timeout=s.keepalive_timeout_s + 5)
             await runner.setup()
-            site = web.TCPSite(runner, s.host, port, reuse_address=True, backlog=1024)
+            door = FrontDoor(runner.server, max_connections=max_conns, header_timeout_s=s.header_timeout_s,
+                             idle_timeout_s=s.keepalive_timeout_s, name=what)
             try:
-                await site.start()
+                await door.listen(s.host, port)
             except OSError as exc:
                 await runner.cleanup()
                 if exc.errno == errno.EADDRINUSE:
@@ -255,51 +366,65 @@ class Supervisor:
                         f"stop that program or choose another port (--{'port' if what == 'API' else 'health-port'})",
                     ) from None
                 raise ServerStartError(f"cannot listen on {s.host}:{port}: {exc.strerror}", "check --host") from None
+            self._doors.append(door)
             self._runners.append(runner)
+        self.gate.door = self._doors[0]
 
     def _write_pidfile(self) -> None:
-        me = psutil.Process()
         s = self.settings
+        me = os.getpid()
+        register_server(self.instance, {"pid": me, "start_ticks": start_ticks(me), "run_dir": str(s.run_dir),
+                                        "host": s.host, "port": s.port})
         write_pidfile(
             s.pidfile_path,
             {
-                "pid": me.pid,
-                "create_time": me.create_time(),
+                "pid": me,
+                "start_ticks": start_ticks(me),
                 "pgid": os.getpgid(0),
                 "instance": self.instance,
                 "host": s.host,
                 "port": s.port,
                 "health_port": s.health_port,
                 "model": self.model_name,
-                "precision": s.precision,
+                "precision": self.precision,
                 "variant_dir": str(self.variant_dir),
                 "version": __version__,
                 "argv": self.argv,
                 "log": str(s.log_path),
                 "started_at": self.started_at,
+                "under_systemd": self.notifier.enabled,
             },
         )
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        loop.add_signal_handler(signal.SIGHUP, lambda: None)
 
     def _on_signal(self, sig: int) -> None:
-        # Only record; the main loop acts. A second signal skips the drain.
-        self.stop_signals += 1
-        self.log.info("received %s%s", signal.Signals(sig).name, " again: stopping now" if self.stop_signals > 1 else "")
-        self.stop_event.set()
+        # Only queue; the main loop acts.
+        self._signals.append(sig)
+        if self._wake is not None:
+            self._wake.set()
 
-    # --- the MOSEC child ---------------------------------------------------------------------------------
-    def _child_config(self) -> Path:
+    def _handle_signals(self) -> None:
+        while self._signals:
+            sig = self._signals.popleft()
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                self.stop_requests += 1
+                self._read_stop_request()
+                self.log.info("received %s%s", signal.Signals(sig).name,
+                              " again: stopping now" if self.stop_requests > 1 else "")
+            elif sig == signal.SIGHUP:
+                self._request_reload()
+
+    # --- generations -------------------------------------------------------------------------------------
+    def _child_config(self, number: int, port: int, secret: bytes, variant_dir: Path, model_name: str) -> Path:
         s = self.settings
-        manifest = read_variant_manifest(self.variant_dir)
-        self.mosec_port = free_port()
+        manifest = read_variant_manifest(variant_dir)
         cfg = {
-            "variant_dir": str(self.variant_dir),
-            "model_name": self.model_name,
+            "variant_dir": str(variant_dir),
+            "model_name": model_name,
             "threads": s.effective_threads(),
             "pin_threads": s.pin_threads,
             "token_budget": s.token_budget,
@@ -308,102 +433,417 @@ class Supervisor:
             "limits": {"max_documents": s.max_documents, "max_document_chars": s.max_document_chars},
             "worker_dir": str(s.worker_dir),
             "workers": s.workers,
-            "validate_workers": 1,
+            "validate_workers": self.expected["validate"],
             "max_batch_requests": s.max_batch_requests,
+            "gate_secret": secret.decode("ascii"),
             "mosec": {
                 "address": "127.0.0.1",
-                "port": self.mosec_port,
+                "port": port,
                 "timeout_ms": int(s.request_timeout_s * 1000),
                 "capacity": s.queue_capacity,
-                "path": str(s.mosec_dir),
+                "path": str(s.mosec_dir / f"g{number}"),
                 "wait_ms": s.batch_wait_ms,
-                # The gate enforces the user's limit; MOSEC gets room for the route tag.
-                "max_request_size": s.max_body_bytes + 64,
+                # The gate enforces the user's limit; MOSEC gets room for the secret and the route tag.
+                "max_request_size": s.max_body_bytes + 128,
                 "log_level": "debug" if s.debug else "info",
             },
         }
-        path = s.run_dir / "mosec-config.json"
+        path = s.run_dir / f"mosec-config-{number}.json"
         write_json_atomic(path, cfg)
+        path.chmod(0o600)
         return path
 
-    async def _start_child(self) -> None:
-        cfg_path = self._child_config()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MOSEC_") and k != "NOTIFY_SOCKET"}
-        env[INSTANCE_ENV] = self.instance
-        env["PYTHONUNBUFFERED"] = "1"
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        self.child = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "reranker_ops.serving.app", str(cfg_path), str(os.getpid()),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stop kills the whole group
-            env=env,
-            cwd=str(self.settings.run_dir),
-        )
-        self.child_started = time.time()
-        self.log.info("started MOSEC (pid %d, internal port %d)", self.child.pid, self.mosec_port)
-        self._reader = asyncio.create_task(self._read_child(self.child))
+    async def _spawn(self, variant_dir: Path, model_name: str) -> Generation:
+        """Start a MOSEC generation (not yet the one the gate sends to)."""
+        self._generations += 1
+        number = self._generations
+        secret = secrets.token_hex(16).encode("ascii")
+        port = free_port()
+        cfg = self._child_config(number, port, secret, variant_dir, model_name)
+        env = child_environment(dict(os.environ), INSTANCE_ENV, self.instance)
+        env[GENERATION_ENV] = f"{self.instance}.{number}"
+        gen = await Generation.spawn(number, cfg, port, env, self.settings.run_dir,
+                                     self.settings.startup_timeout_s, self.log, self.tail)
+        gen.secret, gen.variant_dir, gen.model_name = secret, variant_dir, model_name
+        asyncio.ensure_future(self._wake_on_exit(gen))
+        return gen
 
-    async def _read_child(self, child: asyncio.subprocess.Process) -> None:
-        assert child.stdout is not None
-        while True:
-            try:
-                line = await child.stdout.readline()
-            except (ValueError, asyncio.LimitOverrunError):
-                continue
-            if not line:
-                return
-            text = line.decode("utf-8", "replace").rstrip()
-            self.tail.append(text)
-            self.log.info("mosec: %s", text)
+    async def _start_generation(self) -> None:
+        self._pending.clear()
+        self._short_since.clear()
+        self._views = []
+        self.boot_wrong_answers = 0
+        self.gen = await self._spawn(self.variant_dir, self.model_name)
 
-    def _last_error(self) -> str:
-        for line in reversed(self.tail):
-            stripped = line.strip()
-            if not stripped:
-                continue
-            head = stripped.split(":", 1)[0]
-            if head.endswith(("Error", "Exception")) or "error" in head.lower():
-                return stripped[:300]
-        return self.tail[-1][:300] if self.tail else "no output"
+    async def _wake_on_exit(self, gen: Generation) -> None:
+        await gen.exited.wait()
+        if self._wake is not None:
+            self._wake.set()
 
-    async def _stop_child(self, grace: float = CHILD_TERM_GRACE) -> None:
-        """SIGTERM MOSEC's main process, wait ``grace``, then SIGKILL its group and every marked process."""
-        child = self.child
-        if child is None:
+    async def _stop_generation(self, gen: Generation, grace: float) -> None:
+        await gen.stop(grace, f"{self.instance}.{gen.number}")
+        (self.settings.run_dir / f"mosec-config-{gen.number}.json").unlink(missing_ok=True)
+        for beat in read_worker_dir(self.settings.worker_dir):
+            if not psutil.pid_exists(beat):
+                forget_worker(self.settings.worker_dir, beat)
+
+    async def _replace_generation(self, why: str) -> None:
+        """Stop the current generation and start a new one after the backoff (a 'server restart')."""
+        self.sm.to(State.RESTARTING, why)
+        self.restarts["server"] += 1
+        self.metrics.count_restart("server")
+        self._open_outage(why)
+        if self.gen is not None:
+            await self._stop_generation(self.gen, grace=1.0)
+        delay = self.policy.backoff()
+        if delay:
+            self.log.info("restarting MOSEC in %.1fs", delay)
+            await self._sleep(delay)
+        self._handle_signals()
+        if self.stop_requests:
             return
-        if child.returncode is None:
-            try:
-                child.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                await asyncio.wait_for(child.wait(), timeout=max(0.1, grace))
-            except asyncio.TimeoutError:
-                self.log.warning("MOSEC did not stop within %.1fs: killing its process group", grace)
-        try:
-            os.killpg(child.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        await asyncio.get_running_loop().run_in_executor(None, kill_instance, self.instance)
-        if child.returncode is None:
-            try:
-                await asyncio.wait_for(child.wait(), timeout=5)
-            except asyncio.TimeoutError:
-                pass
-        if self._reader is not None:
-            try:
-                await asyncio.wait_for(self._reader, timeout=2)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
-                self._reader.cancel()
+        self.policy.reset_after_restart()
+        await self._start_generation()
+        self.sm.to(State.DEGRADED if self.ever_ready else State.STARTING,
+                   f"MOSEC generation {self._generations} starting")
 
-    # --- probing and healing -----------------------------------------------------------------------------
+    async def _on_generation_exit(self, gen: Generation) -> None:
+        """MOSEC exited without being asked: a crash, whatever the code (unless it was our remediation)."""
+        try:
+            await asyncio.wait_for(gen.exited.wait(), timeout=2)
+        except asyncio.TimeoutError:
+            pass
+        await gen.drain_output()
+        code = gen.exit_code
+        cause = gen.last_error()
+        expected = gen.expected_exit
+        self.log.error("MOSEC exited with code %s (%s): %s", code, "after a remediation" if expected else "crash",
+                       cause)
+        if not self.ever_ready and not expected:
+            self.start_failures += 1
+            if self.start_failures >= self.settings.start_attempts:
+                self.fatal = f"the server failed to start {self.start_failures} time(s): {cause}"
+                return
+        elif not expected and not self.policy.allow_restart(time.monotonic()):
+            self.fatal = (f"gave up: {self.settings.restart_budget} restarts within {self.settings.restart_window_s:g}s"
+                          f" (last: MOSEC exited with code {code}: {cause})")
+            return
+        await self._replace_generation(f"MOSEC exited with code {code}")
+
+    # --- reload: a new generation, probed, switched to, the old one drained --------------------------------
+    def _hold(self, variant_dir: Path) -> None:
+        if variant_dir not in self._build_locks:
+            from ..models.store import hold_build
+
+            self._build_locks[variant_dir] = hold_build(variant_dir)
+
+    def _let_go(self, variant_dir: Path) -> None:
+        fd = self._build_locks.pop(variant_dir, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _read_stop_request(self) -> None:
+        """``rerankctl stop --timeout S`` leaves its deadline here: the drain fits inside it."""
+        path = self.settings.run_dir / "stop-request.json"
+        try:
+            req = json.loads(path.read_text(encoding="utf-8"))
+            path.unlink(missing_ok=True)
+            if req.get("pid") == os.getpid() and float(req.get("drain_s", 0)) > 0:
+                self._stop_deadline_s = float(req["drain_s"])
+        except (OSError, ValueError, TypeError):
+            pass
+
+    def _request_reload(self) -> None:
+        path = self.settings.run_dir / "reload-request.json"
+        try:
+            request = json.loads(path.read_text(encoding="utf-8"))
+            path.unlink(missing_ok=True)
+        except (OSError, ValueError):
+            request = {}
+        if self._reload_task is not None and not self._reload_task.done():
+            self.log.warning("reload asked while one is in progress: ignored")
+            self._set_reload(request.get("id"), "refused", "a reload is already in progress")
+            return
+        if not self.ever_ready or self.sm.state in (State.STOPPING, State.RESTARTING):
+            self._set_reload(request.get("id"), "refused", f"cannot reload while {self.sm.state}")
+            return
+        self._reload_task = asyncio.ensure_future(self._reload(request))
+
+    def _set_reload(self, rid: Optional[str], state: str, reason: str = "", **extra) -> None:
+        self.reload_status = {"id": rid, "state": state, "reason": reason, "at": time.time(), **extra}
+        log = self.log.info if state in ("in_progress", "ok") else self.log.warning
+        log("reload %s%s", state, f": {reason}" if reason else "")
+        self._publish()
+
+    def _resolve_reload_target(self, request: dict) -> tuple[Path, str, str]:
+        from ..models.convert import find_variant
+        from ..models.store import resolve_model
+
+        update = {k: request[k] for k in ("model", "precision", "model_format") if request.get(k)}
+        settings = self.settings.model_copy(update=update)
+        variant = find_variant(settings)
+        return variant.resolve(), resolve_model(settings).name, settings.precision
+
+    async def _reload(self, request: dict) -> None:
+        rid = request.get("id")
+        self._set_reload(rid, "in_progress", "starting a new generation")
+        try:
+            variant, name, precision = self._resolve_reload_target(request)
+        except Exception as exc:  # noqa: BLE001 - a bad target is the reload's failure, not ours
+            self._set_reload(rid, "failed", f"{getattr(exc, 'message', None) or exc}; still serving "
+                                            f"{self.model_name} from {self.variant_dir}")
+            return
+        new = await self._spawn(variant, name)
+        self._hold(variant)
+        try:
+            ok, why = await self._boot_and_probe(new)
+            if not ok:
+                await self._stop_generation(new, grace=0.2)
+                if variant != self.variant_dir:
+                    self._let_go(variant)
+                self._set_reload(rid, "failed", f"the new generation failed: {why}; still serving "
+                                                f"{self.model_name} from {self.variant_dir}")
+                return
+            overlap = self._tree_pss()
+            old, old_variant = self.gen, self.variant_dir
+            # the switch: one assignment; the gate reads the upstream per request
+            self.gen, self.variant_dir, self.model_name = new, variant, name
+            self.precision = precision
+            self._pending.clear()
+            self._short_since.clear()
+            self._views = []
+            self.log.info("reload: serving generation %d (%s, %s) now; draining generation %d", new.number, name,
+                          variant, old.number if old else -1)
+            if old is not None:
+                old.expected_exit = True
+                deadline = time.monotonic() + self.settings.request_timeout_s + 2
+                while self.gate.upstream_in_flight.get(old.number) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                await self._stop_generation(old, grace=CHILD_TERM_GRACE)
+            if old_variant != variant:
+                self._let_go(old_variant)
+            self._set_reload(rid, "ok", f"serving {name} from {variant}", generation=new.number,
+                             overlap_pss_bytes=overlap)
+        except asyncio.CancelledError:
+            await self._stop_generation(new, grace=0.2)
+            raise
+
+    async def _boot_and_probe(self, gen: Generation) -> tuple[bool, str]:
+        """Wait until every worker of ``gen`` is ready and it answers the canary correctly, directly."""
+        loop = asyncio.get_running_loop()
+        body = gen.secret + b" 0\n" + json.dumps(CANARY, ensure_ascii=False).encode("utf-8")
+        url = f"http://127.0.0.1:{gen.port}/score"
+        last = "no answer yet"
+        while time.monotonic() < gen.deadline:
+            if self.stop_requests:
+                return False, "the server is stopping"
+            if gen.gone():
+                await gen.drain_output()
+                return False, f"MOSEC exited ({gen.exit_code}): {gen.last_error()}"
+            views = await loop.run_in_executor(None, self.worker_views, gen)
+            if all(c["live"] >= c["expected"] for c in self.capacity(views).values()):
+                gen.booted = True
+                try:
+                    assert self.gate.session is not None
+                    async with self.gate.session.post(
+                        url, data=body, timeout=aiohttp.ClientTimeout(total=self.settings.probe_timeout_s)
+                    ) as resp:
+                        raw = await resp.read()
+                        try:
+                            answer: object = json.loads(raw)
+                        except ValueError:
+                            answer = raw.decode("utf-8", "replace")
+                        error = judge(resp.status, answer)
+                    if error is None:
+                        gen.ready_at = time.monotonic()
+                        return True, ""
+                    last = error
+                    if resp.status not in (408, 429, 503, 504):
+                        return False, f"wrong answer to the canary: {error}"
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    last = f"{type(exc).__name__}: {exc}"
+            await asyncio.sleep(0.1)
+        return False, f"not ready within {self.settings.startup_timeout_s:g}s ({last})"
+
+    def _tree_pss(self) -> Optional[int]:
+        total = 0
+        try:
+            for p in [psutil.Process()] + psutil.Process().children(recursive=True):
+                try:
+                    total += p.memory_full_info().pss
+                except (psutil.Error, AttributeError):
+                    pass
+        except psutil.Error:
+            return None
+        return total
+
+    # --- the loop ----------------------------------------------------------------------------------------
+    async def _main_loop(self) -> None:
+        await self._start_generation()
+        while True:
+            now = time.monotonic()
+            self.loop_tick = now
+            self._handle_signals()
+            if self.stop_requests or self.fatal:
+                return
+            gen = self.gen
+            assert gen is not None
+            if gen.gone():
+                await self._on_generation_exit(gen)
+                continue
+            self._collect_probe()
+            if self.fatal:
+                return
+            await self._watch_workers(gen, now)
+            if self.fatal or self.gen is not gen:
+                continue
+            await self._check_boot(gen, now)
+            if self.fatal or self.gen is not gen:
+                continue
+            await self._check_wedged(gen, now)
+            if self.fatal or self.gen is not gen:
+                continue
+            self._derive_state(gen)
+            self._maybe_probe(now)
+            if now - self._last_publish >= PUBLISH_EVERY_S:
+                self._publish()
+            await self._sleep(TICK_S)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Until ``seconds`` pass or something happens (a signal, MOSEC exits, a probe ends)."""
+        assert self._wake is not None
+        self._wake.clear()
+        if self._signals:
+            return
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    # --- the watchdog: every worker, every tick ----------------------------------------------------------
+    async def _watch_workers(self, gen: Generation, now: float) -> None:
+        views = await asyncio.get_running_loop().run_in_executor(None, self.worker_views)
+        self._views = views
+        alive = {v.pid: v for v in views}
+        # each kill is verified: the process must be gone (or a zombie MOSEC will reap) in time
+        for pid, pk in list(self._pending.items()):
+            v = alive.get(pid)
+            if v is None or v.status in GONE_STATUSES:
+                del self._pending[pid]
+                forget_worker(self.settings.worker_dir, pid)
+                self.log.info("watchdog: %s worker %d is gone; waiting for MOSEC's replacement", pk.stage, pid)
+            elif now > pk.deadline:
+                del self._pending[pid]
+                await self._wedged_restart(f"{pk.stage} worker {pid} did not die after SIGKILL")
+                return
+        for kill in self.policy.inspect(now, [v for v in views if v.pid not in self._pending]):
+            await self._kill_worker(gen, kill)
+        # capacity: every stage back to its expected count within respawn_timeout_s, or a new generation
+        if not gen.booted:
+            return
+        for stage, c in self.capacity().items():
+            if c["live"] >= c["expected"]:
+                if self._short_since.pop(stage, None) is not None:
+                    self.log.info("watchdog: %s workers back to %d of %d", stage, c["live"], c["expected"])
+                continue
+            since = self._short_since.setdefault(stage, now)
+            if now - since > self.settings.respawn_timeout_s:
+                await self._wedged_restart(f"{stage} workers at {c['live']} of {c['expected']} for over "
+                                           f"{self.settings.respawn_timeout_s:g}s: MOSEC did not replace them")
+                return
+
+    async def _kill_worker(self, gen: Generation, kill: Kill) -> None:
+        self.log.warning("watchdog: %s -> kill", kill.reason)
+        if kill.dump_stack:
+            await self._dump_stack(gen, kill.pid)
+        try:
+            os.kill(kill.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        self._pending[kill.pid] = PendingKill(kill.pid, kill.stage, time.monotonic() + KILL_CONFIRM_S)
+        self.restarts["worker"] += 1
+        self.metrics.count_restart("worker")
+        siblings = [v for v in self._views if v.stage == kill.stage and v.pid != kill.pid
+                    and v.status not in STOPPED_STATUSES | GONE_STATUSES and v.pid not in self._pending]
+        if not siblings:
+            # MOSEC ends when the last worker of a stage dies: that exit is this remediation, not a crash.
+            gen.expected_exit = True
+
+    async def _dump_stack(self, gen: Generation, pid: int) -> None:
+        """Ask a hung worker for its Python stack (faulthandler on SIGUSR1) and give it a moment to print."""
+        asked = time.monotonic()
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            return
+        deadline = asked + STACK_DUMP_WAIT_S
+        while time.monotonic() < deadline:
+            if gen.stack_seen > asked:
+                await asyncio.sleep(0.1)  # the rest of the dump follows in the same burst
+                return
+            await asyncio.sleep(0.02)
+        self.log.warning("watchdog: worker %d printed no stack within %.1fs", pid, STACK_DUMP_WAIT_S)
+
+    async def _check_boot(self, gen: Generation, now: float) -> None:
+        """A generation must have every worker ready by its own deadline."""
+        if gen.booted:
+            return
+        cap = self.capacity()
+        if all(c["live"] >= c["expected"] for c in cap.values()):
+            gen.booted = True
+            self.log.info("MOSEC generation %d: all workers ready after %.2fs", gen.number, now - gen.started)
+            return
+        if now <= gen.deadline:
+            return
+        cause = (f"MOSEC generation {gen.number} did not get its workers ready within "
+                 f"{self.settings.startup_timeout_s:g}s: {gen.last_error()}")
+        if not self.ever_ready:
+            self.start_failures += 1
+            if self.start_failures >= self.settings.start_attempts:
+                self.fatal = f"the server failed to start {self.start_failures} time(s): {cause}"
+                return
+        elif not self.policy.allow_restart(now):
+            self.fatal = f"gave up: {self.settings.restart_budget} restarts within " \
+                         f"{self.settings.restart_window_s:g}s (last: {cause})"
+            return
+        await self._replace_generation(cause)
+
+    async def _check_wedged(self, gen: Generation, now: float) -> None:
+        if not gen.booted:
+            return
+        why = self.policy.wedged(now, self._views)
+        if why:
+            await self._wedged_restart(why)
+
+    async def _wedged_restart(self, why: str) -> None:
+        self.log.warning("watchdog: %s -> restart MOSEC", why)
+        if not self.policy.allow_restart(time.monotonic()):
+            self.fatal = (f"gave up: {self.settings.restart_budget} restarts within "
+                          f"{self.settings.restart_window_s:g}s did not heal the server (last: {why})")
+            return
+        await self._replace_generation(why)
+
+    # --- the canary --------------------------------------------------------------------------------------
+    def _maybe_probe(self, now: float) -> None:
+        if self._probe_task is not None or now < self._next_probe:
+            return
+        self._probe_task = asyncio.ensure_future(self.probe())
+        self._probe_task.add_done_callback(lambda _t: self._wake.set() if self._wake else None)
+
+    def _collect_probe(self) -> None:
+        task = self._probe_task
+        if task is None or not task.done():
+            return
+        self._probe_task = None
+        result = task.result()
+        self._on_probe(result)
+        fast = not self.ever_ready or (self.gen is not None and self.gen.ready_at is None)
+        self._next_probe = time.monotonic() + (STARTUP_PROBE_INTERVAL if fast else self.settings.probe_interval_s)
+
     async def probe(self) -> ProbeResult:
         s = self.settings
-        host = "127.0.0.1" if s.host in ("0.0.0.0", "") else ("::1" if s.host == "::" else s.host)
-        url = f"http://{host if ':' not in host else '[' + host + ']'}:{s.port}/rerank"
-        headers = {PROBE_HEADER: "1"}
+        url = f"{roles.base_url(s.host, s.port)}/rerank"
+        headers = {PROBE_HEADER: self.probe_token}
         if s.api_key:
             headers["Authorization"] = f"Bearer {s.api_key.get_secret_value()}"
         t0 = time.monotonic()
@@ -419,184 +859,132 @@ class Supervisor:
                 except ValueError:
                     body = raw.decode("utf-8", "replace")
                 error = judge(resp.status, body)
-                result = ProbeResult(error is None, at, time.monotonic() - t0, resp.status, error)
+                result = ProbeResult(error is None, at, time.monotonic() - t0, resp.status, error, t0)
         except asyncio.TimeoutError:
-            result = ProbeResult(False, at, time.monotonic() - t0, None, f"no answer within {s.probe_timeout_s:g}s")
+            result = ProbeResult(False, at, time.monotonic() - t0, None, f"no answer within {s.probe_timeout_s:g}s", t0)
         except aiohttp.ClientError as exc:
-            result = ProbeResult(False, at, time.monotonic() - t0, None, f"{type(exc).__name__}: {exc}")
+            result = ProbeResult(False, at, time.monotonic() - t0, None, f"{type(exc).__name__}: {exc}", t0)
         self.metrics.observe_probe(result.ok, result.latency_s)
         return result
 
-    async def _main_loop(self) -> None:
-        s = self.settings
-        boot_deadline = time.monotonic() + s.startup_timeout_s
-        while not self.stop_event.is_set():
-            self.loop_tick = time.time()
-            child = self.child
-            if child is not None and child.returncode is not None:
-                if not await self._on_child_exit(child.returncode):
-                    return
-                boot_deadline = time.monotonic() + s.startup_timeout_s
-                continue
-            if not self.ever_ready and self.state == "starting" and time.monotonic() > boot_deadline:
-                self.fatal = f"MOSEC did not answer a probe within {s.startup_timeout_s:g}s: {self._last_error()}"
-                return
-            result = await self.probe()
-            self.last_probe = result
-            self.loop_tick = time.time()
-            if self.state == "starting" and not result.ok and result.status in (None, 503):
-                interval = STARTUP_PROBE_INTERVAL  # still booting: no verdict, just look again soon
-            elif self.state == "starting" and not result.ok:
-                # It answers, but wrongly: a broken model or pipeline, not a slow boot.
-                self.boot_wrong_answers += 1
-                if self.boot_wrong_answers >= self.settings.probe_failures:
-                    self.fatal = f"the server answers but fails the canary request: {result.error}; {self._last_error()}"
-                    return
-                interval = STARTUP_PROBE_INTERVAL
-            else:
-                await self._after_probe(result)
-                if self.fatal:
-                    return
-                interval = s.probe_interval_s
-            self._publish()
-            await self._wait(interval)
-
-    async def _after_probe(self, result: ProbeResult) -> None:
-        now = time.time()
-        self.policy.record_probe(result.ok, now)
+    def _on_probe(self, result: ProbeResult) -> None:
+        gen = self.gen
+        self.last_probe = result
+        now = time.monotonic()
         if result.ok:
+            self.policy.record_probe(True, now)
+            self.boot_wrong_answers = 0
+            if gen is not None and gen.ready_at is None:
+                gen.ready_at = now
+                self.log.info("MOSEC generation %d answered its first probe after %.2fs", gen.number,
+                              now - gen.started)
             if not self.ever_ready:
                 self.ever_ready = True
                 self.log.info("ready: first probe answered in %.3fs", result.latency_s or 0)
-                self.notifier.ready(f"serving {self.model_name} on {self.settings.host}:{self.settings.port}")
             if self._outage is not None:
-                self._outage["end"] = now
-                self._outage["seconds"] = round(now - self._outage["start"], 2)
-                self.log.warning("service restored after %.1fs (%s)", self._outage["seconds"], self._outage["cause"])
-                self.notifier.status(f"restored after {self._outage['seconds']:.1f}s")
-                self._outage = None
-            self.state, self.reason = "running", ""
-            self.notifier.watchdog()  # only ever after a successful probe
+                self._close_outage()
+            if self._ready_notified:
+                self.notifier.watchdog()  # only ever after a successful probe, and after READY=1
             return
-        self.log.warning("probe failed: %s", result.error)
-        if self.state == "running":
-            self.state, self.reason = "degraded", f"probe failed: {result.error}"
-            self.notifier.status(f"degraded: {result.error}")
-        if self._outage is None:
-            self._outage = {"start": result.at, "end": None, "seconds": None, "cause": result.error}
-            self.outages.append(self._outage)
-        if self._mosec_gone():
-            return  # a crash, not a hang: the main loop's exit path restarts it, within the budget
-        decision = self.policy.decide(now, self.worker_views())
-        if decision.action == "none":
-            if decision.reason:
-                self.reason = decision.reason
-            return
-        self.log.warning("watchdog: %s -> %s", decision.reason, decision.action)
-        if self._outage is not None:
-            self._outage["cause"] = decision.reason
-        if not self.policy.allow_restart(time.monotonic()):
-            self.fatal = (
-                f"gave up: {self.settings.restart_budget} restarts within {self.settings.restart_window_s:g}s did not"
-                f" heal the server (last: {decision.reason})"
-            )
-            return
-        if decision.action == "kill_workers":
-            mine = {p.pid for p, _role in self.processes()}
-            for pid in decision.pids:
-                if pid in mine:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                        self.log.warning("killed hung worker %d", pid)
-                    except ProcessLookupError:
-                        pass
-            self.restarts["worker"] += len(decision.pids)
-            self.metrics.count_restart("worker")
-            # A lone worker's death makes MOSEC exit: that restart is this remediation, not a new crash.
-            self._expected_exit_until = time.monotonic() + 15
-            self.policy.reset_after_restart()
-            self.state, self.reason = "degraded", decision.reason
-        elif decision.action == "restart":
-            await self._restart(decision.reason)
+        if not result.busy:
+            # It answers, but wrongly: a broken model or pipeline, not a slow boot or an overload.
+            self.boot_wrong_answers += 1
+            if gen is not None and gen.ready_at is None and self.boot_wrong_answers >= self.settings.probe_failures:
+                self.fatal = f"the server answers but fails the canary request: {result.error}; " \
+                             f"{gen.last_error()}"
+                return
+        if gen is None or not gen.booted:
+            return  # booting: no verdict yet (the generation's deadline decides)
+        self.policy.record_probe(False, now)
+        if self.ever_ready:
+            self.log.warning("probe failed: %s", result.error)
+            self._open_outage(result.error or "probe failed")
 
-    async def _restart(self, why: str) -> None:
-        self.state, self.reason = "restarting", why
-        self._publish()
-        self.restarts["server"] += 1
-        self.metrics.count_restart("server")
-        await self._stop_child(grace=1.0)
-        delay = self.policy.backoff()
-        if delay:
-            self.log.info("restarting MOSEC in %.1fs", delay)
-            await self._wait(delay)
-        if self.stop_event.is_set():
-            return
-        self.policy.reset_after_restart()
-        await self._start_child()
-        self.state = "degraded" if self.ever_ready else "starting"
-
-    async def _on_child_exit(self, code: int) -> bool:
-        """MOSEC exited without being asked: a crash, whatever the code. False when giving up."""
-        expected = time.monotonic() < self._expected_exit_until
-        cause = self._last_error()
-        self.log.error("MOSEC exited with code %s (%s): %s", code, "after a remediation" if expected else "crash", cause)
-        if self._reader is not None:
-            try:
-                await asyncio.wait_for(self._reader, timeout=2)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
-                pass
-            cause = self._last_error()
-        if self._outage is None:
-            now = time.time()
-            self._outage = {"start": now, "end": None, "seconds": None, "cause": f"MOSEC exited ({code})"}
+    def _open_outage(self, cause: str) -> None:
+        if self._outage is None and self.ever_ready:
+            self._outage = {"start": time.time(), "mono": time.monotonic(), "end": None, "seconds": None,
+                            "cause": cause}
             self.outages.append(self._outage)
+
+    def _close_outage(self) -> None:
+        o = self._outage
+        assert o is not None
+        o["end"] = time.time()
+        o["seconds"] = round(time.monotonic() - o.pop("mono"), 2)
+        self.log.warning("service restored after %.1fs (%s)", o["seconds"], o["cause"])
+        self._outage = None
+
+    # --- state -------------------------------------------------------------------------------------------
+    def _derive_state(self, gen: Generation) -> None:
         if not self.ever_ready:
-            self.start_failures += 1
-            if self.start_failures >= self.settings.start_attempts:
-                self.fatal = f"the server failed to start {self.start_failures} time(s): {cause}"
-                return False
-        elif not expected and not self.policy.allow_restart(time.monotonic()):
-            self.fatal = (
-                f"gave up: {self.settings.restart_budget} restarts within {self.settings.restart_window_s:g}s"
-                f" (last: MOSEC exited with code {code}: {cause})"
-            )
-            return False
-        await self._restart(f"MOSEC exited with code {code}")
-        return not self.stop_event.is_set()
+            self.sm.to(State.STARTING, "loading the model" if not gen.booted else "waiting for the first answer")
+            return
+        problems = []
+        probe = self.last_probe
+        if probe is not None and not probe.ok:
+            problems.append(f"probe failed: {probe.error}")
+        if gen.ready_at is None:
+            problems.append(f"MOSEC generation {gen.number} starting")
+        for stage, c in self.capacity().items():
+            if c["live"] < c["expected"]:
+                problems.append(f"{c['live']} of {c['expected']} {stage} workers")
+        if problems:
+            self.sm.to(State.DEGRADED, "; ".join(problems))
+        else:
+            self.sm.to(State.RUNNING)
 
-    async def _wait(self, seconds: float) -> None:
-        """Sleep until ``seconds`` pass, a stop is asked, or MOSEC exits, whichever comes first."""
-        waits = [asyncio.ensure_future(self.stop_event.wait())]
-        if self.child is not None and self.child.returncode is None:
-            waits.append(asyncio.ensure_future(self.child.wait()))
-        try:
-            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
+    def _on_transition(self, t: Transition) -> None:
+        level = logging.INFO if t.new in (State.RUNNING, State.STARTING, State.STOPPING, State.STOPPED) \
+            else logging.WARNING
+        self.log.log(level, "state %s -> %s%s", t.old, t.new, f": {t.reason}" if t.reason else "")
+        if t.new == State.RUNNING and not self._ready_notified:
+            self._ready_notified = True
+            self.notifier.ready(f"serving {self.model_name} on {self.settings.host}:{self.settings.port}")
+        elif t.new == State.STOPPING:
+            self.notifier.stopping(f"stopping: {t.reason}")
+        else:
+            self.notifier.status(f"{t.new}{': ' + t.reason if t.reason else ''}")
+        self._publish()
 
     # --- stopping ----------------------------------------------------------------------------------------
     async def _shutdown(self) -> None:
-        s = self.settings
-        self.state, self.reason = "stopping", "draining"
-        self.notifier.stopping(f"stopping: draining {self.gate.in_flight} request(s)")
-        self._publish()
+        if not self.sm.terminal and self.sm.state != State.STOPPING:
+            self.sm.to(State.STOPPING, f"draining {self.gate.in_flight} request(s)")
         self.gate.draining = True
-        deadline = time.monotonic() + max(1.0, s.stop_timeout_s - CHILD_TERM_GRACE - 1.0)
-        while self.gate.in_flight and self.stop_signals < 2 and time.monotonic() < deadline:
+        # leave room after the drain for stopping MOSEC within the caller's deadline
+        t_end = time.monotonic() + self._stop_deadline_s
+        deadline = t_end - min(CHILD_TERM_GRACE + 1.0, max(1.0, self._stop_deadline_s / 3))
+        while self.gate.in_flight and self.stop_requests < 2 and time.monotonic() < deadline:
             try:
                 await asyncio.wait_for(self.gate.idle.wait(), timeout=0.2)
             except asyncio.TimeoutError:
                 pass
+            self._handle_signals()
         if self.gate.in_flight:
             self.log.warning("stopping with %d request(s) still in flight", self.gate.in_flight)
-        await self._stop_child(grace=0.2 if self.stop_signals > 1 else CHILD_TERM_GRACE)
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+        if self._reload_task is not None and not self._reload_task.done():
+            self._reload_task.cancel()
+            try:
+                await self._reload_task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        if self.gen is not None:
+            # drained: nothing of a client's is left in MOSEC, so there is nothing to wait for
+            idle = self.gate.in_flight == 0
+            grace = 0.2 if self.stop_requests > 1 or idle else max(0.2, min(CHILD_TERM_GRACE, t_end - time.monotonic() - 0.5))
+            await self._stop_generation(self.gen, grace=grace)
 
     async def _cleanup(self) -> None:
         try:
-            await self._stop_child(grace=0.2)
+            if self.gen is not None:
+                await self._stop_generation(self.gen, grace=0.2)
+            await asyncio.get_running_loop().run_in_executor(None, kill_instance, self.instance)
         except Exception:  # noqa: BLE001 - cleanup must go on
             self.log.exception("while stopping MOSEC")
+        for door in self._doors:
+            await door.close()
         for runner in self._runners:
             try:
                 await runner.cleanup()
@@ -604,41 +992,57 @@ class Supervisor:
                 pass
         await self.gate.close()
         s = self.settings
-        self.state = "failed" if self.fatal else "stopped"
-        self.reason = self.fatal or ""
+        if self.fatal:
+            if not self.sm.terminal:
+                self.sm.to(State.FAILED, self.fatal)
+        elif not self.sm.terminal:
+            if self.sm.state != State.STOPPING:
+                self.sm.to(State.STOPPING, "stopping")
+            self.sm.to(State.STOPPED)
         self._publish()
         remove_pidfile_if_ours(s.pidfile_path, os.getpid())
-        for f in (s.run_dir / "mosec-config.json",):
-            f.unlink(missing_ok=True)
+        unregister_server(self.instance)
         self._lock.release()
 
     # --- state for `status` ------------------------------------------------------------------------------
     def _publish(self) -> None:
+        self._last_publish = time.monotonic()
         probe = self.last_probe
+        gen = self.gen
         data = {
             "pid": os.getpid(),
             "instance": self.instance,
-            "state": self.state,
-            "reason": self.reason,
-            "healthy": self.health.verdict()[0] if self.state not in ("stopped", "failed") else False,
+            "state": self.sm.state.value,
+            "reason": self.sm.reason,
+            "healthy": self.health.verdict()[0] if self.sm.live else False,
+            "serving": self.health.serving()[0] if self.sm.live else False,
             "model": self.model_name,
-            "precision": self.settings.precision,
+            "precision": self.precision,
             "variant_dir": str(self.variant_dir),
             "host": self.settings.host,
             "port": self.settings.port,
             "health_port": self.settings.health_port,
             "started_at": self.started_at,
             "updated_at": time.time(),
+            "updated_mono": time.monotonic(),
             "mosec": {
-                "pid": self.child.pid if self.child is not None and self.child.returncode is None else None,
-                "port": self.mosec_port,
-                "started_at": self.child_started,
+                "pid": gen.pid if gen is not None and gen.exit_code is None else None,
+                "port": gen.port if gen is not None else None,
+                "generation": gen.number if gen is not None else None,
             },
+            "capacity": self.capacity(),
+            "reload": self.reload_status,
             "last_probe": probe.to_dict() if probe else None,
             "restarts": dict(self.restarts),
-            "outages": list(self.outages),
+            "outages": [{k: v for k, v in o.items() if k != "mono"} for o in self.outages],
         }
         try:
             write_json_atomic(self.settings.state_path, data)
         except OSError:
             self.log.exception("cannot write %s", self.settings.state_path)
+
+
+def uuid_hex() -> str:
+    import uuid
+
+    return uuid.uuid4().hex

@@ -1,6 +1,8 @@
 """Worker heartbeats: what the watchdog reads to tell a hung worker from a busy one, and /metrics sums.
 
 Standard library only: the supervisor reads these without importing MOSEC or numpy.
+Every stamp is ``time.monotonic()`` (CLOCK_MONOTONIC, one clock for all processes of a machine, never
+stepped): a wall-clock step can neither make a busy worker look hung nor hide a hung one.
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ class Heartbeat:
         base.parent.mkdir(parents=True, exist_ok=True)
         self.info_path = base.with_suffix(".json")
         self.stage = stage
-        self.started = time.time()
+        self.started = time.time()  # wall clock, for display only
         with open(base.with_suffix(".hb"), "wb+") as fh:
             fh.write(b"\0" * RECORD.size)
             fh.flush()
             self._mm = mmap.mmap(fh.fileno(), RECORD.size)
         self.data: dict[str, Any] = {name: 0 for name in FIELDS}
-        self.data["progress_at"] = self.started
+        self.data["progress_at"] = time.monotonic()
         self._seq = 0
         self.write()
 
@@ -42,11 +44,11 @@ class Heartbeat:
         self.data.update(changes)
         d = self.data
         self._seq += 1  # odd: write in progress
-        struct.pack_into("<Q", self._mm, 0, self._seq)
+        SEQ.pack_into(self._mm, 0, self._seq)
         RECORD.pack_into(self._mm, 0, self._seq, d["busy_since"] or 0.0, d["progress_at"] or 0.0,
                          *(int(d[k]) for k in FIELDS[2:]))
         self._seq += 1  # even: consistent
-        struct.pack_into("<Q", self._mm, 0, self._seq)
+        SEQ.pack_into(self._mm, 0, self._seq)
 
     def publish_info(self, **info: Any) -> None:
         data = {"pid": os.getpid(), "stage": self.stage, "started": self.started, **info}
@@ -57,27 +59,35 @@ class Heartbeat:
 
 FIELDS = ("busy_since", "progress_at", "ready", "batches", "requests", "pairs", "tokens", "errors")
 RECORD = struct.Struct("<Q d d q q q q q q")
+SEQ = struct.Struct("<Q")
 
 
-def read_heartbeat(path: Path) -> dict | None:
-    """The hot fields of one worker's record, or None if it cannot be read consistently."""
+def read_heartbeat(path: Path, attempts: int = 5) -> dict | None:
+    """The hot fields of one worker's record, or None if it cannot be read consistently.
+
+    A seqlock read: sequence, record, sequence again; the record counts only if both reads of the
+    sequence are the same even number (no write started or finished in between).
+    """
     try:
-        raw = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
-    for _ in range(3):
-        if len(raw) < RECORD.size:
-            return None
-        seq, *values = RECORD.unpack_from(raw)
-        if seq % 2 == 0:
-            data = dict(zip(FIELDS, values))
-            data["busy_since"] = data["busy_since"] or None
-            return data
-        try:
-            raw = path.read_bytes()
-        except OSError:
-            return None
-    return None
+    try:
+        for _ in range(attempts):
+            raw = os.pread(fd, RECORD.size, 0)
+            if len(raw) < RECORD.size:
+                return None
+            seq, *values = RECORD.unpack(raw)
+            again = os.pread(fd, 8, 0)
+            if seq % 2 == 0 and len(again) == 8 and SEQ.unpack(again)[0] == seq:
+                data = dict(zip(FIELDS, values))
+                data["busy_since"] = data["busy_since"] or None
+                return data
+        return None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def read_worker_dir(worker_dir: Path) -> dict[int, dict]:
@@ -95,3 +105,9 @@ def read_worker_dir(worker_dir: Path) -> dict[int, dict]:
             pass
         out[int(pid)] = data
     return out
+
+
+def forget_worker(worker_dir: Path, pid: int) -> None:
+    """Remove a dead worker's record, so it is never mistaken for a live one."""
+    for hb in Path(worker_dir).glob(f"*-{pid}.*"):
+        hb.unlink(missing_ok=True)

@@ -11,8 +11,11 @@ to tell a hung worker from a busy one; ``/metrics`` sums the counters.
 
 from __future__ import annotations
 
+import faulthandler
+import hmac
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -37,13 +40,21 @@ def _loaded_heavy_modules() -> list[str]:
     return sorted(m for m in HEAVY_MODULES if m in sys.modules)
 
 
+def _enable_stack_dumps() -> None:
+    """SIGUSR1 prints every thread's Python stack to stderr (the supervisor's log), even while the
+    worker is stuck in native code: the watchdog asks for it before it kills a hung worker."""
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
+
+
 class Validate(Worker):
     """Stage 1: route tag + body -> tokenized job, or a 400/422 with a message naming the rule."""
 
     def __init__(self) -> None:
         super().__init__()
         configure_process_threads()
+        _enable_stack_dumps()
         cfg = load_config()
+        self._secret = str(cfg.get("gate_secret", "")).encode("ascii")
         manifest = read_variant_manifest(Path(cfg["variant_dir"]))
         model_max = int(manifest.get("max_length") or 512)
         max_length = min(cfg["max_length"], model_max) if cfg["max_length"] else model_max
@@ -57,10 +68,15 @@ class Validate(Worker):
         return data  # parsed in forward, where every failure maps to a status
 
     def forward(self, data: bytes) -> dict:
-        now = time.time()
+        now = time.monotonic()
         self.hb.write(busy_since=now, progress_at=now)
         try:
-            tag, _, body = data.partition(b"\n")
+            head, _, body = data.partition(b"\n")
+            secret, _, tag = head.rpartition(b" ")
+            # Only the gate knows this instance's secret: a request sent straight to MOSEC's port stops here.
+            if not hmac.compare_digest(secret, self._secret):
+                self.hb.data["errors"] += 1
+                raise ClientError("requests must go through the API port")
             route = TAG_ROUTES.get(tag.decode("ascii", "replace"))
             if route is None:
                 raise ClientError("unknown route tag")
@@ -85,7 +101,7 @@ class Validate(Worker):
                 job.passages = []
             return {"job": job, "encs": encs}
         finally:
-            done = time.time()
+            done = time.monotonic()
             self.hb.data["requests"] += 1
             self.hb.write(busy_since=None, progress_at=done)
 
@@ -96,6 +112,7 @@ class Score(Worker):
     def __init__(self) -> None:
         super().__init__()
         configure_process_threads()
+        _enable_stack_dumps()
         cfg = load_config()
         self.hb = Heartbeat(cfg["worker_dir"], "score")
         self.hb.write()
@@ -110,10 +127,10 @@ class Score(Worker):
         # Warm up so the first real request does not pay for the first inference.
         self.scorer.score(cfg.get("warmup_query", "проверка"), ["прогрев модели", "warm-up"])
         self.hb.publish_info(heavy_modules=_loaded_heavy_modules())
-        self.hb.write(ready=1, progress_at=time.time())
+        self.hb.write(ready=1, progress_at=time.monotonic())
 
     def _progress(self, _n: int) -> None:
-        self.hb.write(progress_at=time.time())
+        self.hb.write(progress_at=time.monotonic())
 
     def forward(self, data: list[dict] | dict) -> list | dict:
         if isinstance(data, dict):  # MOSEC passes a bare item when max_batch_size is 1
@@ -121,7 +138,7 @@ class Score(Worker):
         return self._forward(data)
 
     def _forward(self, data: list[dict]) -> list:
-        now = time.time()
+        now = time.monotonic()
         self.hb.write(busy_since=now, progress_at=now)
         encs, owners = [], []
         for item in data:
@@ -140,7 +157,7 @@ class Score(Worker):
         d["requests"] += len(data)
         d["pairs"] += len(encs)
         d["tokens"] += tokens_total
-        self.hb.write(busy_since=None, progress_at=time.time())
+        self.hb.write(busy_since=None, progress_at=time.monotonic())
         return out
 
     def serialize(self, data: Any) -> bytes:

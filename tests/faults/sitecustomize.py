@@ -34,3 +34,41 @@ if _flag:
         _engine.Scorer._run = _run
     except Exception:  # pragma: no cover - never break a process that does not score
         pass
+
+# RERANKER_TEST_BOOT_HANG_FILE: while the file exists, a scoring worker blocks in its start-up (loading
+# the model), the way a generation that never becomes ready looks from outside.
+_boot = os.environ.get("RERANKER_TEST_BOOT_HANG_FILE")
+if _boot:
+    import time as _t
+
+    try:
+        from reranker_ops.serving import engine as _eng
+
+        _orig_init = _eng.Scorer.__init__
+
+        def _init(self, *a, **k):
+            end = _t.monotonic() + 600
+            while os.path.exists(_boot) and _t.monotonic() < end:
+                _t.sleep(0.05)
+            _orig_init(self, *a, **k)
+
+        _eng.Scorer.__init__ = _init
+    except Exception:  # pragma: no cover
+        pass
+
+# RERANKER_TEST_SUPERVISOR_CRASH_FILE: when the file exists, the supervisor's loop raises, as a bug would.
+_crash = os.environ.get("RERANKER_TEST_SUPERVISOR_CRASH_FILE")
+if _crash:
+    try:
+        from reranker_ops.process import supervisor as _sup
+
+        _orig_derive = _sup.Supervisor._derive_state
+
+        def _derive(self, gen):
+            if os.path.exists(_crash):
+                raise RuntimeError("injected supervisor bug")
+            return _orig_derive(self, gen)
+
+        _sup.Supervisor._derive_state = _derive
+    except Exception:  # pragma: no cover
+        pass

@@ -1,0 +1,57 @@
+"""Which process is what, and which address to call: answered once, here.
+
+Roles: ``supervisor`` (holds the lock), ``mosec`` (MOSEC's main process, the supervisor's child),
+``controller`` (MOSEC's Rust binary), ``validate`` and ``score`` (workers, known by their heartbeat),
+``helper`` (anything else in the tree, e.g. multiprocessing's resource tracker).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import psutil
+
+
+def role_of(proc: psutil.Process, *, supervisor_pid: Optional[int], mosec_pid: Optional[int],
+            beats: dict[int, dict]) -> str:
+    if proc.pid == supervisor_pid:
+        return "supervisor"
+    if proc.pid == mosec_pid:
+        return "mosec"
+    if proc.pid in beats:
+        return str(beats[proc.pid].get("stage", "worker"))
+    try:
+        if os.path.basename(proc.exe()) == "mosec":
+            return "controller"
+    except psutil.Error:
+        pass
+    return "helper"
+
+
+def tree(root_pid: int) -> list[psutil.Process]:
+    """The process and all its descendants; [] when it is gone."""
+    try:
+        root = psutil.Process(root_pid)
+        return [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def connect_host(bind_host: str) -> str:
+    """The address a local client uses to reach a server bound to ``bind_host`` (wildcards → loopback)."""
+    if bind_host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if bind_host in ("::", "[::]"):
+        return "::1"
+    return bind_host.strip("[]")
+
+
+def url_host(host: str) -> str:
+    """``host`` as it goes in a URL: IPv6 literals in brackets."""
+    host = host.strip("[]")
+    return f"[{host}]" if ":" in host else host
+
+
+def base_url(bind_host: str, port: int) -> str:
+    return f"http://{url_host(connect_host(bind_host))}:{port}"

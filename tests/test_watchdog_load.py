@@ -1,0 +1,219 @@
+"""Faults injected while clients send requests, with two score workers: what users actually hit.
+
+With two workers the healthy one keeps answering the canary, so a watchdog that looks only after a failed
+probe never sees the stuck one (capacity silently halved for good). Here every fault must be found by the
+per-tick inspection, the kill verified, MOSEC's replacement awaited, and /health must say "degraded"
+meanwhile.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from conftest import Clients, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+FAST = dict(probe_interval_s=1, probe_timeout_s=2, request_timeout_s=8, worker_hang_s=3, stop_timeout_s=10)
+DEADLINE_SLACK = 2.5
+
+
+class HealthWatch:
+    """Polls /health in the background and keeps every distinct status it saw, with the time."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.seen: list[tuple[float, int, str]] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        end = time.monotonic() + 240
+        while not self._stop.is_set() and time.monotonic() < end:
+            try:
+                r = httpx.get(self.url + "/health", timeout=2)
+                self.seen.append((time.monotonic(), r.status_code, r.json().get("status")))
+            except (httpx.HTTPError, ValueError):
+                self.seen.append((time.monotonic(), 0, "unreachable"))
+            time.sleep(0.1)  # a polling period, not synchronisation
+
+    def __enter__(self) -> "HealthWatch":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join(timeout=10)
+
+    def statuses_after(self, t: float) -> set[str]:
+        return {s for at, _, s in self.seen if at >= t}
+
+
+def workers(server, stage: str = "score") -> list[int]:
+    return server.processes().get(stage, [])
+
+
+def ready_workers(server, stage: str = "score") -> list[int]:
+    from reranker_ops.serving.heartbeat import read_worker_dir
+
+    beats = read_worker_dir(server.run_dir / "workers")
+    live = set(workers(server, stage))
+    return [pid for pid, b in beats.items() if pid in live and b.get("ready") and b.get("stage") == stage]
+
+
+def check_no_request_past_its_deadline(clients: Clients, deadline: float) -> None:
+    longest = max(d for _, d, _ in clients.records)
+    assert longest <= deadline + DEADLINE_SLACK, f"a request waited {longest:.1f}s"
+    assert "wrong answer" not in {o for *_, o in clients.records}
+
+
+def fault_then_heal(server, victim: int, inject) -> dict:
+    with Clients(server.base, FAST["request_timeout_s"], n=4) as clients, HealthWatch(server.health) as hw:
+        wait_until(lambda: sum(1 for *_, o in clients.records if o == 200) >= 10, 30, what="traffic flowing")
+        t0 = time.monotonic()
+        inject(victim)
+        wait_until(lambda: not psutil.pid_exists(victim) or psutil.Process(victim).status() == "zombie",
+                   10 + FAST["worker_hang_s"], 0.1, what="the faulty worker killed")
+        killed_after = time.monotonic() - t0
+        wait_until(lambda: len(ready_workers(server)) == 2 and victim not in workers(server), 30, 0.2,
+                   what="a replacement that heartbeats ready")
+        replaced_after = time.monotonic() - t0
+        wait_until(lambda: server.status().get("healthy"), 30, 0.2, what="healthy again")
+        ok_after = sum(1 for t, _, o in clients.records if o == 200 and t > t0 + replaced_after)
+        wait_until(lambda: sum(1 for t, _, o in clients.records if o == 200 and t > t0 + replaced_after) >= ok_after + 5,
+                   30, what="answers after recovery")
+    print(f"killed after {killed_after:.1f}s, replaced after {replaced_after:.1f}s, "
+          f"{sum(1 for t, _, o in clients.records if t >= t0 and o != 200)} failed")
+    check_no_request_past_its_deadline(clients, FAST["request_timeout_s"])
+    assert "degraded" in hw.statuses_after(t0), hw.statuses_after(t0)  # reduced capacity is shown
+    st = server.status()
+    assert st["restarts"]["server"] == 0  # a sibling kept serving: no MOSEC restart needed
+    assert st["restarts"]["worker"] >= 1
+    return {"killed": killed_after, "replaced": replaced_after}
+
+
+def test_sigstop_of_one_of_two_workers_under_load(make_server):
+    server = make_server(workers=2, **FAST)
+    victims = workers(server)
+    assert len(victims) == 2
+    times = fault_then_heal(server, victims[0], lambda pid: os.kill(pid, signal.SIGSTOP))
+    assert times["killed"] <= 10 and times["replaced"] <= 30
+
+
+def test_native_hang_of_one_of_two_workers_under_load(make_server, tmp_path):
+    hang = tmp_path / "hang-now"
+    server = make_server(start=False, workers=2, **FAST)
+    server.env["PYTHONPATH"] = str(Path(__file__).parent / "faults")
+    server.env["RERANKER_TEST_HANG_FILE"] = str(hang)
+    server.start()
+    taken = Path(str(hang) + ".taken")
+    def inject() -> None:
+        hang.touch()  # the next scoring call to see it hangs in "native code" (SIGALRM blocked)
+        wait_until(taken.exists, 10, 0.05, what="a worker took the hang")
+
+    # the victim is whichever worker takes the hang
+    with Clients(server.base, FAST["request_timeout_s"], n=4) as clients, HealthWatch(server.health) as hw:
+        wait_until(lambda: sum(1 for *_, o in clients.records if o == 200) >= 10, 30, what="traffic flowing")
+        t0 = time.monotonic()
+        inject()
+        before = set(workers(server))
+        wait_until(lambda: server.status()["restarts"].get("worker", 0) >= 1, 10 + FAST["worker_hang_s"], 0.2,
+                   what="the hung worker killed")
+        killed_after = time.monotonic() - t0
+        wait_until(lambda: len(ready_workers(server)) == 2 and set(workers(server)) != before, 30, 0.2,
+                   what="a replacement that heartbeats ready")
+        wait_until(lambda: server.status().get("healthy"), 30, 0.2, what="healthy again")
+        n_ok = sum(1 for *_, o in clients.records if o == 200)
+        wait_until(lambda: sum(1 for *_, o in clients.records if o == 200) >= n_ok + 5, 30, what="answers resume")
+    taken.unlink(missing_ok=True)
+    print(f"native hang: killed after {killed_after:.1f}s")
+    assert killed_after <= 10 + FAST["worker_hang_s"]
+    check_no_request_past_its_deadline(clients, FAST["request_timeout_s"])
+    assert "degraded" in hw.statuses_after(t0)
+    assert server.status()["restarts"]["server"] == 0
+    log = (server.run_dir / "rerankctl.log").read_text()
+    assert "made no progress inside forward" in log
+    assert "Current thread 0x" in log or "Thread 0x" in log, "no stack dump of the hung worker in the log"
+
+
+def test_sigkill_of_the_validate_worker_under_load(make_server):
+    server = make_server(workers=2, **FAST)
+    [victim] = workers(server, "validate")
+    with Clients(server.base, FAST["request_timeout_s"], n=4) as clients:
+        wait_until(lambda: sum(1 for *_, o in clients.records if o == 200) >= 10, 30, what="traffic flowing")
+        t0 = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: clients.first_success_after(t0 + 0.5), 60, 0.2, what="answers resume")
+        wait_until(lambda: server.status().get("healthy"), 60, 0.2, what="healthy again")
+        wait_until(lambda: workers(server, "validate") and victim not in workers(server, "validate"), 30,
+                   what="a new validate worker")
+    check_no_request_past_its_deadline(clients, FAST["request_timeout_s"])
+    failed = [o for t, _, o in clients.records if t >= t0 and o != 200]
+    print(f"validate SIGKILL: {len(failed)} failed: {set(failed)}")
+    assert set(failed) <= {503, 500, 408, 504}
+
+
+def test_a_restart_under_a_flood_recovers_without_exiting(make_server):
+    """Queue full, 429s everywhere, and MOSEC dies: the new generation must come up (the canary keeps a
+    reserved slot and 'busy' is never a wrong answer), never 'failed'."""
+    server = make_server(workers=2, queue_capacity=8, **FAST)
+    sup_pid = server.pidfile()["pid"]
+    with Clients(server.base, FAST["request_timeout_s"], n=24) as clients:
+        wait_until(lambda: any(o == 429 for *_, o in clients.records), 30, what="the flood gets 429s")
+        [mosec] = server.processes()["mosec"]
+        t0 = time.monotonic()
+        os.kill(mosec, signal.SIGKILL)
+        wait_until(lambda: server.status()["restarts"].get("server", 0) >= 1, 30, 0.2, what="restart")
+        wait_until(lambda: server.status().get("healthy"), 60, 0.2, what="healthy again under the flood")
+        wait_until(lambda: clients.first_success_after(t0 + 1), 30, 0.2, what="answers after the restart")
+    st = server.status()
+    assert st["state"] == "running" and psutil.pid_exists(sup_pid)
+    outcomes = {o for *_, o in clients.records}
+    assert outcomes <= {200, 429, 503, 408, 504, 500}, outcomes
+    check_no_request_past_its_deadline(clients, FAST["request_timeout_s"])
+
+
+def test_a_generation_that_never_boots_after_a_restart_is_replaced(make_server, tmp_path):
+    boot_hang = tmp_path / "boot-hang"
+    server = make_server(start=False, **FAST)
+    server.env["PYTHONPATH"] = str(Path(__file__).parent / "faults")
+    server.env["RERANKER_TEST_BOOT_HANG_FILE"] = str(boot_hang)
+    server.env["RERANKER_STARTUP_TIMEOUT_S"] = "6"
+    server.start()
+    boot_hang.touch()  # every generation from now on hangs while loading the model
+    [mosec] = server.processes()["mosec"]
+    os.kill(mosec, signal.SIGKILL)
+    wait_until(lambda: server.status()["restarts"].get("server", 0) >= 2, 40, 0.3,
+               what="the generation that never booted replaced at its own deadline")
+    assert server.status()["state"] in ("degraded", "restarting")
+    boot_hang.unlink()
+    wait_until(lambda: server.status().get("healthy"), 60, 0.3, what="healthy once boots work again")
+    log = (server.run_dir / "rerankctl.log").read_text()
+    assert "did not get its workers ready within 6s" in log
+
+
+def test_a_crash_of_the_supervisor_ends_in_failed_with_its_traceback_in_the_log(make_server, tmp_path):
+    crash = tmp_path / "crash"
+    server = make_server(start=False, **FAST)
+    server.env["PYTHONPATH"] = str(Path(__file__).parent / "faults")
+    server.env["RERANKER_TEST_SUPERVISOR_CRASH_FILE"] = str(crash)
+    server.start()
+    instance = server.pidfile()["instance"]
+    crash.touch()
+    wait_until(lambda: server.status()["state"] == "failed", 30, 0.2, what="state failed")
+    st = server.status()
+    assert "supervisor crashed: RuntimeError: injected supervisor bug" in st["reason"]
+    assert server.cli("status").returncode != 0
+    log = (server.run_dir / "rerankctl.log").read_text()
+    assert "Traceback" in log and "injected supervisor bug" in log
+    from reranker_ops.process.runstate import instance_processes
+
+    wait_until(lambda: not instance_processes(instance), 15, 0.2, what="no process left")
