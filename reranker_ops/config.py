@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "DiTy/cross-encoder-russian-msmarco"
@@ -18,10 +18,13 @@ Precision = Literal["fp32", "fp16", "int8", "int8-weights"]
 
 
 def default_run_dir() -> Path:
-    """``$XDG_RUNTIME_DIR/rerankctl`` for a user session, else a per-user state folder (never bare /tmp)."""
+    """``$XDG_RUNTIME_DIR/rerankctl`` for a user session; for root ``/run/rerankctl`` (where the systemd unit
+    runs the server, so ``status``, ``logs`` and ``stop`` find it); else a per-user state folder."""
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and Path(xdg).is_dir():
         return Path(xdg) / "rerankctl"
+    if os.geteuid() == 0 and Path("/run").is_dir():
+        return Path("/run/rerankctl")
     return Path.home() / ".local" / "state" / "rerankctl" / "run"
 
 
@@ -41,8 +44,8 @@ class Settings(BaseSettings):
 
     # --- network -------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address of the API.")
-    port: int = Field(8080, ge=0, le=65535, description="Port of the API (rerank routes).")
-    health_port: int = Field(8081, ge=0, le=65535, description="Port of /health, /live, /ready, /metrics.")
+    port: int = Field(8080, ge=1, le=65535, description="Port of the API (rerank routes).")
+    health_port: int = Field(8081, ge=1, le=65535, description="Port of /health, /live, /ready, /metrics.")
     api_key: Optional[SecretStr] = Field(None, description="If set, API routes need 'Authorization: Bearer <key>'.")
 
     # --- state ---------------------------------------------------------------------------------------
@@ -66,14 +69,23 @@ class Settings(BaseSettings):
     max_documents: int = Field(1000, ge=1, description="Documents per request.")
     max_document_chars: int = Field(50_000, ge=1, description="Characters per document (and per query).")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Request body size.")
-    queue_capacity: int = Field(256, ge=1, description="Requests queued in MOSEC before 429.")
+    queue_capacity: int = Field(256, ge=2, description="Requests queued in MOSEC before 429.")
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline of one request (408/504 past it).")
+
+    # --- the front door: admission and connection deadlines ---------------------------------------------
+    max_in_flight: int = Field(0, ge=0, description="Requests admitted at once, beyond that 429; 0 = queue_capacity - 1 (one slot stays free for the canary).")
+    max_buffered_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="Request bodies held in memory at once, beyond that 429.")
+    max_connections: int = Field(1024, ge=8, description="Open client connections on the API port, beyond that 429 and close.")
+    header_timeout_s: float = Field(10.0, gt=0, description="A new connection must send its request headers within this, else 408 and close.")
+    body_timeout_s: float = Field(30.0, gt=0, description="Deadline for reading a request body, else 408 and close.")
+    keepalive_timeout_s: float = Field(15.0, gt=0, description="An idle keep-alive connection is closed after this.")
 
     # --- supervision ---------------------------------------------------------------------------------
     probe_interval_s: float = Field(3.0, gt=0, description="Seconds between watchdog canary requests.")
     probe_timeout_s: float = Field(5.0, gt=0, description="Deadline of one canary request.")
     probe_failures: int = Field(2, ge=1, description="Consecutive failed probes before remediation.")
     worker_hang_s: float = Field(30.0, gt=0, description="A worker inside a forward pass with no progress this long is hung.")
+    respawn_timeout_s: float = Field(30.0, gt=0, description="A killed worker must be replaced (heartbeat ready) within this, else MOSEC is restarted.")
     start_attempts: int = Field(2, ge=1, description="Tries to boot MOSEC before giving up, if it was never healthy.")
     startup_timeout_s: float = Field(300.0, gt=0, description="Time MOSEC has to answer its first probe.")
     restart_budget: int = Field(5, ge=0, description="Restarts allowed within restart_window_s before giving up.")
@@ -87,7 +99,14 @@ class Settings(BaseSettings):
     @field_validator("models_dir", "run_dir", mode="after")
     @classmethod
     def _expand(cls, v: Path) -> Path:
-        return Path(os.path.expanduser(str(v)))
+        # absolute: the pidfile, state and units record where things are, wherever a command runs from
+        return Path(os.path.abspath(os.path.expanduser(str(v))))
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> "Settings":
+        if self.port == self.health_port:
+            raise ValueError(f"port and health_port are both {self.port}; give them different ports")
+        return self
 
     # --- derived paths -------------------------------------------------------------------------------
     @property
@@ -116,6 +135,11 @@ class Settings(BaseSettings):
         """Heartbeats and counters that MOSEC workers write, one file each."""
         return self.run_dir / "workers"
 
+    def effective_max_in_flight(self) -> int:
+        """Never more than MOSEC can queue, less one place for the canary: MOSEC itself never says 429."""
+        room = max(1, self.queue_capacity - 1)
+        return min(self.max_in_flight, room) if self.max_in_flight else room
+
     def effective_threads(self) -> int:
         if self.threads:
             return self.threads
@@ -138,7 +162,7 @@ def render_env_example() -> str:
     for name, field in Settings.model_fields.items():
         default = field.default
         if field.default_factory is not None:
-            default = "$XDG_RUNTIME_DIR/rerankctl, else ~/.local/state/rerankctl/run"
+            default = "$XDG_RUNTIME_DIR/rerankctl, else /run/rerankctl for root, else ~/.local/state/rerankctl/run"
         if default is None:
             default = ""
         if isinstance(default, bool):

@@ -57,6 +57,10 @@ class StopError(RerankerError):
     exit_code = 12
 
 
+class ReloadError(RerankerError):
+    exit_code = 13
+
+
 def missing_extra(extra: str, exc: BaseException) -> MissingExtra:
     return MissingExtra(
         f"this needs the optional '{extra}' dependencies ({exc.__class__.__name__}: {exc})",

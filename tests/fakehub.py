@@ -38,6 +38,8 @@ class FakeHub:
         self.requests: list[dict] = []
         # filename -> (bytes sent at full speed, then seconds between 16 KiB chunks)
         self.throttle: dict[str, tuple[int, float]] = {}
+        # filename -> bytes sent instead of the real content (the metadata still describes the real one)
+        self.corrupt: dict[str, bytes] = {}
         self._lock = threading.Lock()
         hub = self
 
@@ -122,9 +124,17 @@ class FakeHub:
         files = repo.files_by_commit[commit]
         body = json.dumps({
             "id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
-            "siblings": [{"rfilename": n, "size": len(b), "blobId": hashlib.sha1(b).hexdigest()} for n, b in files.items()],
+            "siblings": [self._sibling(n, b) for n, b in files.items()],
         }).encode()
         self._send(h, 200, body, {"Content-Type": "application/json"}, head)
+
+    def _sibling(self, name: str, data: bytes) -> dict:
+        """What the hub says of a file: git's blob id; for LFS files (weights) also their sha256."""
+        blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        item = {"rfilename": name, "size": len(data), "blobId": blob}
+        if name.endswith((".safetensors", ".bin", ".onnx")):
+            item["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+        return item
 
     def _file(self, h, repo_id: str, rev: str, name: str, head: bool) -> None:
         repo = self._check(h, repo_id, head)
@@ -136,6 +146,7 @@ class FakeHub:
         data = repo.files_by_commit[commit].get(name)
         if data is None:
             return self._error(h, 404, "EntryNotFound", head)
+        data = self.corrupt.get(name, data)  # what travels may differ from what the metadata promises
         etag = hashlib.sha256(data).hexdigest()
         headers = {"X-Repo-Commit": commit, "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
                    "Content-Type": "application/octet-stream"}

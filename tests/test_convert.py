@@ -51,8 +51,11 @@ def test_convert_all_formats_fp32_with_parity(model_copy):
         for r, g in zip(ref, got):
             np.testing.assert_allclose(g, r, atol=1e-4)
             assert np.ptp(r) > 0.05, "the tiny model must rank, or parity proves nothing"
-    # nothing half-built is left beside the variants
-    assert not [p for p in model_copy.iterdir() if p.name.startswith(".")]
+    # nothing half-built is left beside the variants; each variant is a pointer to a finished build
+    assert not [p for p in model_copy.iterdir() if p.name.startswith(".") and p.name != ".builds"]
+    for fmt in ("openvino", "onnx"):
+        assert (model_copy / f"{fmt}-fp32").is_symlink()
+        assert (model_copy / f"{fmt}-fp32").resolve().parent == (model_copy / ".builds").resolve()
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int8-weights"])

@@ -92,7 +92,12 @@ def test_download_pinned_revision(hub, tmp_path, tiny_model_dir):
     manifest = json.loads((tmp_path / "test--tiny" / "manifest.json").read_text())
     assert manifest["commit"] == old
     assert b"_newer" not in (tmp_path / "test--tiny" / "config.json").read_bytes()
+    # pinned means pinned: a plain download keeps the commit it has (no silent move to a newer main)
     res = run_cli(["download", "test/tiny", "--models-dir", str(tmp_path)], env=hub_env(hub))
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "test--tiny" / "manifest.json").read_text())["commit"] == old
+    # an upgrade is asked for by name
+    res = run_cli(["download", "test/tiny", "--revision", "main", "--models-dir", str(tmp_path)], env=hub_env(hub))
     assert res.returncode == 0, res.stderr
     assert json.loads((tmp_path / "test--tiny" / "manifest.json").read_text())["commit"] == new
     assert b"_newer" in (tmp_path / "test--tiny" / "config.json").read_bytes()
@@ -149,3 +154,44 @@ def test_missing_repo_and_offline_and_gated(hub, tmp_path, tiny_model_dir):
     assert res.returncode == 0, res.stderr
     assert "hf_good" not in res.stderr + res.stdout
     assert any(r["auth"] == "Bearer hf_good" for r in hub.requests)
+
+
+def test_a_complete_download_asks_no_hub_and_works_offline(hub, tmp_path):
+    env = hub_env(hub, home=tmp_path / "hf")
+    assert run_cli(["download", "test/tiny", "--models-dir", str(tmp_path)], env=env).returncode == 0
+    asked = len(hub.requests)
+    # the hub is gone (an offline boot): a pinned, complete download is still a success, from disk
+    offline = clean_env(HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", HF_HOME=str(tmp_path / "hf"))
+    res = run_cli(["download", "test/tiny", "--models-dir", str(tmp_path)], env=offline)
+    assert res.returncode == 0, res.stderr
+    assert len(hub.requests) == asked
+    # naming the commit it holds is the same; naming a branch asks the hub (an explicit upgrade)
+    commit = hub.repos["test/tiny"].refs["main"]
+    assert run_cli(["download", "test/tiny", "--models-dir", str(tmp_path), "--revision", commit[:10]],
+                   env=offline).returncode == 0
+    res = run_cli(["download", "test/tiny", "--models-dir", str(tmp_path), "--revision", "main"], env=offline)
+    assert res.returncode != 0
+
+
+def test_a_same_size_file_is_replaced_across_revisions(hub, tmp_path, tiny_model_dir):
+    env = hub_env(hub, home=tmp_path / "hf")
+    assert run_cli(["download", "test/tiny", "--models-dir", str(tmp_path)], env=env).returncode == 0
+    files = folder_files(tiny_model_dir)
+    config = files["config.json"]
+    changed = config.replace(b'"gelu"', b'"relu"', 1)
+    assert changed != config and len(changed) == len(config)
+    new_commit = hub.add_repo("test/tiny", {**files, "config.json": changed}, commit="b" * 40, branch="v2")
+    res = run_cli(["download", "test/tiny", "--models-dir", str(tmp_path), "--revision", "v2"], env=env)
+    assert res.returncode == 0, res.stderr
+    folder = tmp_path / "test--tiny"
+    assert (folder / "config.json").read_bytes() == changed
+    assert json.loads((folder / "manifest.json").read_text())["commit"] == new_commit
+
+
+def test_the_weights_hash_is_checked(hub, tmp_path, tiny_model_dir):
+    real = (tiny_model_dir / "model.safetensors").read_bytes()
+    hub.corrupt["model.safetensors"] = bytes(len(real))  # right size, wrong content
+    res = run_cli(["download", "test/tiny", "--models-dir", str(tmp_path)], env=hub_env(hub, home=tmp_path / "hf"))
+    assert res.returncode != 0 and "sha256 check" in res.stderr, res.stderr
+    assert not (tmp_path / "test--tiny" / "manifest.json").exists()
+    assert not (tmp_path / "test--tiny" / "model.safetensors").exists()

@@ -62,7 +62,7 @@ def convert(
     bench_seconds: Annotated[float, typer.Option("--bench-seconds", help="Micro-benchmark length (0: skip).")] = 3.0,
     list_: Annotated[bool, typer.Option("--list", help="List the converted variants and exit.")] = False,
     if_missing: Annotated[
-        bool, typer.Option("--if-missing", help="Do nothing if this variant is already converted.")
+        bool, typer.Option("--if-missing", help="Do nothing if this variant is converted from the downloaded commit.")
     ] = False,
     models_dir: ModelsDirOpt = None,
     as_json: JsonOpt = False,
@@ -82,7 +82,7 @@ def convert(
     if if_missing:
         ref = store.resolve_model(settings, model)
         fmts = ["openvino", "onnx"] if fmt == "all" else [fmt]
-        if all((ref.variant_dir(f, settings.precision) / "manifest.json").is_file() for f in fmts):
+        if all(store.variant_is_current(ref, f, settings.precision) for f in fmts):
             console.print(f"already converted: {', '.join(f'{f}-{settings.precision}' for f in fmts)} of {ref.name}")
             return
     formats = ["openvino", "onnx"] if fmt == "all" else [fmt]

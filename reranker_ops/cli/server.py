@@ -39,19 +39,36 @@ PrecisionOpt = Annotated[
 ]
 
 
-def _setup_logging(log_file: Optional[Path], settings) -> logging.Logger:
+class _JournalFormatter(logging.Formatter):
+    """Lines for systemd's journal: a ``<priority>`` prefix it turns into the entry's level, no timestamp
+    (the journal keeps its own)."""
+
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        prio = self.PRIORITIES.get(record.levelno, 6)
+        return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
+
+
+def _setup_logging(log_file: Optional[Path], settings, to_stderr: bool = False) -> logging.Logger:
+    """The rotated log file in the run dir, always (``rerankctl logs`` reads it); in the foreground also
+    stderr, which systemd sends to the journal."""
     log = logging.getLogger("rerankctl")
     log.setLevel(logging.DEBUG if settings.debug else logging.INFO)
     log.handlers.clear()
+    plain = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handler: logging.Handler = logging.handlers.RotatingFileHandler(
             log_file, maxBytes=settings.log_max_bytes, backupCount=settings.log_backups, encoding="utf-8"
         )
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
+        handler.setFormatter(plain)
+        log.addHandler(handler)
+    if to_stderr or log_file is None:
+        err = logging.StreamHandler(sys.stderr)
+        err.setFormatter(_JournalFormatter("%(levelname)s %(message)s") if os.environ.get("JOURNAL_STREAM") else plain)
+        log.addHandler(err)
     log.propagate = False
     return log
 
@@ -109,7 +126,10 @@ def serve(
             soft_wrap=True,
         )
         return
-    log = _setup_logging(log_file, settings)
+    from ..process.supervisor import ensure_private_dir
+
+    ensure_private_dir(settings.run_dir)
+    log = _setup_logging(log_file or settings.log_path, settings, to_stderr=True)
     sup = Supervisor(settings, variant, ref.name, Notifier(os.environ.get("NOTIFY_SOCKET")), log)
     if log_file is None:
         err_console.print(f"serving {ref.name} ({settings.precision}) on http://{settings.host}:{settings.port}"
@@ -117,31 +137,146 @@ def serve(
     asyncio.run(sup.run())
 
 
+def prepare_steps(settings) -> list[list[str]]:
+    """What is missing before serving: a download that is not complete (or not the pinned commit), a
+    conversion that is not from the downloaded commit. Nothing asks the hub when nothing is missing."""
+    from ..errors import ModelNotFound
+    from ..models import store
+
+    ref = store.resolve_model(settings)
+    steps = []
+    done = store.complete_download(ref.path)
+    wants_revision = settings.revision and not (done and store.revision_matches(done, settings.revision))
+    if ref.repo_id and (done is None or wants_revision):
+        steps.append(["download", ref.repo_id, "--models-dir", str(settings.models_dir)]
+                     + (["--revision", settings.revision] if settings.revision else []))
+    elif not ref.repo_id and not ref.path.is_dir():
+        raise ModelNotFound(f"no model at {ref.path}", "give a repo id or a model folder")
+    if steps or not store.variant_is_current(ref, settings.model_format, settings.precision):
+        steps.append(["convert", str(ref.path), "--models-dir", str(settings.models_dir), "--precision",
+                      settings.precision, "--format", settings.model_format])
+    return steps
+
+
 def _prepare(settings) -> None:
     """Download and convert in child commands: torch (and its threads) never enter this process,
     which may fork into the daemon next."""
     import subprocess
 
-    from ..errors import ModelNotFound, RerankerError
-    from ..models import store
+    from ..errors import RerankerError
 
-    ref = store.resolve_model(settings)
-    variant = ref.variant_dir(settings.model_format, settings.precision)
-    if (variant / "manifest.json").is_file():
-        return
-    steps = []
-    if not (ref.path / "config.json").is_file():
-        if not ref.repo_id:
-            raise ModelNotFound(f"no model at {ref.path}", "give a repo id or a model folder")
-        steps.append(["download", ref.repo_id, "--models-dir", str(settings.models_dir)]
-                     + (["--revision", settings.revision] if settings.revision else []))
-    steps.append(["convert", str(ref.path), "--models-dir", str(settings.models_dir), "--precision",
-                  settings.precision, "--format", settings.model_format])
-    for step in steps:
+    for step in prepare_steps(settings):
         res = subprocess.run([sys.executable, "-m", "reranker_ops", *step])
         if res.returncode != 0:
             raise RerankerError(f"'rerankctl {step[0]}' failed (exit {res.returncode}); see its message above",
-                                "fix that, then run serve again")
+                                "fix that, then run the same command again")
+
+
+@app.command()
+@handled
+def prepare(
+    model: ModelOpt = None,
+    models_dir: ModelsDirOpt = None,
+    precision: PrecisionOpt = None,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Pin or upgrade to this revision.")] = None,
+) -> None:
+    """Download and convert what serve needs, only what is missing (a no-op, offline, when all is there)."""
+    settings = settings_from(model=model, models_dir=models_dir, precision=precision, revision=revision)
+    steps = prepare_steps(settings)
+    if not steps:
+        console.print(f"ready: {settings.model} ({settings.model_format}-{settings.precision}) is downloaded and"
+                      " converted")
+        return
+    _prepare(settings)
+
+
+@app.command()
+@handled
+def upgrade(
+    revision: Annotated[str, typer.Option("--revision", help="Branch, tag or commit to move to.")],
+    model: ModelOpt = None,
+    models_dir: ModelsDirOpt = None,
+    precision: PrecisionOpt = None,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """Move to another revision of the model: download it, convert it, and reload a running server."""
+    from ..process.control import reload_server
+    from ..process.runstate import lock_is_held
+
+    settings = settings_from(model=model, models_dir=models_dir, precision=precision, revision=revision,
+                             run_dir=run_dir)
+    _prepare(settings)
+    if lock_is_held(settings.lock_path):
+        res = reload_server(settings, {k: v for k, v in {"model": _absolute_model(model),
+                                                          "precision": precision}.items() if v})
+        console.print(f"upgraded and reloaded: {res.get('reason')}", soft_wrap=True)
+    else:
+        console.print("upgraded; no server is running here (start one with: rerankctl serve --daemon)")
+
+
+@app.command()
+@handled
+def reload(
+    run_dir: RunDirOpt = None,
+    model: ModelOpt = None,
+    precision: PrecisionOpt = None,
+    model_format: Annotated[Optional[str], typer.Option("--format", help="openvino or onnx.")] = None,
+    models_dir: ModelsDirOpt = None,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Wait this long for the verdict (s).")] = None,
+) -> None:
+    """Swap the running server to a new model or variant without dropping a request.
+
+    A new MOSEC generation loads it and must answer the canary; then the gate switches to it and the old
+    one is drained and stopped. If the new one fails, the old one keeps serving and this exits non-zero.
+    With no option, the server reloads what its model and precision point to now (e.g. after convert).
+    """
+    from ..process.control import reload_server
+
+    settings = settings_from(run_dir=run_dir, models_dir=models_dir)
+    request = {k: v for k, v in {"model": _absolute_model(model), "precision": precision,
+                                  "model_format": model_format}.items() if v}
+    res = reload_server(settings, request, timeout)
+    pss = res.get("overlap_pss_bytes")
+    console.print(f"reloaded: {res.get('reason')}" + (f" (both generations together: {_fmt_bytes(pss)} PSS)" if pss else ""),
+                  soft_wrap=True)
+
+
+@app.command()
+@handled
+def restart(
+    model: ModelOpt = None,
+    models_dir: ModelsDirOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    health_port: HealthPortOpt = None,
+    run_dir: RunDirOpt = None,
+    workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
+    precision: PrecisionOpt = None,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Drain deadline of the stop (s).")] = None,
+) -> None:
+    """Stop the running server (draining), then start it again in the background. To swap the model without
+    a gap, use reload instead."""
+    from ..errors import ConfigError
+    from ..process.control import stop_server
+    from ..process.runstate import read_pidfile
+
+    settings = settings_from(run_dir=run_dir)
+    info, _ = read_pidfile(settings.pidfile_path)
+    if info is not None and info.data.get("under_systemd"):
+        raise ConfigError("this server runs under systemd", "use: systemctl restart rerankctl")
+    res = stop_server(settings, timeout)
+    if res["was_running"]:
+        console.print(f"stopped: pid {res['pid']} in {res['seconds']}s")
+    serve(model=model, models_dir=models_dir, host=host, port=port, health_port=health_port, run_dir=run_dir,
+          workers=workers, threads=threads, precision=precision, daemon=True, prepare=False, log_file=None)
+
+
+def _absolute_model(model: Optional[str]) -> Optional[str]:
+    """A model folder given relative to here means the same folder to the server, wherever it runs."""
+    if model and Path(model).expanduser().is_dir():
+        return str(Path(model).expanduser().resolve())
+    return model
 
 
 @app.command()
@@ -172,11 +307,17 @@ def _fmt_bytes(n: Optional[int]) -> str:
 @app.command()
 @handled
 def status(run_dir: RunDirOpt = None, as_json: JsonOpt = False) -> None:
-    """Show the server's state; exit 0 only when it is healthy."""
-    from ..process.control import collect_status
+    """Show the server's state. Exit codes (LSB): 0 running and healthy, 1 dead but a pidfile is left,
+    3 not running (stopped or failed), 4 unknown, 150 degraded (serving, not fully), 151 starting,
+    restarting or stopping."""
+    from ..process.control import collect_status, status_exit_code
 
     settings = settings_from(run_dir=run_dir)
-    st = collect_status(settings)
+    try:
+        st = collect_status(settings)
+    except Exception as exc:  # noqa: BLE001 - LSB: 4 is "status unknown"
+        err_console.print(f"[bold red]error:[/] cannot tell: {type(exc).__name__}: {exc}")
+        raise typer.Exit(4)
     if as_json:
         print(json.dumps(st, indent=2))
     else:
@@ -206,7 +347,10 @@ def status(run_dir: RunDirOpt = None, as_json: JsonOpt = False) -> None:
                 procs.add_row(r["role"], str(r["pid"]), r["status"], _fmt_bytes(r["rss_bytes"]), _fmt_bytes(r["pss_bytes"]),
                               f"{r['cpu_percent']:.0f}", "—" if r["requests"] is None else str(r["requests"]))
             console.print(procs)
-    raise typer.Exit(0 if st["healthy"] else 1)
+        for other in st.get("elsewhere", []):
+            console.print(f"[yellow]note:[/] a server runs with run dir {other['run_dir']} (pid {other['pid']},"
+                          f" port {other['port']}): rerankctl status --run-dir {other['run_dir']}", soft_wrap=True)
+    raise typer.Exit(status_exit_code(st))
 
 
 @app.command()
@@ -265,7 +409,9 @@ def watchdog(
     from ..health.probe import probe_sync
 
     settings = settings_from(host=host, port=port)
-    base = url or f"http://{'127.0.0.1' if settings.host == '0.0.0.0' else settings.host}:{settings.port}"
+    from ..process.roles import base_url
+
+    base = url or base_url(settings.host, settings.port)
     key = settings.api_key.get_secret_value() if settings.api_key else None
     deadline = timeout or settings.probe_timeout_s
     done = bad = 0

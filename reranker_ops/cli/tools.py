@@ -35,6 +35,8 @@ def bench(
     ceiling_only: Annotated[bool, typer.Option("--ceiling-only", help="Only the in-process ceiling.")] = False,
     model: ModelOpt = None,
     models_dir: ModelsDirOpt = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", help="Bearer key to send (default: RERANKER_API_KEY). \\[env: RERANKER_API_KEY]")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Load-test a /rerank endpoint (ours or infinity_emb's) and compare with the in-process ceiling."""
@@ -49,8 +51,10 @@ def bench(
         duration = 10.0
     out: dict = {}
     if not ceiling_only:
-        target = url or f"http://{'127.0.0.1' if settings.host == '0.0.0.0' else settings.host}:{settings.port}"
-        key = settings.api_key.get_secret_value() if settings.api_key and not url else None
+        from ..process.roles import base_url
+
+        target = url or base_url(settings.host, settings.port)
+        key = api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err_console, transient=True, disable=as_json) as bar:
             task = bar.add_task(f"{workload} c={concurrency} → {target}", total=requests)
@@ -122,6 +126,9 @@ def compare(
     api_b: Annotated[str, typer.Option("--api-b", help="rerank (/rerank) or cohere (/v1/rerank).")] = "rerank",
     top_k: Annotated[int, typer.Option("--top-k", help="k of the top-k overlap.")] = 3,
     timeout: Annotated[float, typer.Option("--timeout", help="Per request (s).")] = 60.0,
+    api_key_a: Annotated[Optional[str], typer.Option(
+        "--api-key-a", help="Bearer key for A (default: RERANKER_API_KEY).")] = None,
+    api_key_b: Annotated[Optional[str], typer.Option("--api-key-b", help="Bearer key for B.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Send the same queries to two rerank endpoints; agreement and latency side by side."""
@@ -132,8 +139,11 @@ def compare(
         if api not in ("rerank", "cohere"):
             raise ConfigError(f"{name} must be rerank or cohere, not {api!r}", "rerank = /rerank, cohere = /v1/rerank")
     items = load_queries(queries)
+    settings = settings_from()
+    key_a = api_key_a or (settings.api_key.get_secret_value() if settings.api_key else None)
     with err_console.status(f"comparing {len(items)} queries"):
-        out = do_compare(url_a, url_b, items, api_a=api_a, api_b=api_b, top_k=top_k, timeout=timeout)  # type: ignore[arg-type]
+        out = do_compare(url_a, url_b, items, api_a=api_a, api_b=api_b, top_k=top_k, timeout=timeout,  # type: ignore[arg-type]
+                         api_key_a=key_a, api_key_b=api_key_b)
     if as_json:
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return

@@ -7,6 +7,7 @@ built in a temporary folder beside its final place and renamed into place only a
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -422,15 +423,65 @@ def _quiet_third_parties(debug: bool) -> None:
         pass
 
 
-def _install(tmp: Path, final: Path) -> None:
-    """Swap the finished folder into place; an older variant is removed only once the new one is there."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{int(time.time() * 1000)}")
-        final.rename(old)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+BUILDS_DIR = ".builds"
+KEEP_BUILDS = 2
+IN_USE = ".in-use"
+
+
+def _install(tmp: Path, final: Path) -> Path:
+    """Land the finished folder as a build of its own and switch the ``final`` pointer to it atomically.
+
+    ``final`` (e.g. ``openvino-fp32``) is a symlink to ``.builds/openvino-fp32-<time>-<id>``: a variant is
+    never replaced in place, so a running server keeps what it loaded (and its workers respawn from it)
+    until it is reloaded. Older builds are pruned, except the newest ``KEEP_BUILDS`` and any that a
+    server holds (a shared lock on its ``.in-use`` file).
+    """
+    import secrets
+
+    builds = final.parent / BUILDS_DIR
+    builds.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    build = builds / f"{final.name}-{stamp}-{secrets.token_hex(3)}"
+    tmp.rename(build)
+    (build / IN_USE).touch()
+    if final.exists() and not final.is_symlink():  # a folder from before builds existed: becomes one
+        final.rename(builds / f"{final.name}-{stamp}-legacy-{secrets.token_hex(3)}")
+    link = final.with_name(f".{final.name}.link-{secrets.token_hex(4)}")
+    os.symlink(os.path.relpath(build, final.parent), link)
+    os.replace(link, final)  # atomic: readers see the old build or the new one, never nothing
+    prune_builds(final)
+    return build
+
+
+def prune_builds(final: Path, keep: int = KEEP_BUILDS) -> list[Path]:
+    """Remove old builds of ``final``: never the current one, never the newest ``keep``, never one in use."""
+    import fcntl
+
+    builds = final.parent / BUILDS_DIR
+    current = final.resolve() if final.is_symlink() else None
+    mine = sorted((b for b in builds.glob(f"{final.name}-*") if b.is_dir()), key=lambda b: b.stat().st_mtime,
+                  reverse=True)
+    removed = []
+    for build in mine[keep:]:
+        if current is not None and build.resolve() == current:
+            continue
+        marker = build / IN_USE
+        try:
+            fd = os.open(marker, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            fd = None
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a server runs from it
+            shutil.rmtree(build, ignore_errors=True)
+            removed.append(build)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed
 
 
 def find_variant(settings: Settings, model: Optional[str] = None) -> Path:

@@ -186,6 +186,14 @@ def download(
     folder without one is an interrupted one that the next call resumes.
     """
     validate_repo_id(repo_id)
+    target = settings.models_dir / local_name(repo_id)
+    done = complete_download(target)
+    if done is not None and (revision is None or revision_matches(done, revision)):
+        # On disk and whole: pinned means pinned. No hub is asked (works offline); --revision upgrades.
+        total = sum(int(f.get("size", 0)) for f in done.get("files", []))
+        if progress:
+            progress(total, total, f"already downloaded at {str(done.get('commit'))[:12]}")
+        return target
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
@@ -211,10 +219,9 @@ def download(
     wanted = {f: size for f, size in siblings.items() if _allowed(f)}
     total = sum(wanted.values())
     commit = info.sha
-    target = settings.models_dir / local_name(repo_id)
     target.mkdir(parents=True, exist_ok=True)
     old = read_manifest(target)
-    if old.get("commit") == commit and all((target / f).is_file() for f in wanted):
+    if old.get("commit") == commit and complete_download(target) is not None:
         if progress:
             progress(total, total, "already complete")
         return target
@@ -222,14 +229,13 @@ def download(
     (target / MANIFEST).unlink(missing_ok=True)
 
     lfs_sha = {s.rfilename: getattr(getattr(s, "lfs", None), "sha256", None) for s in (info.siblings or [])}
+    blob_ids = {s.rfilename: getattr(s, "blob_id", None) for s in (info.siblings or [])}
     done_before = sum((target / f).stat().st_size for f in wanted if (target / f).is_file())
     state = {"done": done_before}
     for rel in sorted(wanted, key=lambda f: wanted[f]):
         dest = target / rel
-        if dest.is_file() and dest.stat().st_size == wanted[rel] and (
-            lfs_sha[rel] is None or sha256_file(dest) == lfs_sha[rel]
-        ):
-            continue
+        if dest.is_file() and dest.stat().st_size == wanted[rel] and _same_content(dest, lfs_sha[rel], blob_ids[rel]):
+            continue  # this very content is already here (a size alone proves nothing across revisions)
         _fetch_file(api, repo_id, commit, rel, dest, wanted[rel], lfs_sha[rel], state, total, progress, revision)
     files = []
     for rel in sorted(wanted):
@@ -250,6 +256,45 @@ def download(
     if progress:
         progress(total, total, "done")
     return target
+
+
+def _same_content(path: Path, lfs_sha256: Optional[str], blob_id: Optional[str]) -> bool:
+    """True only if ``path`` provably holds the hub's content: LFS files by sha256, others by git blob id."""
+    if lfs_sha256:
+        return sha256_file(path) == lfs_sha256
+    if blob_id:
+        return git_blob_id(path) == blob_id
+    return False
+
+
+def git_blob_id(path: Path) -> str:
+    """git's object id of a file: sha1 of ``blob <size>\\0`` and the content (what the hub calls blobId)."""
+    import hashlib
+
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def complete_download(folder: Path) -> Optional[dict]:
+    """The manifest of a whole download (written last; every file it lists present with its size), else None.
+
+    Only this says "downloaded": a config.json alone may be left from an interrupted upgrade.
+    """
+    m = read_manifest(folder)
+    if not m.get("commit") or not m.get("files"):
+        return None
+    for f in m["files"]:
+        p = folder / f["path"]
+        if not p.is_file() or p.stat().st_size != int(f.get("size", -1)):
+            return None
+    return m
+
+
+def revision_matches(manifest: dict, revision: str) -> bool:
+    """A commit id (or an unambiguous prefix of one) that the folder already holds."""
+    commit = str(manifest.get("commit") or "")
+    rev = revision.strip().lower()
+    return len(rev) >= 7 and all(c in "0123456789abcdef" for c in rev) and commit.startswith(rev)
 
 
 def _fetch_file(api, repo_id, commit, rel, dest, size, sha256, state, total, progress, revision) -> None:
@@ -321,6 +366,17 @@ def _allowed(name: str) -> bool:
     return "/" not in name and any(fnmatch(name, pat) for pat in ALLOW_PATTERNS)
 
 
+def variant_is_current(ref: ModelRef, fmt: str, precision: str) -> bool:
+    """Converted, and from the commit the model folder holds now (an upgrade makes it stale)."""
+    variant = read_manifest(ref.variant_dir(fmt, precision))
+    if variant.get("kind") != "variant":
+        return False
+    downloaded = complete_download(ref.path)
+    if downloaded is None:  # a local folder of the user's: converted is enough
+        return True
+    return variant.get("source", {}).get("commit") == downloaded.get("commit")
+
+
 def list_variants(ref: ModelRef) -> list[dict]:
     """Converted variants of a model, each with its manifest."""
     out = []
@@ -332,3 +388,21 @@ def list_variants(ref: ModelRef) -> list[dict]:
             if m.get("kind") == "variant":
                 out.append({"dir": str(child), **m})
     return out
+
+
+def hold_build(variant_dir: Path) -> Optional[int]:
+    """Take a shared lock on a converted build's ``.in-use`` file for as long as a server runs from it, so
+    that ``convert`` never prunes it. Returns the descriptor (close it to let go), None for older layouts."""
+    import fcntl
+
+    marker = Path(variant_dir) / ".in-use"
+    try:
+        fd = os.open(marker, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd

@@ -1,0 +1,117 @@
+"""Reload: a new generation is probed, switched to, the old one drained; variants are never replaced in place."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import DOCS, QUERY, Clients, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+
+def convert_into(model: Path) -> Path:
+    from reranker_ops.config import Settings
+    from reranker_ops.models.convert import convert
+
+    [res] = convert(Settings(models_dir=model.parent, model=str(model)), str(model), formats=["openvino"],
+                    precision="fp32", bench_seconds=0)
+    return Path(res["dir"])
+
+
+def scores(server) -> list[float]:
+    r = httpx.post(server.base + "/rerank", json={"query": QUERY, "documents": DOCS}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["scores"]
+
+
+def in_process(variant: Path) -> list[float]:
+    from reranker_ops.serving.engine import Scorer, sigmoid
+
+    return sigmoid(Scorer(variant.resolve()).score(QUERY, DOCS)).tolist()
+
+
+@pytest.fixture()
+def own_model(tiny_model_dir, tiny_fp32, tmp_path) -> Path:
+    """A model folder of this test's own, converted (its pointer and builds are this test's to change)."""
+    model = tmp_path / "models" / "own-model"
+    shutil.copytree(tiny_model_dir, model)
+    convert_into(model)
+    return model
+
+
+def test_convert_under_a_running_server_changes_nothing_until_reload(make_server, own_model, tmp_path):
+    from reranker_ops.models.synthetic import build_model
+
+    server = make_server(model_dir=own_model, workers=2, request_timeout_s=20)
+    before = scores(server)
+    first_build = (own_model / "openvino-fp32").resolve()
+    assert (own_model / "openvino-fp32").is_symlink() and first_build.parent.name == ".builds"
+    # new weights (another seed), converted into the same variant name while the server runs
+    other = build_model(tmp_path / "other", shape="tiny", seed=7)
+    shutil.copy2(other / "model.safetensors", own_model / "model.safetensors")
+    convert_into(own_model)
+    second_build = (own_model / "openvino-fp32").resolve()
+    assert second_build != first_build and first_build.is_dir()  # the running server's build is kept
+    expected_new = in_process(second_build)
+    assert not np.allclose(expected_new, before, atol=1e-4)  # the test can tell the two apart
+    # kill a worker: its replacement must load what the server loaded, not the new pointer
+    [victim, _] = server.processes()["score"]
+    import os
+    import signal
+
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: len(server.processes().get("score", [])) == 2 and victim not in server.processes()["score"],
+               30, 0.2, what="worker replaced")
+    for _ in range(6):
+        assert np.allclose(scores(server), before, atol=1e-6)
+    # reload under steady load: no request fails, and afterwards the answers are the new build's
+    with Clients(server.base, 20, n=8) as clients:
+        wait_until(lambda: sum(1 for *_, o in clients.records if o == 200) >= 10, 30, what="traffic flowing")
+        t0 = time.monotonic()
+        res = server.cli("reload", timeout=180)
+        took = time.monotonic() - t0
+        assert res.returncode == 0, res.stdout + res.stderr
+        n = len(clients.records)
+        wait_until(lambda: len(clients.records) >= n + 16, 30, what="traffic after the switch")
+    print(f"reload under c=8 took {took:.1f}s: {res.stdout.strip()}")
+    outcomes = {o for *_, o in clients.records}
+    assert outcomes == {200}, outcomes
+    assert np.allclose(scores(server), expected_new, atol=1e-5)
+    st = server.status()
+    assert st["healthy"]
+    assert "PSS" in res.stdout  # memory of the overlap is reported
+
+
+def test_reload_to_a_broken_variant_keeps_serving_the_old_one(make_server, own_model, tmp_path):
+    broken = tmp_path / "models" / "broken-model"
+    shutil.copytree(own_model, broken, symlinks=True)
+    weights = (broken / "openvino-fp32").resolve() / "openvino_model.bin"
+    weights.write_bytes(weights.read_bytes()[:100])
+    server = make_server(model_dir=own_model, workers=2, request_timeout_s=20)
+    before = scores(server)
+    with Clients(server.base, 20, n=8) as clients:
+        wait_until(lambda: sum(1 for *_, o in clients.records if o == 200) >= 10, 30, what="traffic flowing")
+        res = server.cli("reload", "--model", str(broken), timeout=180)
+        n = len(clients.records)
+        wait_until(lambda: len(clients.records) >= n + 16, 30, what="traffic after the failed reload")
+    assert res.returncode != 0
+    assert "reload failed" in res.stderr and "still serving" in res.stderr, res.stderr
+    assert {o for *_, o in clients.records} == {200}
+    assert np.allclose(scores(server), before, atol=1e-6)
+    st = server.status()
+    assert st["healthy"] and st["restarts"] == {"worker": 0, "server": 0}
+
+
+def test_sighup_alone_reloads_what_the_pointer_names(make_server, own_model):
+    server = make_server(model_dir=own_model)
+    res = server.cli("reload")
+    assert res.returncode == 0, res.stderr
+    assert scores(server)
+    res = server.cli("reload", "--precision", "int8")
+    assert res.returncode != 0 and "no openvino-int8 conversion" in res.stderr, res.stderr
