@@ -47,6 +47,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_model_dir() -> Path:
+    """A tiny cross-encoder trained here on a synthetic relevance task (cached across sessions): the model
+    on which reduced precision and tokenization are judged, since a random one ranks nothing."""
+    from reranker_ops.models.trained import cached_trained_model
+
+    model = cached_trained_model(Path(os.environ.get("RERANKCTL_TEST_CACHE", "/var/tmp/rerankctl-test-cache")))
+    quality = _json.loads((model / "training.json").read_text())["held_out"]
+    assert quality["ndcg@10"] >= 0.85 and quality["mrr"] >= 0.85, f"the trained model does not rank: {quality}"
+    return model
+
+
+@pytest.fixture(scope="session")
 def tiny_fp32(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny model converted to OpenVINO FP32 by the real convert code (parity checked)."""
     from reranker_ops.config import Settings

@@ -58,45 +58,89 @@ def test_convert_all_formats_fp32_with_parity(model_copy):
         assert (model_copy / f"{fmt}-fp32").resolve().parent == (model_copy / ".builds").resolve()
 
 
+@pytest.fixture()
+def trained_copy(trained_model_dir, tmp_path) -> Path:
+    dst = tmp_path / "models" / "trained"
+    shutil.copytree(trained_model_dir, dst)
+    return dst
+
+
+def _task_scores(source: Path, variant: Path):
+    """The trained model's held-out queries scored by transformers and by the serving engine."""
+    from reranker_ops.models.convert import load_reference, model_max_length, reference_scores
+    from reranker_ops.models.evalset import load_eval_jsonl
+    from reranker_ops.serving.engine import Scorer, sigmoid
+
+    items = load_eval_jsonl(source / "eval.jsonl")
+    tok, model = load_reference(source)
+    scorer = Scorer(variant)
+    ref = [reference_scores(tok, model, it["query"], it["passages"], model_max_length(tok, model)) for it in items]
+    got = [sigmoid(scorer.score(it["query"], it["passages"])) for it in items]
+    return items, ref, got
+
+
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int8-weights"])
-def test_convert_reduced_precisions(model_copy, precision):
-    res = run_cli(["convert", str(model_copy), "--precision", precision, "--bench-seconds", "0.2"], timeout=240)
+def test_convert_reduced_precisions_keep_the_ranking_of_a_trained_model(trained_copy, precision):
+    """Judged on a model trained here (a random one ranks nothing, so any perturbation 'reorders' it)."""
+    from reranker_ops.models.trained import ranking_quality
+
+    res = run_cli(["convert", str(trained_copy), "--precision", precision, "--bench-seconds", "0.2",
+                   "--eval", str(trained_copy / "eval.jsonl"), "--calibration", str(trained_copy / "calibration.jsonl")],
+                  timeout=240)
     assert res.returncode == 0, res.stderr
-    variant = model_copy / f"openvino-{precision}"
-    manifest = json.loads((variant / "manifest.json").read_text())
-    parity = manifest["parity"]
+    variant = trained_copy / f"openvino-{precision}"
+    parity = json.loads((variant / "manifest.json").read_text())["parity"]
     assert parity["passed"] and parity["mean_spearman"] >= 0.9 - 1e-9 and parity["top1_agreement"] >= 0.8
-    ref, got = _reference_and_served(model_copy, variant)
+    assert parity["ndcg@10_vs_reference"] >= 0.95 and parity["queries"] == 40
+    items, ref, got = _task_scores(trained_copy, variant)
     assert max(float(np.max(np.abs(r - g))) for r, g in zip(ref, got)) == pytest.approx(parity["max_abs_diff"], rel=1e-6)
-    listed = run_cli(["convert", str(model_copy), "--list", "--json"])
+    # the task's own quality is kept: the served variant ranks the held-out queries as well as the original
+    q_ref = ranking_quality(lambda q, ps: ref[[it["query"] for it in items].index(q)], items)
+    q_got = ranking_quality(lambda q, ps: got[[it["query"] for it in items].index(q)], items)
+    print(f"{precision}: NDCG@10 {q_ref['ndcg@10']} -> {q_got['ndcg@10']}, MRR {q_ref['mrr']} -> {q_got['mrr']},"
+          f" max |diff| {parity['max_abs_diff']:.3f}")
+    assert q_got["ndcg@10"] >= q_ref["ndcg@10"] - 0.02 and q_got["mrr"] >= q_ref["mrr"] - 0.05
+    assert parity["ndcg@10"]["candidate"] == pytest.approx(q_got["ndcg@10"], abs=1e-3)
+    listed = run_cli(["convert", str(trained_copy), "--list", "--json"])
     assert listed.returncode == 0
     assert [v["precision"] for v in json.loads(listed.stdout)] == [precision]
 
 
-def test_int8_calibration_file_is_used(model_copy, tmp_path):
-    from reranker_ops.models.synthetic import generated_corpus
-
+def test_int8_calibration_file_is_used(trained_copy, tmp_path):
     # A degenerate calibration set (one query, near-identical passages) gives a bad INT8 that parity rejects:
     # proof that the file is what calibrates, and that nothing is installed when parity fails.
     poor = tmp_path / "poor.jsonl"
-    poor.write_text("\n".join(json.dumps({"query": "борщ", "passage": f"суп номер {i}"}) for i in range(12)))
-    res = run_cli(["convert", str(model_copy), "--precision", "int8", "--calibration", str(poor),
-                   "--bench-seconds", "0"], timeout=240)
-    assert res.returncode == 7 and "does not score like the original" in res.stderr
-    assert not (model_copy / "openvino-int8").exists()
-
-    corpus = generated_corpus(200, seed=7)
-    varied = tmp_path / "varied.jsonl"
-    varied.write_text("\n".join(json.dumps({"query": corpus[i], "passage": corpus[i + 100]}) for i in range(60)))
-    res = run_cli(["convert", str(model_copy), "--precision", "int8", "--calibration", str(varied),
-                   "--bench-seconds", "0"], timeout=240)
+    poor.write_text("\n".join(json.dumps({"query": "кака", "passage": f"кака {i}"}) for i in range(12)))
+    evalset = ["--eval", str(trained_copy / "eval.jsonl"), "--bench-seconds", "0"]
+    res = run_cli(["convert", str(trained_copy), "--precision", "int8", "--calibration", str(poor), *evalset],
+                  timeout=240)
+    assert res.returncode == 7 and "does not score like the original" in res.stderr, res.stderr
+    assert not (trained_copy / "openvino-int8").exists()
+    res = run_cli(["convert", str(trained_copy), "--precision", "int8", "--calibration",
+                   str(trained_copy / "calibration.jsonl"), *evalset], timeout=240)
     assert res.returncode == 0, res.stderr
-    assert json.loads((model_copy / "openvino-int8" / "manifest.json").read_text())["parity"]["passed"]
+    assert json.loads((trained_copy / "openvino-int8" / "manifest.json").read_text())["parity"]["passed"]
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": 1}\n')
-    res = run_cli(["convert", str(model_copy), "--precision", "int8", "--calibration", str(bad)])
+    res = run_cli(["convert", str(trained_copy), "--precision", "int8", "--calibration", str(bad)])
     assert res.returncode != 0 and "bad.jsonl:1" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_the_trained_model_really_ranks(trained_model_dir):
+    """Its held-out quality is recorded, and far above what random scores give."""
+    import random
+
+    from reranker_ops.models.evalset import load_eval_jsonl
+    from reranker_ops.models.trained import ranking_quality
+
+    quality = json.loads((trained_model_dir / "training.json").read_text())["held_out"]
+    items = load_eval_jsonl(trained_model_dir / "eval.jsonl")
+    rng = random.Random(0)
+    chance = ranking_quality(lambda q, ps: [rng.random() for _ in ps], items)
+    print(f"trained: {quality}; random scores: {chance}")
+    assert quality["ndcg@10"] >= 0.85 and quality["mrr"] >= 0.85
+    assert quality["ndcg@10"] - chance["ndcg@10"] >= 0.2 and quality["mrr"] - chance["mrr"] >= 0.3
 
 
 def test_parity_check_bites_on_dropped_segment_ids_and_wrong_truncation(tiny_fp32, tmp_path):
@@ -168,3 +212,32 @@ def test_missing_convert_extra_is_one_clear_line(model_copy, tmp_path):
 def test_onnx_rejects_reduced_precision(model_copy):
     res = run_cli(["convert", str(model_copy), "--format", "onnx", "--precision", "int8"])
     assert res.returncode != 0 and "fp32 only" in res.stderr
+
+
+def test_a_tokenizer_config_that_disagrees_with_tokenizer_json_converts_and_serves_like_transformers(
+        tiny_model_dir, tmp_path, make_server):
+    """tokenizer_config.json says do_lower_case while tokenizer.json keeps case: transformers lowercases
+    (it rebuilds the tokenizer from the config). The server must tokenize as the reference does."""
+    from reranker_ops.models.convert import load_reference, model_max_length, reference_scores
+
+    model = tmp_path / "models" / "cased-json"
+    shutil.copytree(tiny_model_dir, model)
+    tj = json.loads((model / "tokenizer.json").read_text())
+    tj["normalizer"]["lowercase"] = False
+    (model / "tokenizer.json").write_text(json.dumps(tj))
+    tc = json.loads((model / "tokenizer_config.json").read_text())
+    tc["do_lower_case"] = True
+    (model / "tokenizer_config.json").write_text(json.dumps(tc))
+    tok, ref_model = load_reference(model)
+    assert tok("Борщ MOSEC")["input_ids"] == tok("борщ mosec")["input_ids"]  # the reference lowercases
+    res = run_cli(["convert", str(model), "--precision", "fp32", "--bench-seconds", "0"], timeout=240)
+    assert res.returncode == 0, res.stderr
+    parity = json.loads((model / "openvino-fp32" / "manifest.json").read_text())["parity"]
+    assert parity["max_abs_diff"] <= 1e-4 and parity["tokens"]["agree"]
+    server = make_server(model_dir=model)
+    import httpx
+
+    docs = ["Борщ — СУП из Свёклы.", "MOSEC Server", "Завтра ДОЖДЬ."]
+    got = httpx.post(server.base + "/rerank", json={"query": "Как Приготовить БОРЩ", "documents": docs}).json()
+    want = reference_scores(tok, ref_model, "Как Приготовить БОРЩ", docs, model_max_length(tok, ref_model))
+    np.testing.assert_allclose(got["scores"], want, atol=1e-4)

@@ -59,6 +59,9 @@ def convert(
     calibration: Annotated[
         Optional[Path], typer.Option("--calibration", help="JSONL of {query, passage} to calibrate INT8 on.")
     ] = None,
+    eval_file: Annotated[
+        Optional[Path], typer.Option("--eval", help='JSONL of {query, passages, grades?} to judge parity on (default: built-in).')
+    ] = None,
     bench_seconds: Annotated[float, typer.Option("--bench-seconds", help="Micro-benchmark length (0: skip).")] = 3.0,
     list_: Annotated[bool, typer.Option("--list", help="List the converted variants and exit.")] = False,
     if_missing: Annotated[
@@ -93,6 +96,7 @@ def convert(
             formats=formats,
             precision=settings.precision,
             calibration=calibration,
+            eval_file=eval_file,
             bench_seconds=bench_seconds,
             step=lambda msg: status.update(msg),
         )

@@ -21,7 +21,8 @@ from ..config import Settings
 from ..errors import ConfigError, ConvertError, ModelNotFound, ParityError, missing_extra
 from ..serving.engine import Scorer, sigmoid
 from . import store
-from .evalset import CALIBRATION_SET, EVAL_SET, load_pairs_jsonl
+from .evalset import CALIBRATION_SET, EVAL_SET, load_eval_jsonl, load_pairs_jsonl
+from .trained import ndcg_at
 
 FORMATS = ("openvino", "onnx")
 PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
@@ -80,6 +81,33 @@ def load_reference(folder: Path):
             "the weights may be corrupt or truncated: delete the folder and download it again",
         ) from exc
     return tok, model
+
+
+def save_effective_tokenizer(tok, path: Path) -> None:
+    """The tokenizer transformers actually uses, not the folder's tokenizer.json: transformers 5 rebuilds a
+    BERT tokenizer from tokenizer_config.json (do_lower_case, strip_accents, ...), which can disagree with
+    tokenizer.json. The server must split text exactly as the reference does."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise ConvertError("the reference tokenizer is not a fast tokenizer", "save the model with a fast tokenizer")
+    backend.save(str(path))
+
+
+def token_agreement(tok, tokenizer_json: Path, max_length: int, eval_set: Sequence[dict]) -> dict:
+    """Do the serving tokenizer and the reference split every eval pair into the same ids and segments?"""
+    from ..serving.engine import Tokenizer
+
+    serving = Tokenizer(tokenizer_json, max_length)
+    pairs = [(item["query"], p) for item in eval_set for p in item["passages"]]
+    for i, (q, p) in enumerate(pairs):
+        ref = tok(q, p, truncation=True, max_length=max_length, return_token_type_ids=True)
+        [got] = serving.encode_items([(q, p)])
+        if list(ref["input_ids"]) != got.ids.tolist() or list(ref["token_type_ids"]) != got.type_ids.tolist():
+            ref_t = tok.convert_ids_to_tokens(ref["input_ids"])[:12]
+            got_t = tok.convert_ids_to_tokens(got.ids.tolist())[:12]
+            return {"agree": False, "pairs": len(pairs), "first_difference": i,
+                    "detail": f"pair {i}: transformers {ref_t} vs served {got_t}"}
+    return {"agree": True, "pairs": len(pairs)}
 
 
 def model_max_length(tok, model) -> int:
@@ -172,6 +200,16 @@ def check_parity(
         ref.append(reference_scores(tok, model, item["query"], item["passages"], ref_max))
         cand.append(sigmoid(scorer.score(item["query"], item["passages"])))
     report = compare_scores(ref, cand)
+    graded = [item for item in eval_set if item.get("grades")]
+    if graded:
+        by_query = {id(item): i for i, item in enumerate(eval_set)}
+        report["ndcg@10"] = {
+            "reference": round(float(np.mean([ndcg_at(ref[by_query[id(it)]], it["grades"]) for it in graded])), 4),
+            "candidate": round(float(np.mean([ndcg_at(cand[by_query[id(it)]], it["grades"]) for it in graded])), 4),
+        }
+    # NDCG@10 of the candidate's ranking, taking the reference's scores as graded relevance: 1.0 when the
+    # order of what matters (the reference's top) is kept
+    report["ndcg@10_vs_reference"] = round(float(np.mean([ndcg_at(c, list(r)) for r, c in zip(ref, cand)])), 4)
     if precision == "fp32":
         limits = {"max_abs_diff": FP32_ATOL, "min_spearman": None, "top1_agreement": None}
         ok = report["max_abs_diff"] <= FP32_ATOL
@@ -180,12 +218,14 @@ def check_parity(
             "max_abs_diff": settings.parity_max_abs_diff,
             "mean_spearman": settings.parity_min_spearman,
             "top1_agreement": settings.parity_min_top1,
+            "ndcg@10_vs_reference": settings.parity_min_ndcg,
         }
         eps = 1e-9  # one swap in five passages is exactly 0.9, and must not fail on float rounding
         ok = (
             report["max_abs_diff"] <= settings.parity_max_abs_diff
             and report["mean_spearman"] >= settings.parity_min_spearman - eps
             and report["top1_agreement"] >= settings.parity_min_top1 - eps
+            and report["ndcg@10_vs_reference"] >= settings.parity_min_ndcg - eps
         )
     report["limits"] = limits
     report["passed"] = bool(ok)
@@ -311,6 +351,7 @@ def convert(
     formats: Sequence[str] = ("openvino",),
     precision: str = "fp32",
     calibration: Optional[Path] = None,
+    eval_file: Optional[Path] = None,
     bench_seconds: float = 3.0,
     step: Step = _noop,
 ) -> list[dict]:
@@ -333,6 +374,7 @@ def convert(
     step("checking the source model")
     check_source(source)
     pairs = load_pairs_jsonl(calibration) if calibration else CALIBRATION_SET
+    eval_set = load_eval_jsonl(eval_file) if eval_file else EVAL_SET
     step("loading the PyTorch reference")
     tok, torch_model = load_reference(source)
     max_length = model_max_length(tok, torch_model)
@@ -352,7 +394,7 @@ def convert(
                     fp32_tmp = Path(tempfile.mkdtemp(prefix=".fp32-", dir=str(source)))
                     try:
                         _export_openvino(source, fp32_tmp)
-                        shutil.copy2(source / "tokenizer.json", tmp / "tokenizer.json")
+                        save_effective_tokenizer(tok, tmp / "tokenizer.json")
                         if precision in ("int8",):
                             step(f"calibrating INT8 on {len(pairs)} pairs")
                         feeds = _calibration_feeds(tmp, max_length, pairs)
@@ -361,8 +403,8 @@ def convert(
                         shutil.rmtree(fp32_tmp, ignore_errors=True)
             else:
                 _export_onnx(source, tmp, torch_model)
-            for name in ("tokenizer.json", "config.json"):
-                shutil.copy2(source / name, tmp / name)
+            save_effective_tokenizer(tok, tmp / "tokenizer.json")
+            shutil.copy2(source / "config.json", tmp / "config.json")
             manifest = {
                 "kind": "variant",
                 "format": fmt,
@@ -378,13 +420,24 @@ def convert(
                 "export_seconds": round(time.perf_counter() - t0, 2),
             }
             store.write_json_atomic(tmp / "manifest.json", manifest)
+            step("checking that the server tokenizes like transformers")
+            tokens = token_agreement(tok, tmp / "tokenizer.json", max_length, eval_set)
+            if not tokens["agree"]:
+                raise ConvertError(
+                    f"the serving tokenizer does not split text like transformers ({tokens['detail']})",
+                    "a bug in rerankctl or an unusual tokenizer: report it with the model's tokenizer files",
+                )
             step(f"checking parity of {fmt} {precision} through the serving path")
-            parity = check_parity(settings, source, tmp, precision, reference=(tok, torch_model))
+            parity = check_parity(settings, source, tmp, precision, reference=(tok, torch_model), eval_set=eval_set)
+            parity["tokens"] = tokens
+            if eval_file:
+                parity["eval_set"] = str(eval_file)
             manifest["parity"] = parity
             if not parity["passed"]:
                 raise ParityError(
                     f"{fmt} {precision} does not score like the original: max |diff| {parity['max_abs_diff']:.2e}, "
-                    f"mean Spearman {parity['mean_spearman']:.3f}, top-1 agreement {parity['top1_agreement']:.0%}",
+                    f"mean Spearman {parity['mean_spearman']:.3f}, top-1 agreement {parity['top1_agreement']:.0%}, "
+                    f"NDCG@10 vs the original {parity['ndcg@10_vs_reference']:.3f}",
                     "nothing was installed; try another precision, or loosen the RERANKER_PARITY_* limits",
                 )
             if bench_seconds > 0:

@@ -95,3 +95,25 @@ def load_pairs_jsonl(path: Path) -> list[tuple[str, str]]:
         return q, p
 
     return read_jsonl(path, parse, '{"query": "...", "passage": "..."}')
+
+
+def load_eval_jsonl(path: Path) -> list[dict]:
+    """Read ``{"query": ..., "passages": [...], "grades"?: [...]}`` lines (``documents`` also accepted).
+
+    With ``grades`` (graded relevance, higher is better) the parity report adds each side's NDCG@10.
+    """
+
+    def parse(obj: Any) -> dict:
+        q = obj["query"]
+        ps = obj.get("passages", obj.get("documents"))
+        if not isinstance(q, str) or not isinstance(ps, list) or not ps or not all(isinstance(p, str) for p in ps):
+            raise TypeError("query must be a string and passages a non-empty list of strings")
+        item = {"query": q, "passages": ps}
+        if obj.get("grades") is not None:
+            g = obj["grades"]
+            if not isinstance(g, list) or len(g) != len(ps):
+                raise TypeError("grades must be a list with one number per passage")
+            item["grades"] = [float(x) for x in g]
+        return item
+
+    return read_jsonl(path, parse, '{"query": "...", "passages": ["...", "..."], "grades": [2, 0]}')

@@ -27,11 +27,18 @@ CHILD_ENV_DROP = {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS"
                   "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GITHUB_TOKEN"}
 
 
-def child_environment(base: dict[str, str], instance_env: str, instance: str) -> dict[str, str]:
+def child_environment(base: dict[str, str], instance_env: str, instance: str, home: Optional[Path] = None
+                      ) -> dict[str, str]:
     """The environment MOSEC gets: the caller's, minus every secret and setting of ours (MOSEC reads its
-    configuration from the file we write, and its workers never need a key or a token)."""
+    configuration from the file we write, and its workers never need a key or a token).
+
+    ``home``: used as HOME when there is none (a service's dynamic user): importing OpenVINO looks up the
+    home directory (its telemetry's consent file) and fails the worker's start without one.
+    """
     env = {k: v for k, v in base.items()
            if not k.startswith(CHILD_ENV_DROP_PREFIXES) and k not in CHILD_ENV_DROP}
+    if home is not None and not env.get("HOME"):
+        env["HOME"] = str(home)
     env[instance_env] = instance
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -134,6 +134,18 @@ def _start_failure(settings: Settings, code: int, boot: Path):
     return err
 
 
+def _write_request(settings: Settings, name: str, data: dict) -> None:
+    """A request for the supervisor, in its run dir, readable by it: root (an operator next to a systemd
+    service's dynamic user) hands the file to the run dir's owner; it stays private (0600)."""
+    from ..models.store import write_json_atomic
+
+    path = settings.run_dir / name
+    write_json_atomic(path, data)
+    if os.geteuid() == 0:
+        st = settings.run_dir.stat()
+        os.chown(path, st.st_uid, st.st_gid)
+
+
 def stop_server(settings: Settings, timeout: Optional[float] = None) -> dict:
     """SIGTERM the supervisor (it drains, then kills MOSEC's group); SIGKILL everything past the deadline."""
     timeout = settings.stop_timeout_s if timeout is None else timeout
@@ -170,9 +182,7 @@ def stop_server(settings: Settings, timeout: Optional[float] = None) -> dict:
     t0 = time.monotonic()
     # the server's own drain follows this deadline (it reads the request when SIGTERM arrives), so a short
     # --timeout is a short drain, not a SIGKILL in the middle of one
-    from ..models.store import write_json_atomic
-
-    write_json_atomic(settings.run_dir / "stop-request.json", {"drain_s": timeout, "pid": info.pid})
+    _write_request(settings, "stop-request.json", {"drain_s": timeout, "pid": info.pid})
     proc.send_signal(signal.SIGTERM)
     forced = False
     try:
@@ -327,9 +337,7 @@ def reload_server(settings: Settings, request: dict, timeout: Optional[float] = 
     if proc is None:
         raise ReloadError(f"pid {info.pid} in the pidfile is not the running server", "see: rerankctl status")
     rid = uuid.uuid4().hex
-    from ..models.store import write_json_atomic
-
-    write_json_atomic(settings.run_dir / "reload-request.json", {"id": rid, **request})
+    _write_request(settings, "reload-request.json", {"id": rid, **request})
     proc.send_signal(signal.SIGHUP)
     limit = timeout if timeout is not None else settings.startup_timeout_s + settings.request_timeout_s + 30
     deadline = time.monotonic() + limit

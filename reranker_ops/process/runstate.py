@@ -214,7 +214,12 @@ def kill_instance(instance: str, sig: int = 9, timeout: float = 10.0) -> list[in
 
 # --- where servers run: a per-user registry, so 'status' from anywhere can point at a running server -----
 def registry_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    base = os.environ.get("XDG_STATE_HOME")
+    if not base:
+        home = os.path.expanduser("~")
+        if home == "~":  # no home directory (a service's dynamic user): no registry
+            raise OSError("no home directory")
+        base = os.path.join(home, ".local", "state")
     return Path(base) / "rerankctl" / "servers"
 
 
@@ -231,7 +236,7 @@ def register_server(instance: str, data: dict) -> Optional[Path]:
 
 
 def unregister_server(instance: str) -> None:
-    try:
+    try:  # noqa: SIM105
         (registry_dir() / f"{instance}.json").unlink(missing_ok=True)
     except OSError:
         pass
@@ -239,7 +244,7 @@ def unregister_server(instance: str) -> None:
 
 def registered_servers() -> list[dict]:
     """Every registered server that still runs (pid and start ticks match); stale entries are dropped."""
-    out = []
+    out: list[dict] = []
     try:
         entries = sorted(registry_dir().glob("*.json"))
     except OSError:

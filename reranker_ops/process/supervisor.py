@@ -460,7 +460,7 @@ class Supervisor:
         secret = secrets.token_hex(16).encode("ascii")
         port = free_port()
         cfg = self._child_config(number, port, secret, variant_dir, model_name)
-        env = child_environment(dict(os.environ), INSTANCE_ENV, self.instance)
+        env = child_environment(dict(os.environ), INSTANCE_ENV, self.instance, home=self.settings.run_dir)
         env[GENERATION_ENV] = f"{self.instance}.{number}"
         gen = await Generation.spawn(number, cfg, port, env, self.settings.run_dir,
                                      self.settings.startup_timeout_s, self.log, self.tail)
