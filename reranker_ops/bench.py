@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Optional
 
 from .models.synthetic import BENCH_RU_WORDS as _RU
 
-WORKLOADS = ("tiny", "rag", "mixed")
+WORKLOADS = ("tiny", "rag", "mixed", "short", "long")
 
 def _text(rng: random.Random, chars: int) -> str:
     words: list[str] = []
@@ -39,6 +39,10 @@ def make_request(workload: str, rng: random.Random, n: int) -> dict:
         docs = [_text(rng, rng.randint(540, 660)) for _ in range(20)]
     elif workload == "mixed":
         docs = [_text(rng, rng.randint(20, 3000)) for _ in range(rng.randint(1, 100))]
+    elif workload == "short":  # a chat turn: five short passages
+        docs = [_text(rng, rng.randint(60, 200)) for _ in range(5)]
+    elif workload == "long":  # a batch job: a hundred long passages
+        docs = [_text(rng, 1000) for _ in range(100)]
     else:
         raise ValueError(f"unknown workload {workload!r}")
     return {"query": query, "documents": docs}
@@ -247,3 +251,39 @@ def run_ceiling(
             "latency_ms_p50": round(percentile(s_lat, 0.5) * 1000, 2),
         },
     }
+
+
+MIXED_TARGETS = {"short_p95_ratio_max": 10.0, "long_pairs_ratio_min": 0.9, "short_failed_max": 0}
+
+
+def run_mixed(url: str, *, seconds: float = 60.0, timeout: float = 600.0, api_key: Optional[str] = None,
+              short_c: int = 2, long_c: int = 2, seed: int = 0) -> dict:
+    """Short requests alone, long requests alone, then both at once (same server, one run)."""
+    kw = dict(timeout=timeout, api_key=api_key, warmup=1)
+    short_alone = run_load(url, workload="short", concurrency=short_c, duration=seconds / 2, seed=seed, **kw)
+    long_alone = run_load(url, workload="long", concurrency=long_c, duration=seconds, seed=seed + 1, **kw)
+    out: dict = {}
+
+    def long_side() -> None:
+        out["long"] = run_load(url, workload="long", concurrency=long_c, duration=seconds, seed=seed + 2, **kw)
+
+    t = threading.Thread(target=long_side)
+    t.start()
+    time.sleep(min(5.0, seconds / 10))  # the long load is under way before the short clients start
+    short_mixed = run_load(url, workload="short", concurrency=short_c, duration=seconds - min(5.0, seconds / 10),
+                           seed=seed + 3, **kw)
+    t.join()
+    long_mixed = out["long"]
+    sa, sm, la, lm = (r.summary() for r in (short_alone, short_mixed, long_alone, long_mixed))
+    report = {
+        "short_alone": sa, "short_mixed": sm, "long_alone": la, "long_mixed": lm,
+        "short_p95_ratio": round(sm["latency_ms"]["p95"] / sa["latency_ms"]["p95"], 2) if sa["latency_ms"]["p95"] else None,
+        "long_pairs_ratio": round(lm["pairs_per_s"] / la["pairs_per_s"], 3) if la["pairs_per_s"] else None,
+        "short_failed": sm["requests"] - sm["ok"],
+        "targets": MIXED_TARGETS,
+    }
+    report["met"] = bool(
+        report["short_p95_ratio"] is not None and report["short_p95_ratio"] <= MIXED_TARGETS["short_p95_ratio_max"]
+        and report["long_pairs_ratio"] is not None and report["long_pairs_ratio"] >= MIXED_TARGETS["long_pairs_ratio_min"]
+        and report["short_failed"] <= MIXED_TARGETS["short_failed_max"])
+    return report

@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     queue_capacity: int = Field(256, ge=2, description="Requests queued in MOSEC before 429.")
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline of one request (408/504 past it).")
 
+    # --- fair scheduling: the unit of work is text, not a request ----------------------------------------
+    split_bytes: int = Field(4096, ge=0, description="Request bodies larger than this are split by the gate into chunks that interleave with other requests; 0 = never.")
+    chunk_chars: int = Field(3000, ge=100, description="Characters of query + passage text per chunk of a split request.")
+    schedule_budget_chars: int = Field(0, ge=0, description="Characters of work outstanding in MOSEC at once; 0 = 1.5 chunks per worker.")
+
     # --- the front door: admission and connection deadlines ---------------------------------------------
     max_in_flight: int = Field(0, ge=0, description="Requests admitted at once, beyond that 429; 0 = queue_capacity - 1 (one slot stays free for the canary).")
     max_buffered_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="Request bodies held in memory at once, beyond that 429.")
@@ -145,6 +150,9 @@ class Settings(BaseSettings):
         """Never more than MOSEC can queue, less one place for the canary: MOSEC itself never says 429."""
         room = max(1, self.queue_capacity - 1)
         return min(self.max_in_flight, room) if self.max_in_flight else room
+
+    def effective_schedule_budget(self) -> int:
+        return self.schedule_budget_chars or int(self.chunk_chars * 1.5 * 2 * self.workers)
 
     def effective_threads(self) -> int:
         if self.threads:

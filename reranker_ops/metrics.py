@@ -26,6 +26,11 @@ class Metrics:
         self.probes: dict[str, int] = defaultdict(int)
         self.last_probe_latency = float("nan")
         self.restarts: dict[str, int] = defaultdict(int)
+        self.sched_counts: dict[tuple[str, str], list[int]] = {}
+        self.sched_sum: dict[tuple[str, str], float] = defaultdict(float)
+        self.sched_n: dict[tuple[str, str], int] = defaultdict(int)
+        self.dropped_units: dict[str, int] = defaultdict(int)
+        self.dropped_pairs = 0
 
     def observe_request(self, route: str, code: int, seconds: float) -> None:
         with self._lock:
@@ -36,6 +41,23 @@ class Metrics:
                     buckets[i] += 1
             self.duration_sum[route] += seconds
             self.duration_n[route] += 1
+
+    def observe_schedule(self, lane: str, wait: float, service: float) -> None:
+        """A unit of work: its wait in the gate's queue, and its time in MOSEC (queue there + scoring)."""
+        with self._lock:
+            for name, value in (("wait", wait), ("service", service)):
+                key = (lane, name)
+                buckets = self.sched_counts.setdefault(key, [0] * len(DURATION_BUCKETS))
+                for i, b in enumerate(DURATION_BUCKETS):
+                    if value <= b:
+                        buckets[i] += 1
+                self.sched_sum[key] += value
+                self.sched_n[key] += 1
+
+    def count_dropped(self, lane: str, pairs: int) -> None:
+        with self._lock:
+            self.dropped_units[lane] += 1
+            self.dropped_pairs += pairs
 
     def observe_probe(self, ok: bool, latency: float | None) -> None:
         with self._lock:
@@ -66,6 +88,24 @@ class Metrics:
                 )
                 out.append(f"reranker_request_duration_seconds_sum{_labels([('route', route)])} {self.duration_sum[route]}")
                 out.append(f"reranker_request_duration_seconds_count{_labels([('route', route)])} {self.duration_n[route]}")
+            for name, what in (("wait", "in the gate's fair queue"), ("service", "in MOSEC (its queue and scoring)")):
+                metric = f"reranker_schedule_{name}_seconds"
+                out += [f"# HELP {metric} Time a unit of work (small request or chunk of a large one) spent {what}.",
+                        f"# TYPE {metric} histogram"]
+                for (lane, kind), buckets in sorted(self.sched_counts.items()):
+                    if kind != name:
+                        continue
+                    for b, n in zip(DURATION_BUCKETS, buckets):
+                        out.append(f"{metric}_bucket{_labels([('class', lane), ('le', b)])} {n}")
+                    out.append(f"{metric}_bucket{_labels([('class', lane), ('le', '+Inf')])} {self.sched_n[(lane, kind)]}")
+                    out.append(f"{metric}_sum{_labels([('class', lane)])} {self.sched_sum[(lane, kind)]}")
+                    out.append(f"{metric}_count{_labels([('class', lane)])} {self.sched_n[(lane, kind)]}")
+            out += ["# HELP reranker_dropped_units_total Work dropped before scoring: its client went away or its deadline passed.",
+                    "# TYPE reranker_dropped_units_total counter"]
+            for lane in ("small", "chunk"):
+                out.append(f"reranker_dropped_units_total{_labels([('class', lane)])} {self.dropped_units[lane]}")
+            out += ["# HELP reranker_dropped_pairs_total Pairs of split requests never scored because nobody waited for them.",
+                    "# TYPE reranker_dropped_pairs_total counter", f"reranker_dropped_pairs_total {self.dropped_pairs}"]
             out += ["# HELP reranker_requests_in_flight Requests being answered now.",
                     "# TYPE reranker_requests_in_flight gauge", f"reranker_requests_in_flight {self.in_flight}"]
             out += ["# HELP reranker_pairs_scored_total Query/passage pairs scored by the model.",

@@ -74,8 +74,12 @@ def test_the_canary_rule_restarts_a_wedged_server_but_not_an_overloaded_one():
 
 def test_restart_budget_and_backoff():
     p = policy()
-    assert [p.allow_restart(t) for t in (0, 1, 2)] == [True, True, True]
-    assert p.backoff() == 4.0
+    assert p.backoff() == 0.0
+    delays = []
+    for t in (0, 1, 2):
+        assert p.allow_restart(t)
+        delays.append(p.backoff())
+    assert delays == [0.0, 1.0, 2.0]  # a one-off crash is repaired at once, a crash loop slows down
     assert p.allow_restart(3) is False  # budget spent inside the window
     assert p.allow_restart(101) is True  # the oldest fell out of the window
 

@@ -94,6 +94,10 @@ def serve(
     """Start the reranker server (foreground; --daemon for background). Stops cleanly on SIGTERM/Ctrl-C."""
     settings = settings_from(model=model, models_dir=models_dir, host=host, port=port, health_port=health_port,
                              run_dir=run_dir, workers=workers, threads=threads, precision=precision)
+    _serve(settings, daemon=daemon, prepare=prepare, log_file=log_file)
+
+
+def _serve(settings, *, daemon: bool, prepare: bool, log_file: Optional[Path] = None) -> None:
     from ..models.convert import find_variant
     from ..models.store import resolve_model
 
@@ -265,11 +269,15 @@ def restart(
     info, _ = read_pidfile(settings.pidfile_path)
     if info is not None and info.data.get("under_systemd"):
         raise ConfigError("this server runs under systemd", "use: systemctl restart rerankctl")
+    # the same server again: its recorded settings (never a secret: the API key comes from the environment),
+    # with the options given here on top
+    recorded = dict(info.data.get("settings") or {}) if info is not None else {}
+    given = {k: v for k, v in dict(model=model, models_dir=models_dir, host=host, port=port, health_port=health_port,
+                                   workers=workers, threads=threads, precision=precision).items() if v is not None}
     res = stop_server(settings, timeout)
     if res["was_running"]:
         console.print(f"stopped: pid {res['pid']} in {res['seconds']}s")
-    serve(model=model, models_dir=models_dir, host=host, port=port, health_port=health_port, run_dir=run_dir,
-          workers=workers, threads=threads, precision=precision, daemon=True, prepare=False, log_file=None)
+    _serve(settings_from(**{**recorded, **given, "run_dir": settings.run_dir}), daemon=True, prepare=False)
 
 
 def _absolute_model(model: Optional[str]) -> Optional[str]:

@@ -33,6 +33,9 @@ def bench(
         bool, typer.Option("--ceiling", help="Also score the same kind of pairs in-process: served / ceiling.")
     ] = False,
     ceiling_only: Annotated[bool, typer.Option("--ceiling-only", help="Only the in-process ceiling.")] = False,
+    mixed: Annotated[bool, typer.Option(
+        "--mixed", help="Fairness: short requests (c=2) alone, long ones (100 x 1000 chars, c=2) alone, then both; "
+                        "--duration is each phase's length. Exit 1 if a target is missed.")] = False,
     model: ModelOpt = None,
     models_dir: ModelsDirOpt = None,
     api_key: Annotated[Optional[str], typer.Option(
@@ -49,6 +52,19 @@ def bench(
     settings = settings_from(model=model, models_dir=models_dir)
     if duration is None and requests is None:
         duration = 10.0
+    if mixed:
+        from ..bench import run_mixed
+        from ..process.roles import base_url
+
+        target = url or base_url(settings.host, settings.port)
+        key = api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
+        with err_console.status(f"mixed load on {target}: three phases of {duration:g}s"):
+            report = run_mixed(target, seconds=duration or 60.0, timeout=timeout, api_key=key, seed=seed)
+        if as_json:
+            print(json.dumps(report, indent=2))
+        else:
+            _mixed_table(report)
+        raise typer.Exit(0 if report["met"] else 1)
     out: dict = {}
     if not ceiling_only:
         from ..process.roles import base_url
@@ -83,6 +99,20 @@ def bench(
         print(json.dumps(out, indent=2))
         return
     _bench_table(out)
+
+
+def _mixed_table(r: dict) -> None:
+    t = Table(title="short requests beside long ones")
+    for col in ("", "short p50 ms", "short p95 ms", "short failed", "long pairs/s"):
+        t.add_column(col)
+    t.add_row("alone", str(r["short_alone"]["latency_ms"]["p50"]), str(r["short_alone"]["latency_ms"]["p95"]),
+              str(r["short_alone"]["requests"] - r["short_alone"]["ok"]), str(r["long_alone"]["pairs_per_s"]))
+    t.add_row("together", str(r["short_mixed"]["latency_ms"]["p50"]), str(r["short_mixed"]["latency_ms"]["p95"]),
+              str(r["short_failed"]), str(r["long_mixed"]["pairs_per_s"]))
+    console.print(t)
+    console.print(f"short p95 together / alone: {r['short_p95_ratio']} (target <= {r['targets']['short_p95_ratio_max']});"
+                  f" long pairs/s together / alone: {r['long_pairs_ratio']} (target >= {r['targets']['long_pairs_ratio_min']})"
+                  f" — {'[green]met[/]' if r['met'] else '[red]MISSED[/]'}")
 
 
 def _bench_table(out: dict) -> None:

@@ -114,9 +114,10 @@ class WatchdogPolicy:
         return True
 
     def backoff(self) -> float:
-        """Delay before the next restart: doubles with each restart still inside the window."""
-        n = max(0, len(self.restarts) - 1)
-        return min(self.backoff_max_s, self.backoff_base_s * (2**n)) if self.restarts else 0.0
+        """Delay before the next restart: none for the first inside the window (a one-off crash is repaired
+        at once), then doubling with each further restart inside it."""
+        n = len(self.restarts)
+        return 0.0 if n <= 1 else min(self.backoff_max_s, self.backoff_base_s * (2 ** (n - 2)))
 
     def reset_after_restart(self) -> None:
         self.consecutive_failures = 0

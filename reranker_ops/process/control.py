@@ -134,6 +134,18 @@ def _start_failure(settings: Settings, code: int, boot: Path):
     return err
 
 
+def _wait_ended(proc: psutil.Process, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def _write_request(settings: Settings, name: str, data: dict) -> None:
     """A request for the supervisor, in its run dir, readable by it: root (an operator next to a systemd
     service's dynamic user) hands the file to the run dir's owner; it stays private (0600)."""
@@ -185,9 +197,9 @@ def stop_server(settings: Settings, timeout: Optional[float] = None) -> dict:
     _write_request(settings, "stop-request.json", {"drain_s": timeout, "pid": info.pid})
     proc.send_signal(signal.SIGTERM)
     forced = False
-    try:
-        proc.wait(timeout=timeout + 3)  # the server aims at `timeout`; SIGKILL only if it cannot
-    except psutil.TimeoutExpired:
+    # the server aims at `timeout`; SIGKILL only if it cannot. Ended means gone or a zombie: its parent (not
+    # us) may take a while to collect it, and a zombie holds nothing.
+    if not _wait_ended(proc, timeout + 3):
         forced = True
         proc.send_signal(signal.SIGKILL)
         try:

@@ -195,6 +195,8 @@ class Supervisor:
         self._runners: list = []
         self._ready_notified = False
         self._lock = RunLock(settings.lock_path)
+        self._gen_pids: set[int] = set()
+        self._pid1 = os.getpid() == 1  # in a container: orphans are re-parented to us, and we must reap them
         self._reload_task: Optional[asyncio.Task] = None
         self._stop_deadline_s = settings.stop_timeout_s
         self.reload_status: Optional[dict] = None
@@ -216,7 +218,7 @@ class Supervisor:
         gen = self.gen
         if gen is None or gen.exit_code is not None:
             return None
-        return Upstream(f"http://127.0.0.1:{gen.port}/score", gen.secret, gen.number)
+        return Upstream(f"http://127.0.0.1:{gen.port}/score", gen.secret, gen.number, gen.model_name)
 
     def mosec_metrics_url(self) -> Optional[str]:
         gen = self.gen
@@ -393,6 +395,8 @@ class Supervisor:
                 "log": str(s.log_path),
                 "started_at": self.started_at,
                 "under_systemd": self.notifier.enabled,
+                # what `restart` starts again (secrets excluded: they come from the environment)
+                "settings": s.model_dump(mode="json", exclude={"api_key"}),
             },
         )
 
@@ -439,7 +443,9 @@ class Supervisor:
             "mosec": {
                 "address": "127.0.0.1",
                 "port": port,
-                "timeout_ms": int(s.request_timeout_s * 1000),
+                # above the gate's deadline: only the gate fails a late request, alone (MOSEC would fail the
+                # whole batch); a hung worker is the watchdog's, not this timeout's
+                "timeout_ms": int((s.request_timeout_s + 10) * 1000),
                 "capacity": s.queue_capacity,
                 "path": str(s.mosec_dir / f"g{number}"),
                 "wait_ms": s.batch_wait_ms,
@@ -465,6 +471,7 @@ class Supervisor:
         gen = await Generation.spawn(number, cfg, port, env, self.settings.run_dir,
                                      self.settings.startup_timeout_s, self.log, self.tail)
         gen.secret, gen.variant_dir, gen.model_name = secret, variant_dir, model_name
+        self._gen_pids.add(gen.pid)
         asyncio.ensure_future(self._wake_on_exit(gen))
         return gen
 
@@ -512,6 +519,12 @@ class Supervisor:
         try:
             await asyncio.wait_for(gen.exited.wait(), timeout=2)
         except asyncio.TimeoutError:
+            pass
+        # its controller and workers outlive a killed main process and hold the output pipe open: end the
+        # group first, then read what they printed to the end
+        try:
+            os.killpg(gen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
             pass
         await gen.drain_output()
         code = gen.exit_code
@@ -704,10 +717,28 @@ class Supervisor:
             if self.fatal or self.gen is not gen:
                 continue
             self._derive_state(gen)
+            if self._pid1:
+                self._reap_orphans()
             self._maybe_probe(now)
             if now - self._last_publish >= PUBLISH_EVERY_S:
                 self._publish()
             await self._sleep(TICK_S)
+
+    def _reap_orphans(self) -> None:
+        """As PID 1, collect zombies that are not our own children (a MOSEC generation's main process is
+        left to asyncio's watcher, which reports its exit)."""
+        ours = self._gen_pids
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) in ours:
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    stat = fh.read()
+                fields = stat[stat.rindex(b")") + 2:].split()
+                if fields[0] == b"Z" and int(fields[1]) == 1:
+                    os.waitpid(int(entry), os.WNOHANG)
+            except (OSError, ValueError, IndexError, ChildProcessError):
+                continue
 
     async def _sleep(self, seconds: float) -> None:
         """Until ``seconds`` pass or something happens (a signal, MOSEC exits, a probe ends)."""

@@ -33,7 +33,10 @@ from aiohttp import web
 from ..config import Settings
 from ..metrics import Metrics
 from .frontdoor import FrontDoor
-from .schema import ROUTE_TAGS, ROUTES
+from .scheduler import Dropped, FairScheduler, Unit
+from .schema import CHUNK, ROUTE_TAGS, ROUTES, Job, Limits, RequestError, build_response, parse_job
+
+SECRET_LEN = 32  # hex characters of a generation's secret: the body's prefix has a fixed length
 
 JSON = "application/json"
 PROBE_HEADER = "X-Reranker-Probe"
@@ -75,10 +78,16 @@ class Upstream:
     url: str
     secret: bytes
     generation: int = 0
+    model_name: str = ""
 
 
 class BodyTimeout(Exception):
     pass
+
+
+RESTART_POLL_S = 0.05
+RETRY_PAUSE_S = 0.25  # then 0.5: a dead generation is noticed and replaced within that
+POST_TRIES = 3
 
 
 class Gate:
@@ -99,6 +108,8 @@ class Gate:
         self.buffered = 0  # body bytes reserved by admitted requests
         self.upstream_in_flight: dict[int, int] = {}  # requests sent to each MOSEC generation, not answered
         self.max_in_flight = settings.effective_max_in_flight()
+        self.scheduler = FairScheduler(settings.effective_schedule_budget(), on_drop=self._dropped)
+        self.limits = Limits(max_documents=settings.max_documents, max_document_chars=settings.max_document_chars)
         self.idle = asyncio.Event()
         self.idle.set()
         key = settings.api_key.get_secret_value() if settings.api_key else ""
@@ -261,36 +272,146 @@ class Gate:
             return resp
         return None
 
-    async def _answer(self, request: web.Request, route: str) -> web.StreamResponse:
-        up = self.upstream()
-        if up is None or self.session is None:
-            return error_response(503, "the model server is (re)starting; retry shortly", {"Retry-After": "2"})
-        prefix = up.secret + b" " + ROUTE_TAGS[route].encode() + b"\n"
-        body = await self._read_body(request, prefix)
-        if isinstance(body, web.Response):
-            return body
-        if len(body) - len(prefix) <= 64 and not bytes(body[len(prefix):]).strip():
-            return error_response(400, "empty body: send a JSON request")
-        deadline = self.settings.request_timeout_s
+    # --- answering: through the fair scheduler ----------------------------------------------------------
+    def _dropped(self, unit: Unit) -> None:
+        self.metrics.count_dropped(unit.lane, unit.pairs)
+
+    @staticmethod
+    def _alive(request: web.Request, deadline_at: float) -> bool:
+        """Still worth scoring: the client is connected and the deadline has not passed."""
+        transport = request.transport
+        return (time.monotonic() < deadline_at and not request.get("dead")
+                and transport is not None and not transport.is_closing())
+
+    async def _upstream_by(self, deadline_at: float) -> Optional[Upstream]:
+        """The current generation, waiting (until the deadline) while MOSEC is being restarted: a request
+        that arrives during a restart is answered by the new generation instead of failing at once."""
+        while True:
+            up = self.upstream()
+            if up is not None:
+                return up
+            if time.monotonic() + RESTART_POLL_S >= deadline_at or self.draining:
+                return None
+            await asyncio.sleep(RESTART_POLL_S)
+
+    async def _post(self, buf: bytearray | bytes, tag: str, deadline_at: float) -> tuple[int, bytes, str]:
+        """POST one unit to the current generation, decided at each try (a reload or a restart may have
+        replaced it). A refused or broken connection is tried again, a few times within the deadline:
+        a generation that just died is replaced by the supervisor, and scoring is idempotent."""
+        tries = 0
+        while True:
+            up = await self._upstream_by(deadline_at)
+            if up is None or self.session is None:
+                raise aiohttp.ClientConnectionError("no MOSEC generation")
+            try:
+                return await self._post_to(up, buf, tag)
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
+                tries += 1
+                pause = RETRY_PAUSE_S * tries
+                if self.draining or tries >= POST_TRIES or time.monotonic() + pause >= deadline_at:
+                    raise
+                await asyncio.sleep(pause)
+
+    async def _post_to(self, up: Upstream, buf: bytearray | bytes, tag: str) -> tuple[int, bytes, str]:
+        prefix = up.secret + b" " + ROUTE_TAGS[tag].encode() + b"\n"
+        if isinstance(buf, bytearray) and len(prefix) == _PREFIX_LEN:
+            buf[:_PREFIX_LEN] = prefix  # the body was read behind a placeholder of this length: no copy
+            payload: bytes | bytearray = buf
+        else:
+            payload = prefix + bytes(buf[_PREFIX_LEN:] if isinstance(buf, bytearray) else buf)
         self.upstream_in_flight[up.generation] = self.upstream_in_flight.get(up.generation, 0) + 1
         try:
-            async with self.session.post(
-                up.url, data=body, timeout=aiohttp.ClientTimeout(total=deadline + 1.0)
-            ) as answer:
-                data = await answer.read()
-                status = answer.status
-        except asyncio.TimeoutError:
-            return error_response(504, f"no answer within the deadline of {deadline:g}s (RERANKER_REQUEST_TIMEOUT_S)")
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
-            return error_response(503, "the model server is unavailable; retry shortly", {"Retry-After": "2"})
+            # MOSEC's own timeout is above ours: only the gate's deadline fails a request, and it fails alone
+            async with self.session.post(up.url, data=payload,
+                                         timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout_s + 5)
+                                         ) as answer:
+                return answer.status, await answer.read(), up.model_name
         finally:
             left = self.upstream_in_flight.get(up.generation, 1) - 1
             if left:
                 self.upstream_in_flight[up.generation] = left
             else:
                 self.upstream_in_flight.pop(up.generation, None)
+
+    async def _wait_units(self, request: web.Request, units: list[Unit], deadline_at: float) -> list | web.Response:
+        futures = [self.scheduler.submit(u) for u in units]
+        deadline = self.settings.request_timeout_s
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*(asyncio.shield(f) for f in futures)),
+                                             timeout=max(0.001, deadline_at - time.monotonic()))
+        except asyncio.TimeoutError:
+            request["dead"] = True  # what is still queued for it is dropped, nobody else's work is touched
+            return error_response(504, f"no answer within the deadline of {deadline:g}s (RERANKER_REQUEST_TIMEOUT_S)")
+        except Dropped:
+            request["dead"] = True
+            return error_response(503, "the client went away or the deadline passed before scoring")
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
+            request["dead"] = True
+            return error_response(503, "the model server is unavailable; retry shortly", {"Retry-After": "2"})
+        finally:
+            done = time.monotonic()
+            for u in units:
+                if u.dispatched is not None:
+                    self.metrics.observe_schedule(u.lane, u.dispatched - u.enqueued, done - u.dispatched)
+        return results
+
+    async def _answer(self, request: web.Request, route: str) -> web.StreamResponse:
+        t_start = time.monotonic()
+        deadline_at = t_start + self.settings.request_timeout_s
+        if self.session is None:
+            return error_response(503, "the model server is starting; retry shortly", {"Retry-After": "2"})
+        body = await self._read_body(request, b"\0" * _PREFIX_LEN)
+        if isinstance(body, web.Response):
+            return body
+        size = len(body) - _PREFIX_LEN
+        if size <= 64 and not bytes(body[_PREFIX_LEN:]).strip():
+            return error_response(400, "empty body: send a JSON request")
+        split = self.settings.split_bytes
+        if split and size > split:
+            return await self._answer_split(request, route, bytes(body[_PREFIX_LEN:]), deadline_at)
+        unit = Unit(cost=size, lane="small", owner=id(request), send=lambda: self._post(body, route, deadline_at),
+                    alive=lambda: self._alive(request, deadline_at))
+        results = await self._wait_units(request, [unit], deadline_at)
+        if isinstance(results, web.Response):
+            return results
+        status, data, _model = results[0]
         if status == 200:
             return web.Response(status=200, body=data, content_type=JSON)
+        return self._upstream_error(status, data)
+
+    async def _answer_split(self, request: web.Request, route: str, raw: bytes, deadline_at: float
+                            ) -> web.StreamResponse:
+        """A large request: validated here (the same schema code as the validate stage), scored in chunks
+        that the scheduler interleaves with everyone else's work, merged in input order."""
+        try:
+            job = parse_job(route, raw, self.limits)
+        except RequestError as exc:
+            return error_response(exc.status, exc.message)
+        units = []
+        for start, end in plan_chunks(job, self.settings.chunk_chars):
+            chunk = json.dumps({"q": job.queries[start:end], "p": job.passages[start:end],
+                                "truncate": job.truncate, "offset": start}, ensure_ascii=False).encode("utf-8")
+            units.append(Unit(cost=len(chunk), lane="chunk", owner=id(request), pairs=end - start,
+                              send=lambda c=chunk: self._post(c, CHUNK, deadline_at),
+                              alive=lambda: self._alive(request, deadline_at)))
+        results = await self._wait_units(request, units, deadline_at)
+        if isinstance(results, web.Response):
+            return results
+        logits: list[float] = []
+        tokens = 0
+        model = ""
+        for status, data, model in results:
+            if status != 200:
+                return self._upstream_error(status, data)
+            part = json.loads(data)
+            logits.extend(part["logits"])
+            tokens += int(part["tokens"])
+        answer = build_response(job, logits, tokens, model)
+        return web.Response(status=200, body=json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode(),
+                            content_type=JSON)
+
+    def _upstream_error(self, status: int, data: bytes) -> web.Response:
+        deadline = self.settings.request_timeout_s
         text = _clean_mosec_message(data.decode("utf-8", "replace").strip())
         headers = None
         if status == 429:
@@ -305,3 +426,20 @@ class Gate:
         elif status >= 500:
             text = f"the model server failed on this request ({text})"
         return error_response(status, text, headers)
+
+
+_PREFIX_LEN = SECRET_LEN + 3  # "<secret> <tag>\n"
+
+
+def plan_chunks(job: Job, chunk_chars: int, max_pairs: int = 64) -> list[tuple[int, int]]:
+    """Consecutive runs of pairs with at most ``chunk_chars`` characters of text (at least one pair each)."""
+    out, start, size = [], 0, 0
+    for i, (q, p) in enumerate(zip(job.queries, job.passages)):
+        n = len(q) + len(p)
+        if i > start and (size + n > chunk_chars or i - start >= max_pairs):
+            out.append((start, i))
+            start, size = i, 0
+        size += n
+    if start < len(job.passages):
+        out.append((start, len(job.passages)))
+    return out

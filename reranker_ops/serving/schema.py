@@ -15,6 +15,8 @@ from typing import Any, Optional, Sequence
 
 ROUTES = ("/rerank", "/v1/rerank", "/v2/rerank", "/inference")
 ROUTE_TAGS = {route: str(i) for i, route in enumerate(ROUTES)}
+CHUNK = "chunk"  # internal: part of a large request the gate split; scored to raw logits, merged by the gate
+ROUTE_TAGS[CHUNK] = "C"
 TAG_ROUTES = {v: k for k, v in ROUTE_TAGS.items()}
 
 
@@ -134,7 +136,24 @@ def _documents(body: dict, limits: Limits, *, allow_objects: bool) -> list[str]:
     return out
 
 
+def parse_chunk(data: bytes) -> Job:
+    """A chunk the gate made from a request it validated: ``{"q": [...], "p": [...], "truncate", "offset"}``."""
+    body = decode_body(data)
+    try:
+        queries, passages = body["q"], body["p"]
+        ok = (isinstance(queries, list) and isinstance(passages, list) and len(queries) == len(passages)
+              and all(isinstance(x, str) for x in queries + passages))
+    except (TypeError, KeyError):
+        ok = False
+    if not ok:
+        raise RequestError(400, "malformed chunk")
+    return Job(route=CHUNK, queries=queries, passages=passages, truncate=bool(body.get("truncate", True)),
+               extra={"offset": int(body.get("offset", 0))})
+
+
 def parse_job(route: str, data: bytes, limits: Limits) -> Job:
+    if route == CHUNK:
+        return parse_chunk(data)
     body = decode_body(data)
     if route == "/inference":
         return _parse_inference(body, limits)
@@ -202,6 +221,8 @@ def _sigmoid(x: float) -> float:
 
 
 def build_response(job: Job, logits: Sequence[float], tokens: int, model_name: str) -> Any:
+    if job.route == CHUNK:
+        return {"logits": [float(x) for x in logits], "tokens": tokens}
     probs = [_sigmoid(float(x)) for x in logits]
     if job.route == "/inference":
         return probs

@@ -93,7 +93,7 @@ class Validate(Worker):
                 if over:
                     self.hb.data["errors"] += 1
                     raise ValidationError(
-                        f"pair {over[0]} is longer than the model's {self.tokenizer.max_length} tokens and"
+                        f"pair {over[0] + job.extra.get('offset', 0)} is longer than the model's {self.tokenizer.max_length} tokens and"
                         " truncate is false; send truncate: true or shorter text"
                     )
             job.queries = []

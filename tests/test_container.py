@@ -1,0 +1,127 @@
+"""The serving image (deploy/Containerfile): built with podman, run non-root on a read-only root file system
+with a mounted model; it serves, drains and exits 0 on SIGTERM, and reaps orphans as PID 1. The Kubernetes
+manifests validate offline against a current release's schema."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+import sdbox
+from conftest import DOCS, QUERY, REPO, free_port, wait_until
+
+IMAGE = "localhost/rerankctl-test:latest"
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    why = sdbox.why_not()
+    if why:
+        pytest.skip(why)
+    base = sdbox.ensure_base_image()
+    wheels = sdbox.build_wheels()
+    ctx = tmp_path_factory.mktemp("image-context")
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        src = REPO / rel
+        if src.is_file():
+            (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, ctx / rel)
+    shutil.copytree(wheels, ctx / ".wheels")
+    res = subprocess.run(sdbox.podman_args() + [
+        "build", "-f", "deploy/Containerfile", "--target", "serve", "--build-arg", f"BASE={base}",
+        "--build-arg", "PIP_ARGS=--no-index --find-links /src/.wheels", "--network", "none", "-t", IMAGE, "."],
+        cwd=ctx, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return IMAGE
+
+
+def run_container(image: str, model: Path, port: int, hport: int) -> str:
+    name = f"rrk-img-{uuid.uuid4().hex[:8]}"
+    subprocess.run(sdbox.podman_args() + [
+        "run", "-d", "--name", name, "--network", "host", "--read-only", "--tmpfs", "/run/rerankctl:mode=0700,uid=10001",
+        "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096",
+        "-v", f"{model.parent}:/models:ro", "-e", f"RERANKER_MODEL=/models/{model.name}",
+        "-e", f"RERANKER_PORT={port}", "-e", f"RERANKER_HEALTH_PORT={hport}", "-e", "RERANKER_HOST=127.0.0.1",
+        "-e", "RERANKER_PROBE_INTERVAL_S=1", image], check=True, capture_output=True, timeout=120)
+    return name
+
+
+def podman(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(sdbox.podman_args() + list(args), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_the_image_serves_drains_and_exits_0_on_sigterm(image, tiny_fp32, tmp_path):
+    model = tmp_path / "models" / "tiny-model"
+    shutil.copytree(tiny_fp32.parent, model, symlinks=True, ignore=shutil.ignore_patterns("onnx-*", "*int8*", "*fp16*"))
+    for p in model.rglob("*"):
+        p.chmod(p.stat().st_mode | 0o044 | (0o011 if p.is_dir() else 0))
+    port, hport = free_port(), free_port()
+    name = run_container(image, model, port, hport)
+    try:
+        wait_until(lambda: _get(f"http://127.0.0.1:{hport}/health") == 200, 120, 0.3, what="healthy in the container")
+        r = httpx.post(f"http://127.0.0.1:{port}/rerank", json={"query": QUERY, "documents": DOCS}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["scores"]) == 3
+        top = podman("top", name, "user", "pid", "args").stdout
+        assert "root" not in top.split("\n", 1)[1], top  # nothing runs as root
+        # PID 1 reaps: MOSEC's main process killed, its orphans end up with PID 1, which must collect them
+        mosec = podman("exec", name, "sh", "-c", "ps -eo pid,args | grep 'serving.app' | grep -v grep").stdout.split()[0]
+        podman("exec", name, "kill", "-9", mosec)
+        wait_until(lambda: _get(f"http://127.0.0.1:{hport}/health") == 200, 120, 0.3, what="healed in the container")
+        wait_until(lambda: "Z" not in podman("exec", name, "ps", "-eo", "stat=").stdout, 20, 0.3, what="no zombie")
+        # SIGTERM (what `podman stop` and the kubelet send): drain, stop MOSEC, exit 0 within the grace period
+        t0 = time.monotonic()
+        res = podman("stop", "-t", "40", name, timeout=120)
+        took = time.monotonic() - t0
+        assert res.returncode == 0, res.stderr
+        code = podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
+        assert code == "0", podman("logs", name).stderr[-3000:]
+        assert took < 30, took
+        logs = podman("logs", name)
+        assert "state stopping -> stopped" in logs.stdout + logs.stderr
+    finally:
+        podman("rm", "-f", "-t", "1", name)
+
+
+def _get(url: str) -> int:
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+@pytest.mark.parametrize("version", ["1.31.0", "1.34.0"])
+def test_the_kubernetes_manifests_validate(version):
+    pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is in the dev extra")
+    import yaml
+
+    k8s = REPO / "deploy" / "k8s"
+    kustomization = yaml.safe_load((k8s / "kustomization.yaml").read_text())
+    files = [k8s / f for f in kustomization["resources"]]
+    assert {f.name for f in k8s.glob("*.yaml")} - {"kustomization.yaml"} == {f.name for f in files}
+    res = subprocess.run([shutil.which("kubernetes-validate") or "kubernetes-validate", "--strict", "-k", version,
+                          *map(str, files)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    deployment = yaml.safe_load((k8s / "deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    [c] = pod["containers"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready" and c["livenessProbe"]["httpGet"]["path"] == "/live"
+    assert c["startupProbe"]["httpGet"]["path"] == "/ready"
+    pause = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    config = yaml.safe_load((k8s / "configmap.yaml").read_text())["data"]
+    assert pod["terminationGracePeriodSeconds"] > pause + float(config["RERANKER_STOP_TIMEOUT_S"])
+    assert c["securityContext"]["readOnlyRootFilesystem"] and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    hpa = yaml.safe_load((k8s / "hpa.yaml").read_text())
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "reranker_in_flight_per_worker"
+    rules = yaml.safe_load(yaml.safe_load((k8s / "prometheus-adapter-rules.yaml").read_text())["data"]["config.yaml"])
+    assert "reranker_in_flight_per_worker" in rules["rules"][0]["seriesQuery"]
