@@ -73,14 +73,21 @@ def ensure_base_image() -> str:
     return BASE_TAG
 
 
+_built: dict[str, Path] = {}
+
+
 def build_wheels() -> Path:
-    """Wheels of the package and its serving dependencies (no torch), built with this interpreter's pip."""
+    """Wheels of the package and its serving dependencies (no torch), built with this interpreter's pip
+    (once per test session)."""
+    if "wheels" in _built:
+        return _built["wheels"]
     out = CACHE / "wheels"
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("rerankctl-*.whl"):
         old.unlink()
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(out), str(REPO)],
                    check=True, capture_output=True, timeout=1200)
+    _built["wheels"] = out
     return out
 
 

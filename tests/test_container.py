@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -36,7 +37,8 @@ def image(tmp_path_factory):
     shutil.copytree(wheels, ctx / ".wheels")
     res = subprocess.run(sdbox.podman_args() + [
         "build", "-f", "deploy/Containerfile", "--target", "serve", "--build-arg", f"BASE={base}",
-        "--build-arg", "PIP_ARGS=--no-index --find-links /src/.wheels", "--network", "none", "-t", IMAGE, "."],
+        "--build-arg", "PIP_ARGS=--no-index --find-links /src/.wheels", "--build-arg", "PACKAGE=rerankctl",
+        "--network", "none", "-t", IMAGE, "."],
         cwd=ctx, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return IMAGE
@@ -45,7 +47,7 @@ def image(tmp_path_factory):
 def run_container(image: str, model: Path, port: int, hport: int) -> str:
     name = f"rrk-img-{uuid.uuid4().hex[:8]}"
     subprocess.run(sdbox.podman_args() + [
-        "run", "-d", "--name", name, "--network", "host", "--read-only", "--tmpfs", "/run/rerankctl:mode=0700,uid=10001",
+        "run", "-d", "--name", name, "--network", "host", "--read-only", "--tmpfs", "/run/rerankctl:mode=1777",
         "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096",
         "-v", f"{model.parent}:/models:ro", "-e", f"RERANKER_MODEL=/models/{model.name}",
         "-e", f"RERANKER_PORT={port}", "-e", f"RERANKER_HEALTH_PORT={hport}", "-e", "RERANKER_HOST=127.0.0.1",
@@ -108,7 +110,8 @@ def test_the_kubernetes_manifests_validate(version):
     kustomization = yaml.safe_load((k8s / "kustomization.yaml").read_text())
     files = [k8s / f for f in kustomization["resources"]]
     assert {f.name for f in k8s.glob("*.yaml")} - {"kustomization.yaml"} == {f.name for f in files}
-    res = subprocess.run([shutil.which("kubernetes-validate") or "kubernetes-validate", "--strict", "-k", version,
+    tool = Path(sys.executable).parent / "kubernetes-validate"
+    res = subprocess.run([str(tool) if tool.exists() else "kubernetes-validate", "--strict", "-k", version,
                           *map(str, files)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     deployment = yaml.safe_load((k8s / "deployment.yaml").read_text())

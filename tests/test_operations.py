@@ -202,3 +202,31 @@ def test_an_interrupted_upgrade_is_not_converted_from_a_mix(tiny_model_dir, tmp_
     settings = Settings(model="test/tiny", models_dir=models)
     steps = prepare_steps(settings)
     assert [s[0] for s in steps] == ["download", "convert"]
+
+
+def test_upgrade_downloads_converts_and_reloads(tiny_model_dir, tmp_path, make_server):
+    from fakehub import FakeHub, folder_files
+
+    from reranker_ops.models.synthetic import build_model
+
+    models = tmp_path / "models"
+    other = build_model(tmp_path / "other", shape="tiny", seed=11)
+    with FakeHub() as hub:
+        files = folder_files(tiny_model_dir)
+        hub.add_repo("test/tiny", files)
+        env = clean_env(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), RERANKER_MODEL="test/tiny",
+                        RERANKER_MODELS_DIR=str(models))
+        assert run_cli(["prepare"], env=env, timeout=600).returncode == 0
+        server = make_server(start=False, model_dir=models / "test--tiny")
+        server.env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"))
+        server.start()
+        before = httpx.post(server.base + "/rerank", json={"query": QUERY, "documents": DOCS}).json()["scores"]
+        hub.add_repo("test/tiny", {**files, "model.safetensors": (other / "model.safetensors").read_bytes()},
+                     commit="c" * 40, branch="v2")
+        res = server.cli("upgrade", "--revision", "v2", timeout=600)
+    assert res.returncode == 0 and "upgraded and reloaded" in res.stdout, res.stdout + res.stderr
+    manifest = json.loads((models / "test--tiny" / "manifest.json").read_text())
+    assert manifest["commit"] == "c" * 40
+    after = httpx.post(server.base + "/rerank", json={"query": QUERY, "documents": DOCS}).json()["scores"]
+    assert after != before
+    assert server.status()["healthy"]

@@ -319,3 +319,37 @@ def test_metrics_survive_a_mosec_that_does_not_answer(tmp_path):
     finally:
         silent.close()
     assert status == 200 and took < 3 and "reranker_up 0" in text and 'reranker_state{state="starting"} 1' in text
+
+
+def test_stop_never_removes_the_pidfile_of_a_server_that_started_meanwhile(tmp_path, monkeypatch):
+    """stop's stale-pidfile path used to read the pidfile, kill leftovers, then unlink: a server starting in
+    that window lost its pidfile. Now stop holds the lock while it cleans, so a starting server either
+    waits its turn or keeps its pidfile."""
+    from reranker_ops.config import Settings
+    from reranker_ops.process import control
+
+    settings = Settings(run_dir=tmp_path / "run")
+    settings.run_dir.mkdir()
+    write_pidfile(settings.pidfile_path, {"pid": 999999, "start_ticks": 1, "pgid": 999999, "instance": "dead"})
+    code = ("import fcntl,json,os,sys; fd=os.open(sys.argv[1],os.O_RDWR|os.O_CREAT)\n"
+            "try:\n fcntl.flock(fd,fcntl.LOCK_EX|fcntl.LOCK_NB)\nexcept BlockingIOError:\n print('busy'); sys.exit(0)\n"
+            "json.dump({'pid':os.getpid(),'start_ticks':1,'pgid':1,'instance':'new'},open(sys.argv[2],'w'))\n"
+            "print('started', flush=True); sys.stdin.read()")
+    started: dict = {}
+
+    def a_server_starts_now(instance: str, *a, **k):
+        p = subprocess.Popen([sys.executable, "-c", code, str(settings.lock_path), str(settings.pidfile_path)],
+                             stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+        started["proc"], started["said"] = p, p.stdout.readline().strip()
+        return []
+
+    monkeypatch.setattr(control, "kill_instance", a_server_starts_now)
+    try:
+        control.stop_server(settings)
+        if started["said"] == "started":  # it got the lock: its pidfile must still be there
+            assert read_pidfile(settings.pidfile_path)[0].instance == "new"
+        else:
+            assert started["said"] == "busy"  # it could not start while stop cleaned up
+    finally:
+        started["proc"].kill()
+        started["proc"].wait()

@@ -27,7 +27,7 @@ def test_settings_precedence(monkeypatch, tmp_path):
             monkeypatch.delenv(k)
     s = load_settings()
     assert (s.model, s.host, s.port, s.health_port) == ("DiTy/cross-encoder-russian-msmarco", "127.0.0.1", 8080, 8081)
-    assert s.models_dir.as_posix() == "models"
+    assert s.models_dir == tmp_path / "models"  # made absolute where it is read: recorded paths mean one place
     (tmp_path / ".env").write_text("RERANKER_PORT=9000\nRERANKER_WORKERS=2\n")
     assert load_settings().port == 9000
     monkeypatch.setenv("RERANKER_PORT", "9100")

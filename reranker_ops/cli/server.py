@@ -110,6 +110,7 @@ def _serve(settings, *, daemon: bool, prepare: bool, log_file: Optional[Path] = 
     ref = resolve_model(settings)
     if daemon:
         from ..process.control import start_daemon
+        from ..process.roles import url_host
         from .common import report_error
 
         def run_daemon() -> int:
@@ -125,8 +126,8 @@ def _serve(settings, *, daemon: bool, prepare: bool, log_file: Optional[Path] = 
             settings, run_daemon, waiting=lambda: err_console.status("starting (waiting for a real rerank probe)")
         )
         console.print(
-            f"[green]running[/] pid {started['pid']} · API http://{started['host']}:{started['port']} · "
-            f"health http://{started['host']}:{started['health_port']}/health · log {started['log']}",
+            f"[green]running[/] pid {started['pid']} · API http://{url_host(started['host'])}:{started['port']} · "
+            f"health http://{url_host(started['host'])}:{started['health_port']}/health · log {started['log']}",
             soft_wrap=True,
         )
         return
@@ -152,12 +153,14 @@ def prepare_steps(settings) -> list[list[str]]:
     done = store.complete_download(ref.path)
     wants_revision = settings.revision and not (done and store.revision_matches(done, settings.revision))
     if ref.repo_id and (done is None or wants_revision):
-        steps.append(["download", ref.repo_id, "--models-dir", str(settings.models_dir)]
+        # into the folder serve uses, also when the model was given as a path
+        models_dir = ref.path.parent if ref.path.name == store.local_name(ref.repo_id) else settings.models_dir
+        steps.append(["download", ref.repo_id, "--models-dir", str(models_dir)]
                      + (["--revision", settings.revision] if settings.revision else []))
     elif not ref.repo_id and not ref.path.is_dir():
         raise ModelNotFound(f"no model at {ref.path}", "give a repo id or a model folder")
     if steps or not store.variant_is_current(ref, settings.model_format, settings.precision):
-        steps.append(["convert", str(ref.path), "--models-dir", str(settings.models_dir), "--precision",
+        steps.append(["convert", str(ref.path), "--models-dir", str(ref.path.parent), "--precision",
                       settings.precision, "--format", settings.model_format])
     return steps
 

@@ -165,7 +165,9 @@ def stop_server(settings: Settings, timeout: Optional[float] = None) -> dict:
     if not lock_is_held(settings.lock_path):
         # Clean up a dead server's traces while holding the lock ourselves, so that a server starting at
         # this moment cannot have its fresh pidfile removed: it would fail to take the lock, or we would.
-        lock = RunLock(settings.lock_path, create=False)
+        if not settings.run_dir.is_dir():
+            return {"was_running": False, "stale_pidfile": False, "killed_leftovers": []}
+        lock = RunLock(settings.lock_path)
         if lock.acquire():
             try:
                 info, why = read_pidfile(settings.pidfile_path)
