@@ -6,7 +6,7 @@
 Starts `rerankctl serve --daemon` with the tests' tiny model (built and converted here; faults are about
 supervision, not speed), sends steady load, and every ~``--every`` seconds injects one random fault:
 SIGSTOP or SIGKILL of a score worker, SIGKILL of the validate worker, SIGKILL of MOSEC's main process, or
-a native hang inside forward (SIGALRM blocked, via tests/faults). Per fault it prints: detection time
+a native hang inside forward (SIGALRM blocked, via tests/faults); every kind once per round, in random order. Per fault it prints: detection time
 (until the supervisor counted a remediation), time to full capacity (every worker back and healthy),
 requests failed, the longest request. At the end: processes leaked after stop (must be 0) and the
 supervisor's RSS growth. ``--soak`` injects nothing and reports RSS growth only.
@@ -117,6 +117,7 @@ def main() -> int:
     load.start()
     rss0 = None
     rows = []
+    pending: list[str] = []
     t_end = time.monotonic() + args.minutes * 60
     warm_until = time.monotonic() + (60 if args.soak else 10)
 
@@ -142,7 +143,9 @@ def main() -> int:
             deadline_full = time.monotonic() + 60
             while not full() and time.monotonic() < deadline_full:
                 time.sleep(0.2)
-            kind = rng.choice(FAULTS)
+            if not pending:  # every kind once per round, in a random order
+                pending = rng.sample(FAULTS, len(FAULTS))
+            kind = pending.pop()
             procs = server.processes()
             before = server.status()["restarts"]
             t0 = time.monotonic()

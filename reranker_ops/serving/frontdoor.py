@@ -72,6 +72,7 @@ class _Conn:
     deadline: float  # monotonic; meaningful only while not busy
     busy: int = 0
     served: int = 0
+    body_deadline: float = 0.0  # while a body is being read: when it must have arrived
     opened: float = field(default_factory=time.monotonic)
 
 
@@ -144,6 +145,16 @@ class FrontDoor:
             conn.served += 1
             conn.deadline = time.monotonic() + self.idle_timeout_s
 
+    def reading(self, handler: Any, seconds: float) -> None:
+        conn = self.conns.get(id(handler))
+        if conn is not None:
+            conn.body_deadline = time.monotonic() + seconds
+
+    def read_done(self, handler: Any) -> None:
+        conn = self.conns.get(id(handler))
+        if conn is not None:
+            conn.body_deadline = 0.0
+
     @property
     def open_connections(self) -> int:
         return sum(1 for c in self.conns.values() if c.handler.transport is not None)
@@ -151,6 +162,8 @@ class FrontDoor:
     async def _sweep(self) -> None:
         late = raw_response(408, "Request Timeout", "no complete request within the connection's deadline; "
                             "send the request at once after connecting")
+        slow_body = raw_response(408, "Request Timeout", "the request body did not arrive in time "
+                                 "(RERANKER_BODY_TIMEOUT_S); send it at once")
         while True:
             await asyncio.sleep(0.25)
             now = time.monotonic()
@@ -160,7 +173,14 @@ class FrontDoor:
                     if now - conn.opened > 1:
                         del self.conns[key]
                     continue
-                if conn.busy or now < conn.deadline:
+                if conn.busy:
+                    if conn.body_deadline and now > conn.body_deadline:  # a body that trickles in
+                        self.timed_out_total += 1
+                        del self.conns[key]
+                        transport.write(slow_body)
+                        transport.close()
+                    continue
+                if now < conn.deadline:
                     continue
                 del self.conns[key]
                 if not conn.served:  # never sent a whole request: say why; an idle keep-alive just closes

@@ -86,8 +86,8 @@ class BodyTimeout(Exception):
 
 
 RESTART_POLL_S = 0.05
-RETRY_PAUSE_S = 0.25  # then 0.5: a dead generation is noticed and replaced within that
-POST_TRIES = 3
+RETRY_PAUSE_S = 0.05  # then 0.1, 0.15, ... up to RETRY_PAUSE_MAX_S
+RETRY_PAUSE_MAX_S = 0.25
 
 
 class Gate:
@@ -181,25 +181,21 @@ class Gate:
             return error_response(413, too_large, {"Connection": "close"})
         buf = bytearray(prefix)
         start = len(buf)
-
-        async def read() -> Optional[web.Response]:
+        door = self.door
+        if door is not None:  # the front door's sweeper enforces the body deadline (no task per request)
+            door.reading(request.protocol, self.settings.body_timeout_s)
+        try:
             async for chunk in request.content.iter_chunked(1 << 16):
                 if len(buf) - start + len(chunk) > limit:
                     return error_response(413, too_large, {"Connection": "close"})
                 buf.extend(chunk)
-            return None
-
-        try:
-            err = await asyncio.wait_for(read(), timeout=self.settings.body_timeout_s)
-        except asyncio.TimeoutError:
-            resp = error_response(408, f"the request body did not arrive within {self.settings.body_timeout_s:g}s"
-                                  " (RERANKER_BODY_TIMEOUT_S)", {"Connection": "close"})
-            # answer, then close at once: aiohttp would otherwise linger, reading the rest of a slow body
-            await resp.prepare(request)
-            await resp.write_eof()
-            request.protocol.force_close()
-            return resp
-        return err if err is not None else buf
+        except (ConnectionError, aiohttp.ClientPayloadError, asyncio.IncompleteReadError) as exc:
+            # cut off by the body deadline (the door answered 408 and closed), or the client went away
+            raise web.HTTPRequestTimeout(text="body deadline") from exc
+        finally:
+            if door is not None:
+                door.read_done(request.protocol)
+        return buf
 
     def _admit(self, request: web.Request, probe: bool) -> Optional[web.Response]:
         """Reserve a slot (and the body's bytes) before anything is read, or say why not."""
@@ -304,15 +300,19 @@ class Gate:
             if up is None or self.session is None:
                 raise aiohttp.ClientConnectionError("no MOSEC generation")
             try:
-                return await self._post_to(up, buf, tag)
+                return await self._post_to(up, buf, tag, deadline_at)
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
+                # refused or cut: MOSEC is being restarted (or a new generation is still binding its port).
+                # Try again until the deadline: a restart takes seconds, the deadline is what the client
+                # agreed to wait, and a balancer already sees /ready fail.
                 tries += 1
-                pause = RETRY_PAUSE_S * tries
-                if self.draining or tries >= POST_TRIES or time.monotonic() + pause >= deadline_at:
+                pause = min(RETRY_PAUSE_S * tries, RETRY_PAUSE_MAX_S)
+                if self.draining or time.monotonic() + pause >= deadline_at:
                     raise
                 await asyncio.sleep(pause)
 
-    async def _post_to(self, up: Upstream, buf: bytearray | bytes, tag: str) -> tuple[int, bytes, str]:
+    async def _post_to(self, up: Upstream, buf: bytearray | bytes, tag: str, deadline_at: float
+                       ) -> tuple[int, bytes, str]:
         prefix = up.secret + b" " + ROUTE_TAGS[tag].encode() + b"\n"
         if isinstance(buf, bytearray) and len(prefix) == _PREFIX_LEN:
             buf[:_PREFIX_LEN] = prefix  # the body was read behind a placeholder of this length: no copy
@@ -322,8 +322,8 @@ class Gate:
         self.upstream_in_flight[up.generation] = self.upstream_in_flight.get(up.generation, 0) + 1
         try:
             # MOSEC's own timeout is above ours: only the gate's deadline fails a request, and it fails alone
-            async with self.session.post(up.url, data=payload,
-                                         timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout_s + 5)
+            remaining = max(0.001, deadline_at - time.monotonic())
+            async with self.session.post(up.url, data=payload, timeout=aiohttp.ClientTimeout(total=remaining)
                                          ) as answer:
                 return answer.status, await answer.read(), up.model_name
         finally:
@@ -369,12 +369,25 @@ class Gate:
         split = self.settings.split_bytes
         if split and size > split:
             return await self._answer_split(request, route, bytes(body[_PREFIX_LEN:]), deadline_at)
-        unit = Unit(cost=size, lane="small", owner=id(request), send=lambda: self._post(body, route, deadline_at),
-                    alive=lambda: self._alive(request, deadline_at))
-        results = await self._wait_units(request, [unit], deadline_at)
-        if isinstance(results, web.Response):
-            return results
-        status, data, _model = results[0]
+        if self.scheduler.enter_now(size):  # nothing waits: send it now, without a unit or a task
+            t_sent = time.monotonic()
+            try:
+                status, data, _model = await self._post(body, route, deadline_at)
+            except asyncio.TimeoutError:
+                return error_response(504, f"no answer within the deadline of {self.settings.request_timeout_s:g}s"
+                                           " (RERANKER_REQUEST_TIMEOUT_S)")
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
+                return error_response(503, "the model server is unavailable; retry shortly", {"Retry-After": "2"})
+            finally:
+                self.scheduler.leave(size)
+                self.metrics.observe_schedule("small", 0.0, time.monotonic() - t_sent)
+        else:
+            unit = Unit(cost=size, lane="small", owner=id(request), send=lambda: self._post(body, route, deadline_at),
+                        alive=lambda: self._alive(request, deadline_at))
+            results = await self._wait_units(request, [unit], deadline_at)
+            if isinstance(results, web.Response):
+                return results
+            status, data, _model = results[0]
         if status == 200:
             return web.Response(status=200, body=data, content_type=JSON)
         return self._upstream_error(status, data)

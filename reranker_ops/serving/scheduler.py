@@ -60,6 +60,18 @@ class FairScheduler:
         self._pump()
         return unit.future
 
+    def enter_now(self, cost: int) -> bool:
+        """The fast path: nothing is queued and the budget has room, so the caller sends at once (no unit,
+        no task) and must call ``leave(cost)`` when its answer is in."""
+        if self.small or self.chunks or (self.outstanding and self.outstanding + cost > self.budget):
+            return False
+        self.outstanding += cost
+        return True
+
+    def leave(self, cost: int) -> None:
+        self.outstanding -= cost
+        self._pump()
+
     @property
     def queued(self) -> int:
         return len(self.small) + sum(len(q) for q in self.chunks.values())
