@@ -19,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from perf import Server, cli  # noqa: E402
+from perf import Server, cli, dity_model  # noqa: E402
 
 
 def main() -> int:
@@ -29,19 +29,7 @@ def main() -> int:
     ap.add_argument("--only-default", action="store_true")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    model = args.out / "dity-shaped"
-    if not (model / "config.json").is_file():
-        print("building a random model with DiTy's shape ...", flush=True)
-        from reranker_ops.models.synthetic import build_model
-
-        build_model(model, shape="dity")
-    if not (model / "openvino-fp32" / "manifest.json").is_file():
-        print("converting to OpenVINO FP32 ...", flush=True)
-        import os
-
-        res = cli(["convert", str(model), "--precision", "fp32", "--bench-seconds", "0"], dict(os.environ))
-        if res.returncode != 0:
-            raise SystemExit(res.stderr)
+    model = dity_model(args.out)
     configs = {"fair scheduler (default)": {}}
     if not args.only_default:
         configs["MOSEC order (no split, no budget)"] = {"split_bytes": 0, "schedule_budget_chars": 10**9}

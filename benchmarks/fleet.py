@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -132,7 +131,7 @@ def main() -> int:
     rows = [("steady (3 replicas)", t_first, marks["rolling_start"]),
             ("rolling restart of all 3", marks["rolling_start"], marks["rolling_end"]),
             ("after SIGKILL of one", marks["kill"], marks["end"])]
-    print(f"\n| phase | requests | failed | requests/s |\n|---|---|---|---|")
+    print("\n| phase | requests | failed | requests/s |\n|---|---|---|---|")
     results = {}
     for name, a, b in rows:
         n, f, rps = phase(a, b)

@@ -82,6 +82,22 @@ def ov_compile_seconds(variant: Path, threads: int) -> float:
     return float(out.stdout.strip())
 
 
+def dity_model(out: Path) -> Path:
+    """A random model with DiTy's exact shape under ``out``, converted to OpenVINO FP32 (built once)."""
+    model = out / "dity-shaped"
+    if not (model / "config.json").is_file():
+        print("building a random model with DiTy's shape ...", flush=True)
+        from reranker_ops.models.synthetic import build_model
+
+        build_model(model, shape="dity")
+    if not (model / "openvino-fp32" / "manifest.json").is_file():
+        print("converting to OpenVINO FP32 (with parity check) ...", flush=True)
+        res = cli(["convert", str(model), "--precision", "fp32", "--bench-seconds", "10"], dict(os.environ))
+        if res.returncode != 0:
+            raise SystemExit(res.stderr)
+    return model
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -94,19 +110,8 @@ def main() -> int:
     ap.add_argument("--skip-scaling", action="store_true")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    model = args.out / "dity-shaped"
-    if not (model / "config.json").is_file():
-        print("building a random model with DiTy's shape ...", flush=True)
-        from reranker_ops.models.synthetic import build_model
-
-        build_model(model, shape="dity")
+    model = dity_model(args.out)
     variant = model / "openvino-fp32"
-    if not (variant / "manifest.json").is_file():
-        print("converting to OpenVINO FP32 (with parity check) ...", flush=True)
-        env = dict(os.environ)
-        res = cli(["convert", str(model), "--precision", "fp32", "--bench-seconds", "10"], env)
-        if res.returncode != 0:
-            raise SystemExit(res.stderr)
     cores = os.cpu_count() or 1
     results: dict = {"machine": {"cores": cores, "cpu": _cpu_name()}, "seconds": args.seconds}
     s = str(args.seconds)

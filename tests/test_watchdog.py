@@ -75,7 +75,9 @@ def test_native_hang_in_forward_heals(make_server, tmp_path):
         wait_until(lambda: (read_heartbeat(beat) or {}).get("busy_since"), 10, what="worker inside forward")
         assert Path(str(hang) + ".taken").exists()  # that worker is hung until it is killed
         r = fut.result(timeout=30)
-    assert r.status_code in (408, 503, 504)
+    # with one worker the kill ends MOSEC; the gate holds the request through the restart and, if the new
+    # generation is up before the deadline, it is answered (200); never later than the deadline
+    assert r.status_code in (200, 408, 503, 504)
     assert time.monotonic() - t0 <= FAST["request_timeout_s"] + 2.5
     wait_until(lambda: restarts(server).get("worker", 0) >= 1, 20, 0.2, what="hang detected")
     wait_until(lambda: httpx.post(server.base + "/rerank", json={"query": QUERY, "documents": DOCS},

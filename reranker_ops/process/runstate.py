@@ -202,14 +202,7 @@ def kill_marked(key: str, value: str, sig: int = 9, timeout: float = 10.0) -> li
 
 def kill_instance(instance: str, sig: int = 9, timeout: float = 10.0) -> list[int]:
     """SIGKILL (by default) every process of an instance; wait until they are gone. Returns their pids."""
-    procs = instance_processes(instance)
-    for p in procs:
-        try:
-            p.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=timeout)
-    return [p.pid for p in procs]
+    return kill_marked(INSTANCE_ENV, instance, sig, timeout)
 
 
 # --- where servers run: a per-user registry, so 'status' from anywhere can point at a running server -----
