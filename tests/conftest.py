@@ -104,6 +104,13 @@ class ServerHandle:
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return run_cli(list(args), env=self.env, timeout=timeout)
 
+    def inject_faults(self, **flags: Path) -> "ServerHandle":
+        """Load tests/faults into every server process; ``hang=PATH`` sets RERANKER_TEST_HANG_FILE, etc."""
+        self.env["PYTHONPATH"] = str(Path(__file__).parent / "faults")
+        for name, path in flags.items():
+            self.env[f"RERANKER_TEST_{name.upper()}_FILE"] = str(path)
+        return self
+
     def start(self) -> "ServerHandle":
         res = self.cli("serve", "--daemon")
         assert res.returncode == 0, f"serve --daemon failed:\n{res.stdout}\n{res.stderr}"

@@ -43,8 +43,7 @@ def test_status_exit_codes_follow_lsb(make_server, tmp_path):
 def test_status_says_degraded_with_its_own_code(make_server, tmp_path):
     hang = tmp_path / "hang"
     server = make_server(start=False, probe_interval_s=1, probe_timeout_s=2, worker_hang_s=600, probe_failures=100)
-    server.env["PYTHONPATH"] = str(Path(__file__).parent / "faults")
-    server.env["RERANKER_TEST_HANG_FILE"] = str(hang)
+    server.inject_faults(hang=hang)
     server.start()
     hang.touch()
     try:
@@ -67,8 +66,7 @@ def test_status_from_another_run_dir_points_at_the_running_server(make_server, t
 def test_stop_timeout_is_the_drain_deadline_not_a_sigkill(make_server, tmp_path):
     hang = tmp_path / "hang"
     server = make_server(start=False, stop_timeout_s=60, request_timeout_s=60, worker_hang_s=600, probe_failures=100)
-    server.env["PYTHONPATH"] = str(Path(__file__).parent / "faults")
-    server.env["RERANKER_TEST_HANG_FILE"] = str(hang)
+    server.inject_faults(hang=hang)
     server.start()
     import concurrent.futures as cf
 

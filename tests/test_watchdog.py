@@ -61,8 +61,7 @@ def test_sigstop_of_the_inference_worker_heals(make_server):
 def test_native_hang_in_forward_heals(make_server, tmp_path):
     hang = tmp_path / "hang-now"
     server = make_server(start=False, **FAST)
-    server.env["PYTHONPATH"] = str(Path(__file__).parent / "faults")
-    server.env["RERANKER_TEST_HANG_FILE"] = str(hang)
+    server.inject_faults(hang=hang)
     server.start()
     [victim] = score_workers(server)
     hang.touch()
@@ -251,8 +250,7 @@ def test_health_is_red_while_rerank_hangs(make_server, tmp_path):
     hang = tmp_path / "hang-now"
     server = make_server(start=False, probe_interval_s=1, probe_timeout_s=2, worker_hang_s=600, probe_failures=100,
                          request_timeout_s=30)
-    server.env["PYTHONPATH"] = str(Path(__file__).parent / "faults")
-    server.env["RERANKER_TEST_HANG_FILE"] = str(hang)
+    server.inject_faults(hang=hang)
     server.start()
     assert httpx.get(server.health + "/health").status_code == 200
     hang.touch()

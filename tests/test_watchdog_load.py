@@ -111,8 +111,7 @@ def test_sigstop_of_one_of_two_workers_under_load(make_server):
 def test_native_hang_of_one_of_two_workers_under_load(make_server, tmp_path):
     hang = tmp_path / "hang-now"
     server = make_server(start=False, workers=2, **FAST)
-    server.env["PYTHONPATH"] = str(Path(__file__).parent / "faults")
-    server.env["RERANKER_TEST_HANG_FILE"] = str(hang)
+    server.inject_faults(hang=hang)
     server.start()
     taken = Path(str(hang) + ".taken")
     def inject() -> None:
@@ -184,8 +183,7 @@ def test_a_restart_under_a_flood_recovers_without_exiting(make_server):
 def test_a_generation_that_never_boots_after_a_restart_is_replaced(make_server, tmp_path):
     boot_hang = tmp_path / "boot-hang"
     server = make_server(start=False, **FAST)
-    server.env["PYTHONPATH"] = str(Path(__file__).parent / "faults")
-    server.env["RERANKER_TEST_BOOT_HANG_FILE"] = str(boot_hang)
+    server.inject_faults(boot_hang=boot_hang)
     server.env["RERANKER_STARTUP_TIMEOUT_S"] = "6"
     server.start()
     boot_hang.touch()  # every generation from now on hangs while loading the model
@@ -203,8 +201,7 @@ def test_a_generation_that_never_boots_after_a_restart_is_replaced(make_server, 
 def test_a_crash_of_the_supervisor_ends_in_failed_with_its_traceback_in_the_log(make_server, tmp_path):
     crash = tmp_path / "crash"
     server = make_server(start=False, **FAST)
-    server.env["PYTHONPATH"] = str(Path(__file__).parent / "faults")
-    server.env["RERANKER_TEST_SUPERVISOR_CRASH_FILE"] = str(crash)
+    server.inject_faults(supervisor_crash=crash)
     server.start()
     instance = server.pidfile()["instance"]
     crash.touch()

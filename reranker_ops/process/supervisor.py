@@ -30,6 +30,7 @@ import signal
 import socket
 import sys
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,7 +155,7 @@ class Supervisor:
         self.notifier = notifier
         self.log = log or logging.getLogger("rerankctl")
         self.argv = argv or sys.argv
-        self.instance = uuid_hex()
+        self.instance = uuid.uuid4().hex
         self.probe_token = secrets.token_hex(16)
         self.metrics = Metrics()
         self.policy = WatchdogPolicy(
@@ -266,19 +267,20 @@ class Supervisor:
                 live[v.stage] = live.get(v.stage, 0) + 1
         return {stage: {"live": live.get(stage, 0), "expected": n} for stage, n in self.expected.items()}
 
-    def processes(self, gen: Optional[Generation] = None) -> list[tuple[psutil.Process, str]]:
+    def processes(self, gen: Optional[Generation] = None, beats: Optional[dict[int, dict]] = None
+                  ) -> list[tuple[psutil.Process, str]]:
         """Every process of a MOSEC generation (the current one by default) with its role."""
         gen = gen or self.gen
         if gen is None or gen.exit_code is not None:
             return []
-        beats = self._heartbeats()
+        beats = self._heartbeats() if beats is None else beats
         return [(p, roles.role_of(p, supervisor_pid=None, mosec_pid=gen.pid, beats=beats))
                 for p in roles.tree(gen.pid)]
 
     def worker_views(self, gen: Optional[Generation] = None) -> list[WorkerView]:
-        beats = self._heartbeats()
+        beats = self._heartbeats()  # read once a tick, for the roles and the views alike
         views = []
-        for proc, role in self.processes(gen):
+        for proc, role in self.processes(gen, beats):
             if role not in self.expected:
                 continue
             try:
@@ -1072,8 +1074,3 @@ class Supervisor:
         except OSError:
             self.log.exception("cannot write %s", self.settings.state_path)
 
-
-def uuid_hex() -> str:
-    import uuid
-
-    return uuid.uuid4().hex

@@ -81,10 +81,6 @@ class Upstream:
     model_name: str = ""
 
 
-class BodyTimeout(Exception):
-    pass
-
-
 RESTART_POLL_S = 0.05
 RETRY_PAUSE_S = 0.05  # then 0.1, 0.15, ... up to RETRY_PAUSE_MAX_S
 RETRY_PAUSE_MAX_S = 0.25
