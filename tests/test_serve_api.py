@@ -207,6 +207,13 @@ def test_no_heavy_imports_in_server_processes(shared_server):
         assert json.loads(beat.read_text())["heavy_modules"] == []
 
 
+def test_mosec_main_process_does_not_hold_the_api_viewer_bundle(shared_server):
+    """MOSEC's own writer of its API viewer pages keeps ~36 MiB of JavaScript in its main process for
+    good (issue 14): that process stays near a bare interpreter with mosec and numpy imported."""
+    mosec_main = next(p for p in shared_server.status()["processes"] if p["role"] == "mosec")
+    assert mosec_main["pss_bytes"] < 48 * 2**20, mosec_main
+
+
 def test_over_capacity_burst_gets_429_then_recovers(make_server):
     server = make_server(queue_capacity=2, max_batch_requests=1)
     heavy = {"query": QUERY, "documents": ["Борщ варят долго. " * 120] * 300}

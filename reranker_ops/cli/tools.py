@@ -86,6 +86,7 @@ def bench(
         with err_console.status(f"in-process ceiling on {variant}"):
             out["ceiling"] = run_ceiling(variant, workload=workload, seconds=max(4.0, min(30.0, duration or 10.0)),
                                          seed=seed + 1, threads=settings.threads, token_budget=settings.token_budget,
+                                         attention_budget=settings.attention_budget,
                                          batch_requests=settings.max_batch_requests)
         if "served" in out:
             s, c = out["served"], out["ceiling"]

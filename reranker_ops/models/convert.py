@@ -236,7 +236,8 @@ def check_parity(
 # micro-benchmark
 # --------------------------------------------------------------------------------------------------------
 def micro_bench(variant_dir: Path, settings: Settings, seconds: float) -> dict:
-    scorer = Scorer(variant_dir, threads=settings.threads, pin_threads=False, token_budget=settings.token_budget)
+    scorer = Scorer(variant_dir, threads=settings.threads, pin_threads=False, token_budget=settings.token_budget,
+                    attention_budget=settings.attention_budget)
     pairs = [(item["query"], p) for item in EVAL_SET for p in item["passages"]]
     encs = scorer.tokenizer.encode_items(pairs)
     scorer.score_encoded(encs[:2])  # warm-up

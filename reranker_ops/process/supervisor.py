@@ -434,6 +434,7 @@ class Supervisor:
             "threads": s.effective_threads(),
             "pin_threads": s.pin_threads,
             "token_budget": s.token_budget,
+            "attention_budget": s.attention_budget,
             "max_length": s.max_length,
             "model_max_length": manifest.get("max_length"),
             "limits": {"max_documents": s.max_documents, "max_document_chars": s.max_document_chars},

@@ -26,6 +26,27 @@ def _die_with_parent() -> None:
         pass
 
 
+def _light_openapi_assets() -> None:
+    """Keep MOSEC's main process small: MOSEC (0.9.8) writes its API viewer pages through ``offapi``, which
+    loads ~9 MB of bundled JavaScript into a string that lives as long as the process (36 MiB of PSS, half
+    of MOSEC's main process). Those pages are on the internal port, which only the gate reaches, and the
+    gate serves none of them: write the spec and a page that links to it instead."""
+    try:
+        import mosec.openapi as mosec_openapi
+        import mosec.server as mosec_server
+    except ImportError:
+        return
+    if not hasattr(mosec_server, "write_openapi_assets"):
+        return
+
+    def write_assets(spec, output_dir: Path) -> None:
+        (output_dir / mosec_openapi.OPENAPI_METADATA_FILE).write_text(json.dumps(spec), encoding="utf-8")
+        (output_dir / mosec_openapi.OPENAPI_SWAGGER_FILE).write_text(
+            f'<!doctype html><a href="{mosec_openapi.OPENAPI_METADATA_URL}">OpenAPI</a>\n', encoding="utf-8")
+
+    mosec_server.write_openapi_assets = write_assets
+
+
 def main(argv: list[str]) -> int:
     config_path = Path(argv[1])
     parent = int(argv[2]) if len(argv) > 2 else None
@@ -53,6 +74,7 @@ def main(argv: list[str]) -> int:
 
     from .workers import Score, Validate
 
+    _light_openapi_assets()
     server = Server()
     timeout_s = m["timeout_ms"] / 1000.0
     validate = Runtime(Validate, num=cfg["validate_workers"], max_batch_size=1, timeout=timeout_s)

@@ -70,17 +70,22 @@ class Tokenizer:
         ]
 
 
-def plan_microbatches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
-    """Group pair indices, sorted by length, so that rows x padded length stays within the budget.
-
-    Sorting first keeps padding near zero; a pair longer than the budget alone is a batch of one.
+def plan_microbatches(lengths: Sequence[int], token_budget: int, attention_budget: int = 0) -> list[list[int]]:
+    """Group pair indices, sorted by length, so that each OpenVINO call stays within two budgets:
+    rows x padded length <= ``token_budget`` (activations grow with tokens) and, when set,
+    rows x padded length² <= ``attention_budget`` (attention scores grow with the square of the length:
+    eight 512-token rows hold 8 x 12 heads x 512² floats per attention tensor, and an INT8 model keeps
+    several of them). Sorting first keeps padding near zero; a pair over a budget alone is a batch of one.
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:
         padded = _round_up(lengths[i])
-        if current and padded * (len(current) + 1) > token_budget:
+        rows = len(current) + 1
+        over_tokens = padded * rows > token_budget
+        over_attention = attention_budget > 0 and padded * padded * rows > attention_budget
+        if current and (over_tokens or over_attention):
             batches.append(current)
             current = []
         current.append(i)
@@ -102,7 +107,8 @@ class Scorer:
         *,
         threads: int = 0,
         pin_threads: bool = False,
-        token_budget: int = 4096,
+        token_budget: int = 2048,
+        attention_budget: int = 512 * 512,
         max_length: int = 0,
         model_format: str | None = None,
     ) -> None:
@@ -117,6 +123,7 @@ class Scorer:
         model_max = int(manifest.get("max_length") or 512)
         self.max_length = min(max_length, model_max) if max_length else model_max
         self.token_budget = max(token_budget, _round_up(self.max_length))
+        self.attention_budget = attention_budget
         self.tokenizer = Tokenizer(self.variant_dir / "tokenizer.json", self.max_length)
 
         core = ov.Core()
@@ -130,10 +137,19 @@ class Scorer:
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         model = core.read_model(str(model_file))
+        gather_before_dequantize(model)
         self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.input_names = {inp.get_any_name() for inp in self.compiled.inputs}
         self.num_labels = int(self.compiled.outputs[0].get_partial_shape()[-1].get_length())
+        self._weight_ranges: list[tuple[int, int]] | None = None
+
+    def release_mapped_weights(self) -> int:
+        """See :func:`release_mapped_weights`; call after the first inference (which finishes repacking).
+        The mappings do not move once the model is compiled, so they are looked up once."""
+        if self._weight_ranges is None:
+            self._weight_ranges = mapped_weight_ranges(self.variant_dir)
+        return release_mapped_weights(self._weight_ranges)
 
     # --- scoring -----------------------------------------------------------------------------------------
     def _run(self, encs: Sequence[Encoded]) -> np.ndarray:
@@ -162,7 +178,7 @@ class Scorer:
         out = np.empty(len(encs), dtype=np.float64)
         if not encs:
             return out
-        for batch in plan_microbatches([len(e) for e in encs], self.token_budget):
+        for batch in plan_microbatches([len(e) for e in encs], self.token_budget, self.attention_budget):
             out[batch] = self._run([encs[i] for i in batch])
             if on_progress is not None:
                 on_progress(len(batch))
@@ -170,6 +186,103 @@ class Scorer:
 
     def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
         return self.score_encoded(self.tokenizer.encode_pairs(query, passages))
+
+
+MADV_DONTNEED = 4
+
+
+def gather_before_dequantize(model) -> int:
+    """Rewrite ``Gather(Multiply(Convert(int8 table), scale[rows, 1]), ids)`` as
+    ``Multiply(Convert(Gather(int8 table, ids)), Gather(scale, ids))``. Returns how many were rewritten.
+
+    INT8 variants keep their embedding tables as int8 with a scale per row. Left as exported, the CPU
+    plugin folds the dequantization into a float32 copy of the whole table when it compiles (367 MB for
+    DiTy's 119 547 x 768 vocabulary), although a request only reads a few hundred rows. Gathering first
+    picks the same int8 values and the same scales, and Convert and Multiply are elementwise, so every
+    value the encoder sees is the same, bit for bit.
+    """
+    import openvino.opset13 as ops
+
+    rewritten = 0
+    for node in model.get_ordered_ops():
+        if node.get_type_name() != "Gather" or node.get_attributes().get("batch_dims", 0) != 0:
+            continue
+        mul = node.input_value(0).get_node()
+        axis = node.input_value(2).get_node()
+        if mul.get_type_name() != "Multiply" or axis.get_type_name() != "Constant":
+            continue
+        if [int(x) for x in axis.get_data().reshape(-1)] != [0]:
+            continue
+        convert, scale = (mul.input_value(i).get_node() for i in (0, 1))
+        if convert.get_type_name() != "Convert" or scale.get_type_name() != "Constant":
+            continue
+        table = convert.input_value(0).get_node()
+        if table.get_type_name() != "Constant" or table.get_element_type().get_type_name() not in ("i8", "u8"):
+            continue
+        rows = table.get_shape()[0]
+        scale_shape = list(scale.get_shape())
+        if len(table.get_shape()) != 2 or scale_shape not in ([rows, 1], [1, 1], [1], []):
+            continue
+        ids = node.input_value(1)
+        zero = ops.constant(np.array(0, dtype=np.int32))
+        values = ops.convert(ops.gather(table.output(0), ids, zero), convert.get_output_element_type(0))
+        factor = ops.gather(scale.output(0), ids, zero) if scale_shape == [rows, 1] else scale.output(0)
+        out = ops.multiply(values, factor)
+        out.set_friendly_name(node.get_friendly_name())
+        node.output(0).replace(out.output(0))
+        rewritten += 1
+    if rewritten:
+        model.validate_nodes_and_infer_types()
+    return rewritten
+
+
+def mapped_weight_ranges(directory: Path) -> list[tuple[int, int]]:
+    """The read-only mappings of weight files (``*.bin``) under ``directory`` in this process."""
+    root = str(Path(directory).resolve())
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in maps:
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or "w" in fields[1]:
+            continue  # only read-only mappings: nothing of ours can be lost
+        path = fields[5].strip()
+        if path.startswith(root + "/") and path.endswith(".bin"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def release_mapped_weights(ranges: Sequence[tuple[int, int]]) -> int:
+    """Drop this process's page-table entries for read-only weight mappings (see ``mapped_weight_ranges``).
+
+    OpenVINO maps the IR's ``.bin`` (``ENABLE_MMAP``) and reads every page of it while compiling: the CPU
+    plugin repacks the encoder's matrices into its own memory and only the embedding table is used from
+    the mapping afterwards, a few rows at a time. Without this the worker's PSS counts the whole file as
+    well as the repacked copy. ``MADV_DONTNEED`` on a read-only file mapping is lossless: the kernel keeps
+    the pages in its page cache (shared by every worker, reclaimable) and maps one back in on the next
+    touch. Returns the bytes of mapping released.
+    """
+    import ctypes
+
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return sum(end - start for start, end in ranges if madvise(start, end - start, MADV_DONTNEED) == 0)
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the kernel (glibc ``malloc_trim``); False where unavailable."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def configure_process_threads() -> None:

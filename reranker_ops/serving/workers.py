@@ -17,17 +17,20 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from mosec import ClientError, ValidationError, Worker
 
-from .engine import Scorer, Tokenizer, configure_process_threads, read_variant_manifest
+from .engine import Scorer, Tokenizer, configure_process_threads, read_variant_manifest, trim_heap
 from .heartbeat import Heartbeat
 from .schema import TAG_ROUTES, Limits, RequestError, build_response, parse_job
 
 CONFIG_ENV = "RERANKER_WORKER_CONFIG"
+# How often, at most, the score worker hands memory it no longer uses back to the kernel (after a batch).
+TRIM_INTERVAL_S = 5.0
 HEAVY_MODULES = ("torch", "transformers", "optimum", "nncf")
 
 
@@ -121,13 +124,30 @@ class Score(Worker):
             threads=cfg["threads"],
             pin_threads=cfg["pin_threads"],
             token_budget=cfg["token_budget"],
+            attention_budget=cfg["attention_budget"],
             max_length=cfg["max_length"],
         )
         self.model_name = cfg["model_name"]
         # Warm up so the first real request does not pay for the first inference.
         self.scorer.score(cfg.get("warmup_query", "проверка"), ["прогрев модели", "warm-up"])
-        self.hb.publish_info(heavy_modules=_loaded_heavy_modules())
+        released = self.scorer.release_mapped_weights()
+        self.hb.publish_info(heavy_modules=_loaded_heavy_modules(), released_mapping_bytes=released)
         self.hb.write(ready=1, progress_at=time.monotonic())
+        threading.Thread(target=self._trim_loop, name="trim", daemon=True).start()
+
+    def _trim_loop(self) -> None:
+        """Every TRIM_INTERVAL_S after batches ran: hand back heap pages that freed activations and request
+        objects left behind, and the embedding rows those batches touched in the mapped weights (they stay
+        in the page cache, shared by every worker). ~5 ms of madvise and malloc_trim, off the request path:
+        both are C calls that do not hold the GIL."""
+        seen = -1
+        while True:
+            time.sleep(TRIM_INTERVAL_S)
+            batches = self.hb.data["batches"]
+            if batches != seen:
+                seen = batches
+                trim_heap()
+                self.scorer.release_mapped_weights()
 
     def _progress(self, _n: int) -> None:
         self.hb.write(progress_at=time.monotonic())

@@ -1,0 +1,123 @@
+"""The scoring engine's memory measures (issue 14), each checked against OpenVINO itself, in process.
+
+* an INT8 embedding table is gathered before it is dequantized: the same values, bit for bit, without the
+  float32 copy of the whole table the CPU plugin would otherwise fold at compile time;
+* the weight file's mapping is released after compile and scores do not change;
+* micro-batches respect the attention budget (rows x length²) as well as the token budget.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reranker_ops.serving.engine import (
+    Scorer,
+    gather_before_dequantize,
+    mapped_weight_ranges,
+    plan_microbatches,
+    release_mapped_weights,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _pss_kib() -> int:
+    return sum(int(line.split()[1]) for line in Path("/proc/self/smaps").read_text().splitlines()
+               if line.startswith("Pss:"))
+
+
+def _rss_of_mappings(ranges) -> int:
+    """KiB resident in the given address ranges, from /proc/self/smaps."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = any(start >= a and end <= b for a, b in ranges)
+        elif head == "Rss:" and inside:
+            total += int(line.split()[1])
+    return total
+
+
+def _int8_embedding_model(rows: int, width: int):
+    """ids -> Gather(Convert(int8 table) * scale[rows, 1]) -> sum over width: the exported INT8 pattern."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(0)
+    table = rng.integers(-127, 128, size=(rows, width), dtype=np.int8)
+    scale = rng.uniform(0.001, 0.02, size=(rows, 1)).astype(np.float32)
+    ids = ops.parameter([-1, -1], np.int64, name="input_ids")
+    deq = ops.multiply(ops.convert(ops.constant(table), np.float32), ops.constant(scale))
+    emb = ops.gather(deq, ids, ops.constant(np.array(0, dtype=np.int32)))
+    out = ops.reduce_sum(ops.multiply(emb, emb), ops.constant(np.array([2], dtype=np.int64)), keep_dims=False)
+    return ov.Model([out], [ids], "int8-embedding")
+
+
+def test_int8_embedding_is_gathered_before_dequantizing_bit_for_bit_and_without_a_float_copy():
+    import openvino as ov
+
+    rows, width = 60_000, 256  # int8 table 15 MiB, its float32 copy 59 MiB
+    float_copy_kib = rows * width * 4 // 1024
+    core = ov.Core()
+    ids = np.random.default_rng(1).integers(0, rows, size=(3, 50)).astype(np.int64)
+
+    gc.collect()
+    before = _pss_kib()
+    plain = core.compile_model(_int8_embedding_model(rows, width), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    expected = plain.create_infer_request().infer({"input_ids": ids})[0].copy()
+    plain_cost = _pss_kib() - before
+    del plain
+    gc.collect()
+
+    model = _int8_embedding_model(rows, width)
+    assert gather_before_dequantize(model) == 1
+    before = _pss_kib()
+    rewritten = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    got = rewritten.create_infer_request().infer({"input_ids": ids})[0]
+    rewritten_cost = _pss_kib() - before
+
+    assert np.array_equal(got, expected)  # the same values: a selection commutes with elementwise ops
+    assert plain_cost > 0.8 * float_copy_kib, plain_cost  # the fold this guards against really happens
+    assert rewritten_cost < 0.5 * float_copy_kib, rewritten_cost
+
+
+def test_a_float_embedding_is_left_alone():
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    table = np.ones((10, 4), dtype=np.float32)
+    ids = ops.parameter([-1], np.int64, name="input_ids")
+    model = ov.Model([ops.gather(ops.constant(table), ids, ops.constant(np.array(0, dtype=np.int32)))], [ids])
+    assert gather_before_dequantize(model) == 0
+
+
+def test_the_weight_mapping_is_released_and_scores_do_not_change(tiny_fp32):
+    scorer = Scorer(tiny_fp32)
+    passages = ["борщ это суп из свёклы", "завтра будет дождь", "word " * 40]
+    first = scorer.score("как приготовить борщ", passages)
+    ranges = mapped_weight_ranges(tiny_fp32)
+    assert ranges, "OpenVINO maps the IR's .bin: nothing found to release"
+    assert _rss_of_mappings(ranges) > 0
+    released = scorer.release_mapped_weights()
+    assert released == sum(b - a for a, b in ranges)
+    assert _rss_of_mappings(ranges) == 0
+    assert np.array_equal(scorer.score("как приготовить борщ", passages), first)
+    assert release_mapped_weights([]) == 0
+
+
+def test_microbatches_respect_the_attention_budget():
+    lengths = [512, 512, 512, 256, 256, 256, 256, 256, 40, 40, 40]
+    batches = plan_microbatches(lengths, token_budget=4096, attention_budget=512 * 512)
+    for b in batches:
+        width = max(-(-lengths[i] // 8) * 8 for i in b)
+        assert len(b) * width * width <= 512 * 512 or len(b) == 1
+        assert len(b) * width <= 4096
+    assert [len(b) for b in batches if any(lengths[i] == 512 for i in b)] == [1, 1, 1]
+    assert len(batches) == 5  # 40,40,40,256 | 256 x 4 | 512 | 512 | 512
+    # without the attention budget only the token budget splits them
+    assert max(len(b) for b in plan_microbatches(lengths, token_budget=4096)) > 4
