@@ -43,6 +43,8 @@ def make_request(workload: str, rng: random.Random, n: int) -> dict:
         docs = [_text(rng, rng.randint(60, 200)) for _ in range(5)]
     elif workload == "long":  # a batch job: a hundred long passages
         docs = [_text(rng, 1000) for _ in range(100)]
+    elif workload == "wide":  # eight passages past the model's window: the largest activations there are
+        docs = [_text(rng, rng.randint(2000, 3000)) for _ in range(8)]
     else:
         raise ValueError(f"unknown workload {workload!r}")
     return {"query": query, "documents": docs}

@@ -14,7 +14,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "DiTy/cross-encoder-russian-msmarco"
-Precision = Literal["fp32", "fp16", "int8", "int8-weights"]
+Precision = Literal["auto", "fp32", "fp16", "int8", "int8-weights", "bf16"]
 
 
 def default_run_dir() -> Path:
@@ -44,7 +44,8 @@ class Settings(BaseSettings):
     model: str = Field(DEFAULT_MODEL, description="Repo id, name under models_dir, or path to a model folder.")
     revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) to download.")
     models_dir: Path = Field(Path("models"), description="Where downloaded and converted models live.")
-    precision: Precision = Field("fp32", description="Which converted variant serve loads.")
+    precision: Precision = Field("auto", description="Which converted variant serve loads; auto: the one `convert --precision auto` chose (fp32 until it has run).")
+    auto_min_speedup: float = Field(1.05, ge=0.0, description="auto serves a reduced precision that passed the fidelity check only when it is at least this many times fp32's speed (below 1: also when slower, e.g. for INT8's smaller memory).")
     model_format: Literal["openvino", "onnx"] = Field("openvino", description="Which converted format serve loads.")
 
     # --- network -------------------------------------------------------------------------------------
@@ -65,6 +66,9 @@ class Settings(BaseSettings):
     token_budget: int = Field(2048, ge=64, description="Padded tokens per OpenVINO call (micro-batch size); activation memory grows with it.")
     attention_budget: int = Field(512 * 512, ge=0, description="Rows x padded length² per OpenVINO call (attention memory grows with the square of the length); 0 = no limit.")
     max_length: int = Field(0, ge=0, description="Truncate pairs to this many tokens; 0 = the model's maximum.")
+    windows: int = Field(1, ge=1, le=64, description="Passages longer than the model's window: 1 = truncate; n > 1 = score up to n overlapping windows of the passage and keep the best score (a request can ask with \"windows\").")
+    max_windows: int = Field(8, ge=1, le=64, description="The most windows per passage a request may ask for.")
+    window_stride: int = Field(128, ge=0, description="Tokens each window shares with the one before (transformers' stride).")
 
     # --- conversion parity (FP32 must agree within 1e-4; reduced precisions within these) -------------
     parity_max_abs_diff: float = Field(0.25, gt=0, description="Max |score difference| allowed for fp16/int8 (catches a broken variant; the ranking limits below judge fidelity).")

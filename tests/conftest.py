@@ -286,3 +286,29 @@ def reference_scorer(tiny_fp32):
         return reference_scores(tok, model, query, passages, limit)
 
     return score
+
+
+@pytest.fixture(scope="session")
+def reference_windows(tiny_fp32):
+    """transformers' own windows of each passage (``return_overflowing_tokens`` with a stride), each scored
+    by the transformers model: ``f(query, passages, max_length, stride) -> [[sigmoid(logit) per window]]``."""
+    import torch
+
+    from reranker_ops.models.convert import load_reference, sigmoid
+
+    source = Path(_json.loads((tiny_fp32 / "manifest.json").read_text())["source"]["path"])
+    tok, model = load_reference(source)
+
+    def score(query: str, passages: list[str], max_length: int, stride: int) -> list[list[float]]:
+        out = []
+        for p in passages:
+            enc = tok(query, p, truncation="only_second", max_length=max_length, stride=stride,
+                      return_overflowing_tokens=True, padding=True, return_tensors="pt", return_token_type_ids=True)
+            with torch.no_grad():
+                logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                               token_type_ids=enc["token_type_ids"]).logits.float().numpy()
+            raw = logits[:, 0] if logits.shape[-1] == 1 else logits[:, 1] - logits[:, 0]
+            out.append([float(x) for x in sigmoid(raw.astype("float64"))])
+        return out
+
+    return score

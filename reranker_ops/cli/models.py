@@ -54,7 +54,7 @@ def convert(
     ] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="openvino, onnx or all.")] = "openvino",
     precision: Annotated[
-        Optional[str], typer.Option("--precision", help="fp32, fp16, int8 or int8-weights. \\[env: RERANKER_PRECISION]")
+        Optional[str], typer.Option("--precision", help="auto (build the candidates, measure, keep the fastest within the fidelity limits), fp32, int8, bf16, fp16 or int8-weights. \\[env: RERANKER_PRECISION]")
     ] = None,
     calibration: Annotated[
         Optional[Path], typer.Option("--calibration", help="JSONL of {query, passage} to calibrate INT8 on.")
@@ -79,6 +79,7 @@ def convert(
             console.print_json(json.dumps(variants))
             return
         _variants_table(ref.name, variants)
+        _auto_table(ref.path)
         return
     from ..models.convert import convert as do_convert
 
@@ -103,9 +104,41 @@ def convert(
     if as_json:
         console.print_json(json.dumps(results))
         return
+    if "auto" in results[0]:
+        _auto_table(Path(results[0]["dir"]).parent)
+        console.print(f"[green]installed[/] {results[0]['dir']} -> {results[0]['auto']['chosen']}")
+        return
     _variants_table(results[0]["source"].get("repo_id") or model or settings.model, results)
     for r in results:
         console.print(f"[green]installed[/] {r['dir']}")
+
+
+def _auto_table(model_dir: Path) -> None:
+    """What `convert --precision auto` measured on this CPU, every candidate side by side, and its choice."""
+    from ..models.convert import read_auto_choice
+
+    record = read_auto_choice(model_dir)
+    if not record:
+        return
+    table = Table(title=f"precision auto ({record.get('created_at', '')[:10]}, CPU: "
+                        f"{', '.join(record.get('cpu_capabilities', []))}; eval set: {record.get('eval_set')})")
+    for col in ("candidate", "status", "pairs/s", "× fp32", "top-1 agree", "mean Spearman", "NDCG@10 vs fp32 ref",
+                "max |Δscore|"):
+        table.add_column(col, no_wrap=True)
+    for name, e in record.get("candidates", {}).items():
+        passed = e.get("status") == "passed"
+        table.add_row(
+            ("[bold]" + name + " ✓[/]") if name == record.get("chosen") else name,
+            e.get("status", "") if passed else f"{e.get('status')}: {e.get('reason', '')[:60]}",
+            str(e.get("pairs_per_s", "—")),
+            f"{e['speedup']:.2f}" if "speedup" in e else "—",
+            f"{e['top1_agreement']:.0%}" if passed else "—",
+            f"{e['mean_spearman']:.3f}" if passed else "—",
+            f"{e['ndcg_vs_reference']:.3f}" if passed else "—",
+            f"{e['max_abs_diff']:.1e}" if passed else "—",
+        )
+    console.print(table)
+    console.print(f"chosen: [bold]{record.get('chosen')}[/] — {record.get('reason')}")
 
 
 def _variants_table(name: str, variants: list[dict]) -> None:

@@ -35,7 +35,7 @@ ThreadsOpt = Annotated[
     Optional[int], typer.Option("--threads", help="OpenVINO threads per worker, 0 = cores/workers. \\[env: RERANKER_THREADS]")
 ]
 PrecisionOpt = Annotated[
-    Optional[str], typer.Option("--precision", help="Which conversion to serve: fp32, fp16, int8, int8-weights.")
+    Optional[str], typer.Option("--precision", help="Which conversion to serve: auto (what convert --precision auto chose; fp32 until then), fp32, int8, bf16, fp16, int8-weights.")
 ]
 
 
@@ -159,10 +159,23 @@ def prepare_steps(settings) -> list[list[str]]:
                      + (["--revision", settings.revision] if settings.revision else []))
     elif not ref.repo_id and not ref.path.is_dir():
         raise ModelNotFound(f"no model at {ref.path}", "give a repo id or a model folder")
-    if steps or not store.variant_is_current(ref, settings.model_format, settings.precision):
+    # auto chooses among OpenVINO variants; ONNX is served in fp32
+    precision = "fp32" if settings.precision == "auto" and settings.model_format != "openvino" else settings.precision
+    if (precision == "auto" and not steps and not store.variant_is_current(ref, settings.model_format, "auto")
+            and store.variant_is_current(ref, settings.model_format, "fp32") and not _can_convert()):
+        # A serving-only install (an image, a unit) given a converted model: it cannot build candidates,
+        # and serve --precision auto serves fp32 until a choice is made where the convert extra is.
+        return steps
+    if steps or not store.variant_is_current(ref, settings.model_format, precision):
         steps.append(["convert", str(ref.path), "--models-dir", str(ref.path.parent), "--precision",
-                      settings.precision, "--format", settings.model_format])
+                      precision, "--format", settings.model_format])
     return steps
+
+
+def _can_convert() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "optimum", "nncf"))
 
 
 def _prepare(settings) -> None:

@@ -19,7 +19,7 @@ from ..errors import ConfigError
 @handled
 def bench(
     url: Annotated[Optional[str], typer.Option("--url", help="Base URL of a /rerank endpoint (default: ours).")] = None,
-    workload: Annotated[str, typer.Option("--workload", help="tiny, rag or mixed.")] = "tiny",
+    workload: Annotated[str, typer.Option("--workload", help="tiny, rag, mixed, short, long or wide (8 passages past the model's window).")] = "tiny",
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Clients in the closed loop.")] = 1,
     duration: Annotated[Optional[float], typer.Option("--duration", "-z", help="Seconds to run.")] = None,
     requests: Annotated[Optional[int], typer.Option("--requests", "-n", help="Requests to send (instead of --duration).")] = None,

@@ -7,6 +7,7 @@ built in a temporary folder beside its final place and renamed into place only a
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -25,7 +26,9 @@ from .evalset import CALIBRATION_SET, EVAL_SET, load_eval_jsonl, load_pairs_json
 from .trained import ndcg_at
 
 FORMATS = ("openvino", "onnx")
-PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-weights", "bf16")
+AUTO = "auto"
+AUTO_RECORD = "auto-choice.json"  # in the model folder: what `convert --precision auto` measured and chose
 FP32_ATOL = 1e-4
 Step = Callable[[str], None]
 
@@ -357,8 +360,18 @@ def convert(
     step: Step = _noop,
 ) -> list[dict]:
     """Convert ``model`` to each format at ``precision``; returns one result (dir, parity, bench) each."""
+    if precision == AUTO:
+        if list(formats) != ["openvino"]:
+            raise ConfigError("--precision auto chooses among OpenVINO variants", "use --format openvino")
+        return [choose_precision(settings, model, calibration=calibration, eval_file=eval_file,
+                                 bench_seconds=bench_seconds, step=step)]
     if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}", f"choose one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"unknown precision {precision!r}", f"choose one of {', '.join(PRECISIONS + (AUTO,))}")
+    if precision == "bf16" and not cpu_can("bf16"):
+        raise ConfigError(
+            f"this CPU cannot compute in bf16 (OpenVINO reports {', '.join(cpu_capabilities()) or 'nothing'})",
+            "use --precision auto (it measures what this CPU can do) or fp32 / int8",
+        )
     for fmt in formats:
         if fmt not in FORMATS:
             raise ConfigError(f"unknown format {fmt!r}", "choose openvino, onnx or all")
@@ -389,7 +402,7 @@ def convert(
             t0 = time.perf_counter()
             step(f"exporting {fmt} {precision}")
             if fmt == "openvino":
-                if precision == "fp32":
+                if precision in ("fp32", "bf16"):  # bf16 is the FP32 IR computed in bf16: no new IR
                     _export_openvino(source, tmp)
                 else:
                     fp32_tmp = Path(tempfile.mkdtemp(prefix=".fp32-", dir=str(source)))
@@ -410,6 +423,7 @@ def convert(
                 "kind": "variant",
                 "format": fmt,
                 "precision": precision,
+                "inference_precision": "bf16" if precision == "bf16" else "f32",
                 "max_length": max_length,
                 "source": {
                     "path": str(source),
@@ -513,11 +527,12 @@ def prune_builds(final: Path, keep: int = KEEP_BUILDS) -> list[Path]:
 
     builds = final.parent / BUILDS_DIR
     current = final.resolve() if final.is_symlink() else None
+    pointed = {p.resolve() for p in final.parent.iterdir() if p.is_symlink()}  # e.g. openvino-auto
     mine = sorted((b for b in builds.glob(f"{final.name}-*") if b.is_dir()), key=lambda b: b.stat().st_mtime,
                   reverse=True)
     removed = []
     for build in mine[keep:]:
-        if current is not None and build.resolve() == current:
+        if (current is not None and build.resolve() == current) or build.resolve() in pointed:
             continue
         marker = build / IN_USE
         try:
@@ -544,6 +559,10 @@ def find_variant(settings: Settings, model: Optional[str] = None) -> Path:
     variant = ref.variant_dir(settings.model_format, settings.precision)
     if (variant / "manifest.json").is_file():
         return variant
+    if settings.precision == AUTO:  # no choice made yet: FP32, the reference's own numbers
+        fp32 = ref.variant_dir(settings.model_format, "fp32")
+        if (fp32 / "manifest.json").is_file():
+            return fp32
     if not ref.path.is_dir():
         raise ModelNotFound(
             f"{ref.name} is not downloaded",
@@ -555,3 +574,123 @@ def find_variant(settings: Settings, model: Optional[str] = None) -> Path:
         f"run: rerankctl convert {ref.repo_id or ref.path} --precision {settings.precision}"
         f" --format {settings.model_format}",
     )
+
+
+# --------------------------------------------------------------------------------------------------------
+# the precision this CPU should serve
+# --------------------------------------------------------------------------------------------------------
+def cpu_capabilities() -> list[str]:
+    """OpenVINO's CPU ``OPTIMIZATION_CAPABILITIES`` (FP32, INT8, BF16, FP16, ...)."""
+    import openvino as ov
+
+    try:
+        return [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+    except Exception:  # noqa: BLE001 - an old plugin without the property: assume the minimum
+        return ["FP32"]
+
+
+def cpu_can(precision: str) -> bool:
+    return {"bf16": "BF16"}.get(precision, "FP32") in cpu_capabilities()
+
+
+AUTO_CANDIDATES = ("fp32", "int8", "bf16")
+
+
+def choose_precision(
+    settings: Settings,
+    model: Optional[str] = None,
+    *,
+    calibration: Optional[Path] = None,
+    eval_file: Optional[Path] = None,
+    bench_seconds: float = 3.0,
+    rounds: int = 3,
+    step: Step = _noop,
+    candidates: Sequence[str] = AUTO_CANDIDATES,
+) -> dict:
+    """Build every candidate this CPU can run, each checked against the PyTorch reference on the evaluation
+    set by ``convert`` (top-1 agreement, mean Spearman, NDCG@10 against the reference's ranking, within the
+    RERANKER_PARITY_* limits); measure the speed of those that pass in interleaved rounds (the median of
+    ``rounds``, so a noisy neighbour hurts all alike); point ``openvino-auto`` at the fastest, unless it is
+    not at least RERANKER_AUTO_MIN_SPEEDUP times FP32's speed: then FP32. The record (every candidate, its
+    figures or why it was left out, and the reason for the choice) goes to ``auto-choice.json``."""
+    import statistics
+
+    ref = store.resolve_model(settings, model)
+    record: dict = {"kind": "auto-choice", "cpu_capabilities": cpu_capabilities(), "candidates": {},
+                    "eval_set": str(eval_file) if eval_file else "built-in",
+                    "min_speedup": settings.auto_min_speedup,
+                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    built: dict[str, Path] = {}
+    for precision in candidates:
+        entry: dict = {}
+        record["candidates"][precision] = entry
+        if not cpu_can(precision):
+            entry.update(status="unavailable", reason=f"this CPU cannot compute in {precision}")
+            continue
+        step(f"auto: building and checking {precision}")
+        try:
+            result = convert(settings, model, formats=["openvino"], precision=precision, calibration=calibration,
+                             eval_file=eval_file, bench_seconds=0, step=step)[0]
+        except ParityError as exc:
+            if precision == "fp32":
+                raise
+            entry.update(status="rejected", reason=exc.message)
+            continue
+        built[precision] = Path(result["dir"])
+        parity = result["parity"]
+        entry.update(status="passed", dir=result["dir"], max_abs_diff=parity["max_abs_diff"],
+                     mean_spearman=parity["mean_spearman"], top1_agreement=parity["top1_agreement"],
+                     ndcg_vs_reference=parity["ndcg@10_vs_reference"])
+    speeds: dict[str, list[float]] = {p: [] for p in built}
+    per_round = max(0.5, bench_seconds / max(1, rounds))
+    for r in range(rounds):
+        for precision, variant in built.items():
+            step(f"auto: measuring {precision} (round {r + 1}/{rounds})")
+            speeds[precision].append(micro_bench(variant, settings, per_round)["pairs_per_s"])
+    for precision, xs in speeds.items():
+        record["candidates"][precision]["pairs_per_s"] = round(statistics.median(xs), 2)
+        record["candidates"][precision]["pairs_per_s_rounds"] = xs
+    base = record["candidates"]["fp32"]["pairs_per_s"]
+    for precision in speeds:
+        record["candidates"][precision]["speedup"] = round(record["candidates"][precision]["pairs_per_s"] / base, 3)
+    chosen, reason = decide(record["candidates"], settings.auto_min_speedup)
+    record["chosen"] = chosen
+    record["reason"] = reason
+    target = built[chosen].resolve()
+    pointer = ref.variant_dir("openvino", AUTO)
+    import secrets
+
+    link = pointer.with_name(f".{pointer.name}.link-{secrets.token_hex(4)}")
+    os.symlink(os.path.relpath(target, pointer.parent), link)
+    os.replace(link, pointer)  # atomic, like every variant pointer: a running server keeps what it loaded
+    store.write_json_atomic(ref.path / AUTO_RECORD, record)
+    manifest = json.loads((target / "manifest.json").read_text(encoding="utf-8"))
+    return {"dir": str(pointer), **manifest, "auto": record}
+
+
+def decide(candidates: dict, min_speedup: float) -> tuple[str, str]:
+    """The fastest reduced precision that passed the fidelity check, if it is at least ``min_speedup`` times
+    FP32's speed; else FP32, with the reason naming what each other candidate lacked."""
+    passed = {p: e for p, e in candidates.items() if p != "fp32" and e.get("status") == "passed"}
+    if passed:
+        best = max(passed, key=lambda p: passed[p]["speedup"])
+        if passed[best]["speedup"] >= min_speedup:
+            return best, (f"{best}: {passed[best]['speedup']:.2f}x FP32's speed on this CPU (needs {min_speedup:g}x)"
+                          f" and within the fidelity limits")
+    why = []
+    for p, e in candidates.items():
+        if p == "fp32":
+            continue
+        if e.get("status") != "passed":
+            why.append(f"{p} {e.get('status')}: {e.get('reason')}")
+        else:
+            why.append(f"{p} only {e['speedup']:.2f}x FP32's speed (needs {min_speedup:g}x)")
+    return "fp32", "FP32: " + ("; ".join(why) if why else "no other candidate")
+
+
+def read_auto_choice(model_dir: Path) -> dict:
+    path = Path(model_dir) / AUTO_RECORD
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}

@@ -52,8 +52,43 @@ class Tokenizer:
         self.max_length = max_length
         # longest_first is what transformers uses for truncation=True on a pair.
         self._tok.enable_truncation(max_length=max_length, strategy="longest_first", direction="right")
+        self._windowed = None
         pad_id = self._tok.token_to_id("[PAD]")
         self.pad_id = 0 if pad_id is None else int(pad_id)
+
+    def encode_windows(self, pairs: Sequence[tuple[str, str]], windows: int, stride: int
+                       ) -> tuple[list[Encoded], list[int]]:
+        """Up to ``windows`` overlapping windows of each pair's passage, each with the whole query, exactly
+        as transformers makes them: ``tokenizer(q, p, truncation="only_second", max_length=L, stride=S,
+        return_overflowing_tokens=True)``. Returns the windows and, for each, the index of its pair. A
+        window's ``truncated`` says the passage went on past the last window kept. A query too long to
+        leave room for the passage gets one window truncated like ``encode_items``.
+        """
+        if self._windowed is None or self._windowed[0] != stride:
+            from tokenizers import Tokenizer as _Tok
+
+            tok = _Tok.from_str(self._tok.to_str())
+            tok.no_padding()
+            tok.enable_truncation(max_length=self.max_length, stride=stride, strategy="only_second",
+                                  direction="right")
+            self._windowed = (stride, tok)
+        tok = self._windowed[1]
+        encs: list[Encoded] = []
+        owners: list[int] = []
+        for i, (q, p) in enumerate(pairs):
+            try:
+                first = tok.encode(q, p)
+            except Exception:  # the query alone fills the window: only_second cannot apply
+                encs.extend(self.encode_items([(q, p)]))
+                owners.append(i)
+                continue
+            parts = [first, *first.overflowing][:windows]
+            more = len(first.overflowing) + 1 > windows
+            for k, e in enumerate(parts):
+                encs.append(Encoded(np.asarray(e.ids, dtype=np.int64), np.asarray(e.type_ids, dtype=np.int64),
+                                    more and k == len(parts) - 1))
+                owners.append(i)
+        return encs, owners
 
     def encode_pairs(self, query: str, passages: Sequence[str]) -> list[Encoded]:
         return self.encode_items([(query, p) for p in passages])
@@ -127,11 +162,13 @@ class Scorer:
         self.tokenizer = Tokenizer(self.variant_dir / "tokenizer.json", self.max_length)
 
         core = ov.Core()
+        # f32 unless the variant was made to compute in bf16 (its own fidelity record says what that costs):
+        # OpenVINO's default on AMX/AVX512-BF16 Xeons is bf16, which would change every score silently.
+        self.inference_precision = str(manifest.get("inference_precision") or "f32")
         config: dict = {
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
-            # bf16 on AMX/AVX512-BF16 Xeons would change scores; parity is promised in f32.
-            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_PRECISION_HINT": self.inference_precision,
             "ENABLE_CPU_PINNING": bool(pin_threads),
         }
         if threads:
@@ -139,6 +176,10 @@ class Scorer:
         model = core.read_model(str(model_file))
         gather_before_dequantize(model)
         self.compiled = core.compile_model(model, "CPU", config)
+        got = str(self.compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
+        if self.inference_precision == "bf16" and "bf16" not in got:
+            # OpenVINO falls back to f32 without a word on a CPU without bf16: refuse rather than pretend
+            raise RuntimeError(f"this CPU cannot compute in bf16 (OpenVINO compiled {got}); serve fp32 or int8")
         self.request = self.compiled.create_infer_request()
         self.input_names = {inp.get_any_name() for inp in self.compiled.inputs}
         self.num_labels = int(self.compiled.outputs[0].get_partial_shape()[-1].get_length())
@@ -186,6 +227,18 @@ class Scorer:
 
     def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
         return self.score_encoded(self.tokenizer.encode_pairs(query, passages))
+
+    def score_windows(self, query: str, passages: Sequence[str], windows: int, stride: int) -> np.ndarray:
+        """Each passage's best window (see ``Tokenizer.encode_windows``): raw logits, one per passage."""
+        encs, owners = self.tokenizer.encode_windows([(query, p) for p in passages], windows, stride)
+        return best_of_windows(self.score_encoded(encs), owners, len(passages))
+
+
+def best_of_windows(logits: np.ndarray, owners: Sequence[int], n: int) -> np.ndarray:
+    """The highest logit of each pair's windows (``owners[k]`` is window k's pair)."""
+    out = np.full(n, -np.inf, dtype=np.float64)
+    np.maximum.at(out, np.asarray(owners, dtype=np.int64), logits)
+    return out
 
 
 MADV_DONTNEED = 4

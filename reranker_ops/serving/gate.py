@@ -105,7 +105,8 @@ class Gate:
         self.upstream_in_flight: dict[int, int] = {}  # requests sent to each MOSEC generation, not answered
         self.max_in_flight = settings.effective_max_in_flight()
         self.scheduler = FairScheduler(settings.effective_schedule_budget(), on_drop=self._dropped)
-        self.limits = Limits(max_documents=settings.max_documents, max_document_chars=settings.max_document_chars)
+        self.limits = Limits(max_documents=settings.max_documents, max_document_chars=settings.max_document_chars,
+                             windows=settings.windows, max_windows=settings.max_windows)
         self.idle = asyncio.Event()
         self.idle.set()
         key = settings.api_key.get_secret_value() if settings.api_key else ""
@@ -399,7 +400,8 @@ class Gate:
         units = []
         for start, end in plan_chunks(job, self.settings.chunk_chars):
             chunk = json.dumps({"q": job.queries[start:end], "p": job.passages[start:end],
-                                "truncate": job.truncate, "offset": start}, ensure_ascii=False).encode("utf-8")
+                                "truncate": job.truncate, "windows": job.windows, "offset": start},
+                               ensure_ascii=False).encode("utf-8")
             units.append(Unit(cost=len(chunk), lane="chunk", owner=id(request), pairs=end - start,
                               send=lambda c=chunk: self._post(c, CHUNK, deadline_at),
                               alive=lambda: self._alive(request, deadline_at)))
@@ -407,7 +409,7 @@ class Gate:
         if isinstance(results, web.Response):
             return results
         logits: list[float] = []
-        tokens = 0
+        tokens = windows = 0
         model = ""
         for status, data, model in results:
             if status != 200:
@@ -415,7 +417,8 @@ class Gate:
             part = json.loads(data)
             logits.extend(part["logits"])
             tokens += int(part["tokens"])
-        answer = build_response(job, logits, tokens, model)
+            windows += int(part.get("windows", len(part["logits"])))
+        answer = build_response(job, logits, tokens, model, windows)
         return web.Response(status=200, body=json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode(),
                             content_type=JSON)
 

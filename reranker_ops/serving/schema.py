@@ -31,10 +31,13 @@ class RequestError(Exception):
 class Limits:
     max_documents: int = 1000
     max_document_chars: int = 50_000
+    windows: int = 1  # the server's default: windows scored per passage (1 = truncate at the model's window)
+    max_windows: int = 8  # the most a request may ask for
 
     @classmethod
     def from_mapping(cls, m: dict) -> "Limits":
-        return cls(max_documents=int(m["max_documents"]), max_document_chars=int(m["max_document_chars"]))
+        return cls(max_documents=int(m["max_documents"]), max_document_chars=int(m["max_document_chars"]),
+                   windows=int(m.get("windows", 1)), max_windows=int(m.get("max_windows", 8)))
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Job:
     raw_scores: bool = False
     truncate: bool = True
     model: Optional[str] = None
+    windows: int = 1  # > 1: score up to this many overlapping windows of each passage, keep the best
     extra: dict = field(default_factory=dict)
 
 
@@ -148,7 +152,19 @@ def parse_chunk(data: bytes) -> Job:
     if not ok:
         raise RequestError(400, "malformed chunk")
     return Job(route=CHUNK, queries=queries, passages=passages, truncate=bool(body.get("truncate", True)),
-               extra={"offset": int(body.get("offset", 0))})
+               windows=int(body.get("windows", 1)), extra={"offset": int(body.get("offset", 0))})
+
+
+def _windows(body: dict, limits: Limits) -> int:
+    """``"windows": n`` (1 to the server's RERANKER_MAX_WINDOWS), or the server's RERANKER_WINDOWS."""
+    if body.get("windows") is None:
+        return max(1, min(limits.windows, limits.max_windows))
+    n = _opt_int(body, "windows")
+    assert n is not None
+    if n > limits.max_windows:
+        raise RequestError(422, f"windows is {n}, over the limit of {limits.max_windows} per passage"
+                                " (RERANKER_MAX_WINDOWS)")
+    return n
 
 
 def parse_job(route: str, data: bytes, limits: Limits) -> Job:
@@ -176,6 +192,7 @@ def parse_job(route: str, data: bytes, limits: Limits) -> Job:
             raw_scores=_opt_bool(body, "raw_scores", False),
             truncate=_opt_bool(body, "truncate", True),
             model=model,
+            windows=_windows(body, limits),
         )
     docs = _documents(body, limits, allow_objects=True)
     return Job(
@@ -186,6 +203,7 @@ def parse_job(route: str, data: bytes, limits: Limits) -> Job:
         return_documents=_opt_bool(body, "return_documents", False),
         truncate=_opt_bool(body, "truncate", True),
         model=model,
+        windows=_windows(body, limits),
     )
 
 
@@ -207,7 +225,8 @@ def _parse_inference(body: Any, limits: Limits) -> Job:
                 raise RequestError(422, f"[{i}].{key} is required")
         queries.append(_check_text(f"[{i}].query", item["query"], limits))
         passages.append(_check_text(f"[{i}].passage", item["passage"], limits))
-    return Job(route="/inference", queries=queries, passages=passages)
+    return Job(route="/inference", queries=queries, passages=passages,
+               windows=max(1, min(limits.windows, limits.max_windows)))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -220,9 +239,11 @@ def _sigmoid(x: float) -> float:
     return e / (1.0 + e)
 
 
-def build_response(job: Job, logits: Sequence[float], tokens: int, model_name: str) -> Any:
+def build_response(job: Job, logits: Sequence[float], tokens: int, model_name: str, windows: int = 0) -> Any:
+    """``windows``: how many model windows were scored (one per pair unless the job asked for windows)."""
+    windows = windows or len(logits)
     if job.route == CHUNK:
-        return {"logits": [float(x) for x in logits], "tokens": tokens}
+        return {"logits": [float(x) for x in logits], "tokens": tokens, "windows": windows}
     probs = [_sigmoid(float(x)) for x in logits]
     if job.route == "/inference":
         return probs
@@ -245,7 +266,7 @@ def build_response(job: Job, logits: Sequence[float], tokens: int, model_name: s
             "model": model_name,
             "scores": scores,
             "results": results,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "windows": windows},
         }
     results = []
     for i in order:
@@ -263,5 +284,5 @@ def build_response(job: Job, logits: Sequence[float], tokens: int, model_name: s
             "billed_units": {"search_units": 1},
             "tokens": {"input_tokens": tokens, "output_tokens": 0},
         },
-        "usage": {"total_tokens": tokens},
+        "usage": {"total_tokens": tokens, "windows": windows},
     }

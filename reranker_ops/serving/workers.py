@@ -24,7 +24,14 @@ from typing import Any
 
 from mosec import ClientError, ValidationError, Worker
 
-from .engine import Scorer, Tokenizer, configure_process_threads, read_variant_manifest, trim_heap
+from .engine import (
+    Scorer,
+    Tokenizer,
+    best_of_windows,
+    configure_process_threads,
+    read_variant_manifest,
+    trim_heap,
+)
 from .heartbeat import Heartbeat
 from .schema import TAG_ROUTES, Limits, RequestError, build_response, parse_job
 
@@ -63,6 +70,7 @@ class Validate(Worker):
         max_length = min(cfg["max_length"], model_max) if cfg["max_length"] else model_max
         self.tokenizer = Tokenizer(Path(cfg["variant_dir"]) / "tokenizer.json", max_length)
         self.limits = Limits.from_mapping(cfg["limits"])
+        self.window_stride = int(cfg.get("window_stride", 128))
         self.hb = Heartbeat(cfg["worker_dir"], "validate")
         self.hb.publish_info(heavy_modules=_loaded_heavy_modules())
         self.hb.write(ready=1)
@@ -90,19 +98,30 @@ class Validate(Worker):
                 if exc.status == 400:
                     raise ClientError(exc.message) from None
                 raise ValidationError(exc.message) from None
-            encs = self.tokenizer.encode_items(zip(job.queries, job.passages))
+            owners = None
+            if job.windows > 1:
+                encs, owners = self.tokenizer.encode_windows(list(zip(job.queries, job.passages)), job.windows,
+                                                             self.window_stride)
+            else:
+                encs = self.tokenizer.encode_items(zip(job.queries, job.passages))
             if not job.truncate:
                 over = [i for i, e in enumerate(encs) if e.truncated]
                 if over:
                     self.hb.data["errors"] += 1
+                    pair = (owners[over[0]] if owners else over[0]) + job.extra.get("offset", 0)
+                    if owners:
+                        raise ValidationError(
+                            f"pair {pair} needs more than {job.windows} windows of {self.tokenizer.max_length} tokens"
+                            " and truncate is false; send more windows (up to RERANKER_MAX_WINDOWS), truncate: true"
+                            " or shorter text")
                     raise ValidationError(
-                        f"pair {over[0] + job.extra.get('offset', 0)} is longer than the model's {self.tokenizer.max_length} tokens and"
-                        " truncate is false; send truncate: true or shorter text"
+                        f"pair {pair} is longer than the model's {self.tokenizer.max_length} tokens and"
+                        " truncate is false; send truncate: true, windows, or shorter text"
                     )
             job.queries = []
             if not job.return_documents:
                 job.passages = []
-            return {"job": job, "encs": encs}
+            return {"job": job, "encs": encs, "owners": owners}
         finally:
             done = time.monotonic()
             self.hb.data["requests"] += 1
@@ -170,7 +189,10 @@ class Score(Worker):
         for item, n in zip(data, owners):
             tokens = sum(len(e) for e in item["encs"])
             tokens_total += tokens
-            out.append(build_response(item["job"], logits[start : start + n].tolist(), tokens, self.model_name))
+            mine = logits[start : start + n]
+            if item.get("owners") is not None:  # windows: each pair keeps its best window
+                mine = best_of_windows(mine, item["owners"], max(item["owners"]) + 1)  # every pair has one
+            out.append(build_response(item["job"], mine.tolist(), tokens, self.model_name, windows=n))
             start += n
         d = self.hb.data
         d["batches"] += 1
