@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Optional
 
 from .models.synthetic import BENCH_RU_WORDS as _RU
 
-WORKLOADS = ("tiny", "rag", "mixed", "short", "long")
+WORKLOADS = ("tiny", "rag", "mixed", "short", "long", "wide")
 
 def _text(rng: random.Random, chars: int) -> str:
     words: list[str] = []

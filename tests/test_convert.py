@@ -79,7 +79,14 @@ def _task_scores(source: Path, variant: Path):
     return items, ref, got
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8", "int8-weights"])
+def _bf16_unless_unavailable():
+    from reranker_ops.models.convert import cpu_can
+
+    return pytest.param("bf16", marks=pytest.mark.skipif(not cpu_can("bf16"), reason=(
+        "this CPU cannot compute in bf16 (OpenVINO would silently compute f32): its refusal is tested instead")))
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int8-weights", _bf16_unless_unavailable()])
 def test_convert_reduced_precisions_keep_the_ranking_of_a_trained_model(trained_copy, precision):
     """Judged on a model trained here (a random one ranks nothing, so any perturbation 'reorders' it)."""
     from reranker_ops.models.trained import ranking_quality
@@ -117,9 +124,10 @@ def test_int8_calibration_file_is_used(trained_copy, tmp_path):
     assert res.returncode == 7 and "does not score like the original" in res.stderr, res.stderr
     assert not (trained_copy / "openvino-int8").exists()
     res = run_cli(["convert", str(trained_copy), "--precision", "int8", "--calibration",
-                   str(trained_copy / "calibration.jsonl"), *evalset], timeout=240)
+                   str(trained_copy / "calibration.jsonl"), *evalset, "--json"], timeout=240)
     assert res.returncode == 0, res.stderr
     assert json.loads((trained_copy / "openvino-int8" / "manifest.json").read_text())["parity"]["passed"]
+    assert json.loads(res.stdout)[0]["precision"] == "int8"  # NNCF's progress bars stay off stdout
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": 1}\n')

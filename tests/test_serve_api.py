@@ -305,7 +305,12 @@ def test_serve_prepare_converts_then_serves(tiny_model_dir, tmp_path, make_serve
     model = tmp_path / "prep-model"
     shutil.copytree(tiny_model_dir, model)
     server = make_server(start=False, model_dir=model)
-    res = server.cli("serve", "--daemon", "--prepare", timeout=240)
+    res = server.cli("serve", "--daemon", "--prepare", timeout=400)
     assert res.returncode == 0, res.stderr
-    assert (model / "openvino-fp32" / "manifest.json").is_file()
+    # the README's first command: precision auto, so the candidates were built, judged and one chosen
+    choice = json.loads((model / "auto-choice.json").read_text())
+    assert choice["chosen"] in ("fp32", "int8") and choice["candidates"]["fp32"]["status"] == "passed"
+    assert (model / "openvino-auto").resolve() == (model / f"openvino-{choice['chosen']}").resolve()
+    served = Path(server.pidfile()["variant_dir"]).resolve()
+    assert served == (model / "openvino-auto").resolve()
     assert post(server, "/rerank", {"query": QUERY, "documents": DOCS}).status_code == 200

@@ -7,9 +7,11 @@ built in a temporary folder beside its final place and renamed into place only a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -412,7 +414,9 @@ def convert(
                         if precision in ("int8",):
                             step(f"calibrating INT8 on {len(pairs)} pairs")
                         feeds = _calibration_feeds(tmp, max_length, pairs)
-                        _reduce_precision(fp32_tmp / "openvino_model.xml", tmp, precision, feeds)
+                        # NNCF draws its progress bars on stdout: keep stdout for --json
+                        with contextlib.redirect_stdout(sys.stderr):
+                            _reduce_precision(fp32_tmp / "openvino_model.xml", tmp, precision, feeds)
                     finally:
                         shutil.rmtree(fp32_tmp, ignore_errors=True)
             else:
