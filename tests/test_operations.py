@@ -212,11 +212,12 @@ def test_upgrade_downloads_converts_and_reloads(tiny_model_dir, tmp_path, make_s
     with FakeHub() as hub:
         files = folder_files(tiny_model_dir)
         hub.add_repo("test/tiny", files)
+        # fp32: this test is about the upgrade's steps (auto's own prepare is tested beside it)
         env = clean_env(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), RERANKER_MODEL="test/tiny",
-                        RERANKER_MODELS_DIR=str(models))
+                        RERANKER_MODELS_DIR=str(models), RERANKER_PRECISION="fp32")
         assert run_cli(["prepare"], env=env, timeout=600).returncode == 0
         server = make_server(start=False, model_dir=models / "test--tiny")
-        server.env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"))
+        server.env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), RERANKER_PRECISION="fp32")
         server.start()
         before = httpx.post(server.base + "/rerank", json={"query": QUERY, "documents": DOCS}).json()["scores"]
         hub.add_repo("test/tiny", {**files, "model.safetensors": (other / "model.safetensors").read_bytes()},
