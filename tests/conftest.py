@@ -58,6 +58,14 @@ def trained_model_dir() -> Path:
     return model
 
 
+@pytest.fixture()
+def trained_copy(trained_model_dir, tmp_path) -> Path:
+    """A writable copy of the trained model, under a models dir of its own (converts land beside it)."""
+    dst = tmp_path / "models" / "trained"
+    shutil.copytree(trained_model_dir, dst)
+    return dst
+
+
 @pytest.fixture(scope="session")
 def tiny_fp32(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny model converted to OpenVINO FP32 by the real convert code (parity checked)."""

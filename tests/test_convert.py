@@ -58,13 +58,6 @@ def test_convert_all_formats_fp32_with_parity(model_copy):
         assert (model_copy / f"{fmt}-fp32").resolve().parent == (model_copy / ".builds").resolve()
 
 
-@pytest.fixture()
-def trained_copy(trained_model_dir, tmp_path) -> Path:
-    dst = tmp_path / "models" / "trained"
-    shutil.copytree(trained_model_dir, dst)
-    return dst
-
-
 def _task_scores(source: Path, variant: Path):
     """The trained model's held-out queries scored by transformers and by the serving engine."""
     from reranker_ops.models.convert import load_reference, model_max_length, reference_scores

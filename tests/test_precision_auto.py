@@ -16,13 +16,6 @@ from conftest import clean_env, run_cli
 pytestmark = [pytest.mark.timeout(600)]
 
 
-@pytest.fixture()
-def trained_copy(trained_model_dir, tmp_path) -> Path:
-    dst = tmp_path / "models" / "trained"
-    shutil.copytree(trained_model_dir, dst)
-    return dst
-
-
 def _settings(model: Path, **kw):
     from reranker_ops.config import Settings
 

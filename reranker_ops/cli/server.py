@@ -137,7 +137,7 @@ def _serve(settings, *, daemon: bool, prepare: bool, log_file: Optional[Path] = 
     log = _setup_logging(log_file or settings.log_path, settings, to_stderr=True)
     sup = Supervisor(settings, variant, ref.name, Notifier(os.environ.get("NOTIFY_SOCKET")), log)
     if log_file is None:
-        shown = settings.precision if settings.precision != "auto" else f"auto: {variant.resolve().name.split('-2')[0]}"
+        shown = sup.precision if settings.precision != "auto" else f"auto: {sup.precision}"
         err_console.print(f"serving {ref.name} ({shown}) on http://{settings.host}:{settings.port}"
                           f" · health :{settings.health_port} · Ctrl-C to stop")
     asyncio.run(sup.run())

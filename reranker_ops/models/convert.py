@@ -8,6 +8,7 @@ built in a temporary folder beside its final place and renamed into place only a
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -518,11 +519,19 @@ def _install(tmp: Path, final: Path) -> Path:
     (build / IN_USE).touch()
     if final.exists() and not final.is_symlink():  # a folder from before builds existed: becomes one
         final.rename(builds / f"{final.name}-{stamp}-legacy-{secrets.token_hex(3)}")
-    link = final.with_name(f".{final.name}.link-{secrets.token_hex(4)}")
-    os.symlink(os.path.relpath(build, final.parent), link)
-    os.replace(link, final)  # atomic: readers see the old build or the new one, never nothing
+    _point(final, build)
     prune_builds(final)
     return build
+
+
+def _point(pointer: Path, build: Path) -> None:
+    """Switch the variant name ``pointer`` to ``build`` atomically: readers see the old build or the new
+    one, never nothing, and a running server keeps what it loaded."""
+    import secrets
+
+    link = pointer.with_name(f".{pointer.name}.link-{secrets.token_hex(4)}")
+    os.symlink(os.path.relpath(build, pointer.parent), link)
+    os.replace(link, pointer)
 
 
 def prune_builds(final: Path, keep: int = KEEP_BUILDS) -> list[Path]:
@@ -583,14 +592,15 @@ def find_variant(settings: Settings, model: Optional[str] = None) -> Path:
 # --------------------------------------------------------------------------------------------------------
 # the precision this CPU should serve
 # --------------------------------------------------------------------------------------------------------
-def cpu_capabilities() -> list[str]:
-    """OpenVINO's CPU ``OPTIMIZATION_CAPABILITIES`` (FP32, INT8, BF16, FP16, ...)."""
+@functools.lru_cache(maxsize=1)
+def cpu_capabilities() -> tuple[str, ...]:
+    """OpenVINO's CPU ``OPTIMIZATION_CAPABILITIES`` (FP32, INT8, BF16, FP16, ...), asked once."""
     import openvino as ov
 
     try:
-        return [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+        return tuple(str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
     except Exception:  # noqa: BLE001 - an old plugin without the property: assume the minimum
-        return ["FP32"]
+        return ("FP32",)
 
 
 def cpu_can(precision: str) -> bool:
@@ -620,7 +630,7 @@ def choose_precision(
     import statistics
 
     ref = store.resolve_model(settings, model)
-    record: dict = {"kind": "auto-choice", "cpu_capabilities": cpu_capabilities(), "candidates": {},
+    record: dict = {"kind": "auto-choice", "cpu_capabilities": list(cpu_capabilities()), "candidates": {},
                     "eval_set": str(eval_file) if eval_file else "built-in",
                     "min_speedup": settings.auto_min_speedup,
                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -662,11 +672,7 @@ def choose_precision(
     record["reason"] = reason
     target = built[chosen].resolve()
     pointer = ref.variant_dir("openvino", AUTO)
-    import secrets
-
-    link = pointer.with_name(f".{pointer.name}.link-{secrets.token_hex(4)}")
-    os.symlink(os.path.relpath(target, pointer.parent), link)
-    os.replace(link, pointer)  # atomic, like every variant pointer: a running server keeps what it loaded
+    _point(pointer, target)
     store.write_json_atomic(ref.path / AUTO_RECORD, record)
     manifest = json.loads((target / "manifest.json").read_text(encoding="utf-8"))
     return {"dir": str(pointer), **manifest, "auto": record}

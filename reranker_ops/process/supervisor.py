@@ -150,8 +150,7 @@ class Supervisor:
         # The build the pointer names now: a later 'convert' switches the pointer, not what we serve.
         self.variant_dir = Path(variant_dir).resolve()
         self._build_locks: dict[Path, Optional[int]] = {}
-        # what is served: with precision auto, the variant auto chose (its manifest says which)
-        self.precision = read_variant_manifest(Path(variant_dir)).get("precision") or settings.precision
+        self.precision = served_precision(variant_dir, settings.precision)
         self.model_name = model_name
         self.notifier = notifier
         self.log = log or logging.getLogger("rerankctl")
@@ -601,8 +600,7 @@ class Supervisor:
         update = {k: request[k] for k in ("model", "precision", "model_format") if request.get(k)}
         settings = self.settings.model_copy(update=update)
         variant = find_variant(settings)
-        return (variant.resolve(), resolve_model(settings).name,
-                read_variant_manifest(variant).get("precision") or settings.precision)
+        return variant.resolve(), resolve_model(settings).name, served_precision(variant, settings.precision)
 
     async def _reload(self, request: dict) -> None:
         rid = request.get("id")
@@ -1079,3 +1077,7 @@ class Supervisor:
         except OSError:
             self.log.exception("cannot write %s", self.settings.state_path)
 
+
+def served_precision(variant_dir: Path, asked: str) -> str:
+    """The precision a variant computes in: with ``auto``, the one auto chose (the build's manifest says)."""
+    return read_variant_manifest(Path(variant_dir)).get("precision") or asked

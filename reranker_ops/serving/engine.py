@@ -6,6 +6,7 @@ benchmark all go through it. It imports ``openvino``, ``tokenizers`` and ``numpy
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -228,11 +229,6 @@ class Scorer:
     def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
         return self.score_encoded(self.tokenizer.encode_pairs(query, passages))
 
-    def score_windows(self, query: str, passages: Sequence[str], windows: int, stride: int) -> np.ndarray:
-        """Each passage's best window (see ``Tokenizer.encode_windows``): raw logits, one per passage."""
-        encs, owners = self.tokenizer.encode_windows([(query, p) for p in passages], windows, stride)
-        return best_of_windows(self.score_encoded(encs), owners, len(passages))
-
 
 def best_of_windows(logits: np.ndarray, owners: Sequence[int], n: int) -> np.ndarray:
     """The highest logit of each pair's windows (``owners[k]`` is window k's pair)."""
@@ -318,24 +314,32 @@ def release_mapped_weights(ranges: Sequence[tuple[int, int]]) -> int:
     the pages in its page cache (shared by every worker, reclaimable) and maps one back in on the next
     touch. Returns the bytes of mapping released.
     """
-    import ctypes
-
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
+    libc = _libc()
+    if libc is None or not hasattr(libc, "madvise"):
         return 0
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return sum(end - start for start, end in ranges if madvise(start, end - start, MADV_DONTNEED) == 0)
+    return sum(end - start for start, end in ranges if libc.madvise(start, end - start, MADV_DONTNEED) == 0)
 
 
 def trim_heap() -> bool:
     """Give the C heap's free pages back to the kernel (glibc ``malloc_trim``); False where unavailable."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+    return bool(libc.malloc_trim(0))
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """The C library, loaded once (the score worker trims every few seconds)."""
     import ctypes
 
     try:
-        return bool(ctypes.CDLL(None).malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    if hasattr(libc, "madvise"):
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def configure_process_threads() -> None:

@@ -417,7 +417,7 @@ class Gate:
             part = json.loads(data)
             logits.extend(part["logits"])
             tokens += int(part["tokens"])
-            windows += int(part.get("windows", len(part["logits"])))
+            windows += int(part["windows"])
         answer = build_response(job, logits, tokens, model, windows)
         return web.Response(status=200, body=json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode(),
                             content_type=JSON)

@@ -37,7 +37,12 @@ class Limits:
     @classmethod
     def from_mapping(cls, m: dict) -> "Limits":
         return cls(max_documents=int(m["max_documents"]), max_document_chars=int(m["max_document_chars"]),
-                   windows=int(m.get("windows", 1)), max_windows=int(m.get("max_windows", 8)))
+                   windows=int(m["windows"]), max_windows=int(m["max_windows"]))
+
+    @property
+    def default_windows(self) -> int:
+        """What a request that does not ask gets: the server's RERANKER_WINDOWS, within its own cap."""
+        return max(1, min(self.windows, self.max_windows))
 
 
 @dataclass
@@ -157,10 +162,9 @@ def parse_chunk(data: bytes) -> Job:
 
 def _windows(body: dict, limits: Limits) -> int:
     """``"windows": n`` (1 to the server's RERANKER_MAX_WINDOWS), or the server's RERANKER_WINDOWS."""
-    if body.get("windows") is None:
-        return max(1, min(limits.windows, limits.max_windows))
     n = _opt_int(body, "windows")
-    assert n is not None
+    if n is None:
+        return limits.default_windows
     if n > limits.max_windows:
         raise RequestError(422, f"windows is {n}, over the limit of {limits.max_windows} per passage"
                                 " (RERANKER_MAX_WINDOWS)")
@@ -225,8 +229,7 @@ def _parse_inference(body: Any, limits: Limits) -> Job:
                 raise RequestError(422, f"[{i}].{key} is required")
         queries.append(_check_text(f"[{i}].query", item["query"], limits))
         passages.append(_check_text(f"[{i}].passage", item["passage"], limits))
-    return Job(route="/inference", queries=queries, passages=passages,
-               windows=max(1, min(limits.windows, limits.max_windows)))
+    return Job(route="/inference", queries=queries, passages=passages, windows=limits.default_windows)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ class Validate(Worker):
         max_length = min(cfg["max_length"], model_max) if cfg["max_length"] else model_max
         self.tokenizer = Tokenizer(Path(cfg["variant_dir"]) / "tokenizer.json", max_length)
         self.limits = Limits.from_mapping(cfg["limits"])
-        self.window_stride = int(cfg.get("window_stride", 128))
+        self.window_stride = int(cfg["window_stride"])
         self.hb = Heartbeat(cfg["worker_dir"], "validate")
         self.hb.publish_info(heavy_modules=_loaded_heavy_modules())
         self.hb.write(ready=1)
