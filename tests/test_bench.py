@@ -45,6 +45,10 @@ def test_bench_ceiling_and_ratios(shared_server):
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["ceiling"]["batched"]["pairs_per_s"] > 0 and out["ceiling"]["single"]["latency_ms_p50"] > 0
+    # the ceiling is a fresh measurement of the group the trials selected, the trials kept beside it
+    selection = out["ceiling"]["selection"]
+    assert str(out["ceiling"]["batched"]["requests_per_call"]) in selection["by_group"]
+    assert selection["pairs_per_s_without_memory_budgets"] > 0
     assert 0 < out["ratios"]["served_pairs_per_s_over_batched_ceiling"]
     res = shared_server.cli("bench", "--url", shared_server.base, "-n", "2", "--workload", "nope")
     assert res.returncode != 0 and "unknown workload" in res.stderr
