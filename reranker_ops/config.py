@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, le=256, description="OpenVINO threads per worker; 0 = cores / workers.")
     pin_threads: bool = Field(False, description="Let OpenVINO pin threads to cores (off: workers must not share a core).")
     max_batch_requests: int = Field(32, ge=1, le=1024, description="Requests MOSEC batches into one scoring call.")
-    batch_wait_ms: int = Field(1, ge=0, le=1000, description="How long MOSEC waits to fill a batch.")
+    batch_wait_ms: int = Field(0, ge=0, le=1000, description="How long MOSEC waits to fill a batch (ms); 0 = batch what is already queued, never wait for more.")
     token_budget: int = Field(2048, ge=64, description="Padded tokens per OpenVINO call (micro-batch size); activation memory grows with it.")
     attention_budget: int = Field(512 * 512, ge=0, description="Rows x padded length² per OpenVINO call (attention memory grows with the square of the length); 0 = no limit.")
     max_length: int = Field(0, ge=0, description="Truncate pairs to this many tokens; 0 = the model's maximum.")

@@ -65,7 +65,8 @@ def main(argv: list[str]) -> int:
         "--timeout", str(m["timeout_ms"]),
         "--capacity", str(m["capacity"]),
         "--path", m["path"],
-        "--wait", str(max(1, m["wait_ms"])),
+        # 0 is MOSEC's "take what is queued, never wait" (its per-stage 0 means "use --wait")
+        "--wait", str(m["wait_ms"]),
         "--max-request-size", str(m["max_request_size"]),
         "--namespace", "mosec_service",
         "--log-level", m["log_level"],
@@ -82,7 +83,7 @@ def main(argv: list[str]) -> int:
         Score,
         num=cfg["workers"],
         max_batch_size=cfg["max_batch_requests"],
-        max_wait_time=max(1, m["wait_ms"]),
+        max_wait_time=m["wait_ms"],
         timeout=timeout_s,
     )
     server.register_runtime({"/score": [validate, score]})
