@@ -353,3 +353,28 @@ def test_stop_never_removes_the_pidfile_of_a_server_that_started_meanwhile(tmp_p
     finally:
         started["proc"].kill()
         started["proc"].wait()
+
+
+def test_process_tree_walks_every_threads_children_like_psutil_but_only_this_tree():
+    """roles.tree reads the kernel's per-thread children lists: a child started from a second thread and a
+    grandchild are found, exactly the set psutil finds by scanning every process on the machine."""
+    from conftest import wait_until
+    from reranker_ops.process import roles
+
+    code = ("import subprocess, threading, time\n"
+            "subprocess.Popen(['sh', '-c', 'sleep 60 & wait'])\n"  # a child with a child of its own
+            "t = threading.Thread(target=lambda: subprocess.Popen(['sleep', '60']).wait())\n"
+            "t.start(); time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        proc = psutil.Process(parent.pid)
+        wait_until(lambda: len(proc.children(recursive=True)) >= 3, 20, 0.05, what="the tree being started")
+        expected = {parent.pid} | {p.pid for p in proc.children(recursive=True)}
+        assert roles._descendants(parent.pid) is not None, "this kernel has /proc/<pid>/task/<tid>/children"
+        assert {p.pid for p in roles.tree(parent.pid)} == expected and len(expected) == 4
+    finally:
+        for p in psutil.Process(parent.pid).children(recursive=True):
+            p.kill()
+        parent.kill()
+        parent.wait(10)
+    assert roles.tree(parent.pid) == []

@@ -30,12 +30,55 @@ def role_of(proc: psutil.Process, *, supervisor_pid: Optional[int], mosec_pid: O
 
 
 def tree(root_pid: int) -> list[psutil.Process]:
-    """The process and all its descendants; [] when it is gone."""
+    """The process and all its descendants; [] when it is gone.
+
+    The supervisor asks several times a second. psutil finds children by reading the status of every
+    process on the machine (3.5 ms a call here, more on a busy host); the kernel's per-thread ``children``
+    lists walk only this tree (0.3 ms). psutil is the fallback where the kernel has no such lists."""
     try:
         root = psutil.Process(root_pid)
-        return [root] + root.children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+    pids = _descendants(root_pid)
+    if pids is None:
+        try:
+            return [root] + root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+    out = [root]
+    for pid in pids:
+        try:
+            out.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue  # exited while we looked
+    return out
+
+
+def _descendants(root_pid: int) -> list[int] | None:
+    """Descendants' pids from /proc/<pid>/task/<tid>/children, breadth first; None if the kernel lacks them."""
+    if not os.path.exists(f"/proc/{root_pid}/task/{root_pid}/children"):
+        return None
+    found: list[int] = []
+    queue = [root_pid]
+    seen = {root_pid}
+    while queue:
+        pid = queue.pop(0)
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue  # gone
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as f:
+                    kids = f.read().split()
+            except OSError:
+                continue
+            for kid in map(int, kids):
+                if kid not in seen:
+                    seen.add(kid)
+                    found.append(kid)
+                    queue.append(kid)
+    return found
 
 
 def connect_host(bind_host: str) -> str:
