@@ -98,7 +98,7 @@ def serve(
 
 
 def _serve(settings, *, daemon: bool, prepare: bool, log_file: Optional[Path] = None) -> None:
-    from ..models.convert import find_variant
+    from ..models.store import find_variant
     from ..models.store import resolve_model
 
     if prepare:

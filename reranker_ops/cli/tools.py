@@ -80,7 +80,7 @@ def bench(
         out["served"] = res.summary()
         out["served"]["url"] = target
     if ceiling or ceiling_only:
-        from ..models.convert import find_variant
+        from ..models.store import find_variant
 
         variant = find_variant(settings)
         with err_console.status(f"in-process ceiling on {variant}"):

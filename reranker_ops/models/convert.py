@@ -25,12 +25,12 @@ from ..config import Settings
 from ..errors import ConfigError, ConvertError, ModelNotFound, ParityError, missing_extra
 from ..serving.engine import Scorer, sigmoid
 from . import store
+from .store import AUTO, find_variant  # noqa: F401 - find_variant moved to the store; kept importable here
 from .evalset import CALIBRATION_SET, EVAL_SET, load_eval_jsonl, load_pairs_jsonl
 from .trained import ndcg_at
 
 FORMATS = ("openvino", "onnx")
 PRECISIONS = ("fp32", "fp16", "int8", "int8-weights", "bf16")
-AUTO = "auto"
 AUTO_RECORD = "auto-choice.json"  # in the model folder: what `convert --precision auto` measured and chose
 FP32_ATOL = 1e-4
 Step = Callable[[str], None]
@@ -564,29 +564,6 @@ def prune_builds(final: Path, keep: int = KEEP_BUILDS) -> list[Path]:
             if fd is not None:
                 os.close(fd)
     return removed
-
-
-def find_variant(settings: Settings, model: Optional[str] = None) -> Path:
-    """The converted folder ``serve`` loads, or an error naming the command that makes it."""
-    ref = store.resolve_model(settings, model)
-    variant = ref.variant_dir(settings.model_format, settings.precision)
-    if (variant / "manifest.json").is_file():
-        return variant
-    if settings.precision == AUTO:  # no choice made yet: FP32, the reference's own numbers
-        fp32 = ref.variant_dir(settings.model_format, "fp32")
-        if (fp32 / "manifest.json").is_file():
-            return fp32
-    if not ref.path.is_dir():
-        raise ModelNotFound(
-            f"{ref.name} is not downloaded",
-            f"run: rerankctl download {ref.repo_id or ref.name} && rerankctl convert {ref.name}"
-            " (or serve --prepare to do both)",
-        )
-    raise ModelNotFound(
-        f"{ref.name} has no {settings.model_format}-{settings.precision} conversion",
-        f"run: rerankctl convert {ref.repo_id or ref.path} --precision {settings.precision}"
-        f" --format {settings.model_format}",
-    )
 
 
 # --------------------------------------------------------------------------------------------------------

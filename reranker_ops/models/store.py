@@ -23,6 +23,8 @@ from typing import Callable, Optional
 from ..config import Settings
 from ..errors import ConfigError, DownloadError, ModelNotFound
 
+AUTO = "auto"  # the precision `convert --precision auto` chooses; its variant folder is a pointer to the choice
+
 # Weights in safetensors only; config and tokenizer files. Never *.bin / *.pt / *.pkl (pickle).
 ALLOW_PATTERNS = [
     "*.safetensors",
@@ -406,3 +408,26 @@ def hold_build(variant_dir: Path) -> Optional[int]:
         os.close(fd)
         return None
     return fd
+
+
+def find_variant(settings: Settings, model: Optional[str] = None) -> Path:
+    """The converted folder ``serve`` loads, or an error naming the command that makes it."""
+    ref = resolve_model(settings, model)
+    variant = ref.variant_dir(settings.model_format, settings.precision)
+    if (variant / "manifest.json").is_file():
+        return variant
+    if settings.precision == AUTO:  # no choice made yet: FP32, the reference's own numbers
+        fp32 = ref.variant_dir(settings.model_format, "fp32")
+        if (fp32 / "manifest.json").is_file():
+            return fp32
+    if not ref.path.is_dir():
+        raise ModelNotFound(
+            f"{ref.name} is not downloaded",
+            f"run: rerankctl download {ref.repo_id or ref.name} && rerankctl convert {ref.name}"
+            " (or serve --prepare to do both)",
+        )
+    raise ModelNotFound(
+        f"{ref.name} has no {settings.model_format}-{settings.precision} conversion",
+        f"run: rerankctl convert {ref.repo_id or ref.path} --precision {settings.precision}"
+        f" --format {settings.model_format}",
+    )

@@ -47,7 +47,7 @@ from ..health.server import Health
 from ..health.watchdog import GONE_STATUSES, STOPPED_STATUSES, Kill, WatchdogPolicy, WorkerView
 from ..metrics import Metrics
 from ..models.store import write_json_atomic
-from ..serving.engine import read_variant_manifest
+from ..serving.manifest import read_variant_manifest
 from ..serving.frontdoor import FrontDoor
 from ..serving.gate import Gate, Upstream
 from ..serving.heartbeat import forget_worker, read_worker_dir
@@ -594,7 +594,7 @@ class Supervisor:
         self._publish()
 
     def _resolve_reload_target(self, request: dict) -> tuple[Path, str, str]:
-        from ..models.convert import find_variant
+        from ..models.store import find_variant
         from ..models.store import resolve_model
 
         update = {k: request[k] for k in ("model", "precision", "model_format") if request.get(k)}

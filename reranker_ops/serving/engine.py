@@ -7,13 +7,14 @@ benchmark all go through it. It imports ``openvino``, ``tokenizers`` and ``numpy
 from __future__ import annotations
 
 import functools
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from .manifest import read_variant_manifest
 
 MODEL_FILES = {"openvino": "openvino_model.xml", "onnx": "model.onnx"}
 PAD_MULTIPLE = 8
@@ -33,13 +34,6 @@ class Encoded:
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
-
-
-def read_variant_manifest(variant_dir: Path) -> dict:
-    path = variant_dir / "manifest.json"
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    return {}
 
 
 class Tokenizer:
