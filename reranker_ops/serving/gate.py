@@ -35,7 +35,6 @@ from ..metrics import Metrics
 from .frontdoor import FrontDoor
 from .scheduler import Dropped, FairScheduler, Unit
 from .schema import CHUNK, ROUTE_TAGS, ROUTES, Job, Limits, RequestError, build_response, parse_job
-from .upstream import UpstreamClient
 
 SECRET_LEN = 32  # hex characters of a generation's secret: the body's prefix has a fixed length
 
@@ -97,8 +96,7 @@ class Gate:
         self.upstream = upstream
         self.index = index
         self.probe_token = probe_token
-        self.session: Optional[aiohttp.ClientSession] = None  # the supervisor's own calls (canary, metrics)
-        self.client: Optional[UpstreamClient] = None  # requests to MOSEC: the per-request path
+        self.session: Optional[aiohttp.ClientSession] = None
         self.door: Optional[FrontDoor] = None
         self.draining = False
         self.in_flight = 0  # user requests admitted and not yet answered
@@ -119,13 +117,10 @@ class Gate:
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, force_close=False),
             auto_decompress=False,
         )
-        self.client = UpstreamClient()
 
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
-        if self.client is not None:
-            await self.client.close()
 
     def app(self, extra_routes: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]]
             ) -> web.Application:
@@ -299,7 +294,7 @@ class Gate:
         tries = 0
         while True:
             up = await self._upstream_by(deadline_at)
-            if up is None or self.client is None:
+            if up is None or self.session is None:
                 raise aiohttp.ClientConnectionError("no MOSEC generation")
             try:
                 return await self._post_to(up, buf, tag, deadline_at)
@@ -325,8 +320,9 @@ class Gate:
         try:
             # MOSEC's own timeout is above ours: only the gate's deadline fails a request, and it fails alone
             remaining = max(0.001, deadline_at - time.monotonic())
-            status, data = await self.client.post(up.url, payload, remaining)
-            return status, data, up.model_name
+            async with self.session.post(up.url, data=payload, timeout=aiohttp.ClientTimeout(total=remaining)
+                                         ) as answer:
+                return answer.status, await answer.read(), up.model_name
         finally:
             left = self.upstream_in_flight.get(up.generation, 1) - 1
             if left:
