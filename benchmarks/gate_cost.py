@@ -7,7 +7,7 @@ secret (read from the run dir, as only the owner can), so it passes the validate
 median of each repeat's median and the spread; target: the gate adds <= 1.5 ms at the median.
 
 Latency differences of a millisecond drown in this machine's noise, so it also prints the supervisor's CPU
-time per request (from /proc, over each series): what the gate takes from the model on a small machine.
+time per request (over each series): what the gate takes from the model on a small machine.
 During the direct series the supervisor only runs its own canary and watchdog; the difference is the gate's.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -23,16 +22,17 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(proc: psutil.Process) -> float:
+    """User + system CPU time of one process."""
+    t = proc.cpu_times()
+    return t.user + t.system
 
 
 def main() -> int:
@@ -57,7 +57,7 @@ def main() -> int:
         gate_url = server.base + "/rerank"
         gate_med, direct_med = [], []
         cpu = {"gate": [], "direct": []}
-        supervisor = int(state["pid"])
+        supervisor = psutil.Process(int(state["pid"]))
         with httpx.Client(timeout=30) as c:
             for _ in range(20):
                 assert c.post(gate_url, content=body).status_code == 200

@@ -135,7 +135,7 @@ def memory_after_load(srv: "Server", seconds: float) -> dict:
 
 def check(r: dict) -> list[str]:
     """The targets, checked on the medians. Returns the misses (empty when all are met)."""
-    t, mib = TARGETS, 2**20
+    t = TARGETS
     misses = []
 
     def need(ok: bool, what: str) -> None:

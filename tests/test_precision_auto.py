@@ -30,7 +30,8 @@ def _auto(model: Path, **kw) -> dict:
 
 
 def test_auto_serves_int8_when_it_keeps_the_ranking_and_lists_every_candidate(trained_copy):
-    from reranker_ops.models.convert import cpu_can, find_variant
+    from reranker_ops.models.convert import cpu_can
+    from reranker_ops.models.store import find_variant
     from reranker_ops.serving.engine import Scorer
 
     # min speedup 0: this machine's CPU decides speed, not this test; fidelity alone gates here
@@ -119,7 +120,7 @@ def test_prepare_on_a_serving_only_install_serves_fp32_for_auto(tiny_fp32, tmp_p
     """An image or a unit without the convert extra, given a converted model: prepare has nothing to do and
     serve's auto resolves to fp32 (it cannot build the candidates there)."""
     from reranker_ops.cli import server as srv
-    from reranker_ops.models.convert import find_variant
+    from reranker_ops.models.store import find_variant
 
     model = tmp_path / "m"
     shutil.copytree(tiny_fp32.parent, model, symlinks=True, ignore=shutil.ignore_patterns("*int8*", "*auto*"))

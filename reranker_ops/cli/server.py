@@ -98,8 +98,7 @@ def serve(
 
 
 def _serve(settings, *, daemon: bool, prepare: bool, log_file: Optional[Path] = None) -> None:
-    from ..models.store import find_variant
-    from ..models.store import resolve_model
+    from ..models.store import find_variant, resolve_model
 
     if prepare:
         _prepare(settings)
@@ -431,6 +430,8 @@ def watchdog(
     as_json: JsonOpt = False,
 ) -> None:
     """Probe a running server with a real rerank request; exit 0 if it answered correctly."""
+    import httpx
+
     from ..health.probe import probe_sync
 
     settings = settings_from(host=host, port=port)
@@ -440,20 +441,24 @@ def watchdog(
     key = settings.api_key.get_secret_value() if settings.api_key else None
     deadline = timeout or settings.probe_timeout_s
     done = bad = 0
-    while True:
-        res = probe_sync(base, deadline, key)
-        done += 1
-        bad = 0 if res.ok else bad + 1
-        if as_json:
-            print(json.dumps(res.to_dict()), flush=True)
-        else:
-            lat = f"{res.latency_s * 1000:.0f} ms" if res.latency_s is not None else "—"
-            console.print(f"{'[green]ok[/]' if res.ok else '[red]FAIL[/]'} {base} {lat}" + ("" if res.ok else f" — {res.error}"))
-        if bad >= failures:
-            raise typer.Exit(1)
-        if interval <= 0 or (count and done >= count):
-            raise typer.Exit(0 if res.ok else 1)
-        time.sleep(interval)
+    # one client for every probe (a new one builds a TLS context each time); a fresh connection per probe,
+    # as before, so a server restarted between probes is never met on a dead kept-alive connection
+    with httpx.Client(limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        while True:
+            res = probe_sync(base, deadline, key, client)
+            done += 1
+            bad = 0 if res.ok else bad + 1
+            if as_json:
+                print(json.dumps(res.to_dict()), flush=True)
+            else:
+                lat = f"{res.latency_s * 1000:.0f} ms" if res.latency_s is not None else "—"
+                console.print(f"{'[green]ok[/]' if res.ok else '[red]FAIL[/]'} {base} {lat}"
+                              + ("" if res.ok else f" — {res.error}"))
+            if bad >= failures:
+                raise typer.Exit(1)
+            if interval <= 0 or (count and done >= count):
+                raise typer.Exit(0 if res.ok else 1)
+            time.sleep(interval)
 
 
 systemd_app = typer.Typer(help="Print or install the systemd units, with this installation's paths.",

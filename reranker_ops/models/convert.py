@@ -25,7 +25,7 @@ from ..config import Settings
 from ..errors import ConfigError, ConvertError, ModelNotFound, ParityError, missing_extra
 from ..serving.engine import Scorer, sigmoid
 from . import store
-from .store import AUTO, find_variant  # noqa: F401 - find_variant moved to the store; kept importable here
+from .store import AUTO
 from .evalset import CALIBRATION_SET, EVAL_SET, load_eval_jsonl, load_pairs_jsonl
 from .trained import ndcg_at
 

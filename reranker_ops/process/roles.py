@@ -8,6 +8,7 @@ Roles: ``supervisor`` (holds the lock), ``mosec`` (MOSEC's main process, the sup
 from __future__ import annotations
 
 import os
+from collections import deque
 from typing import Optional
 
 import psutil
@@ -59,10 +60,10 @@ def _descendants(root_pid: int) -> list[int] | None:
     if not os.path.exists(f"/proc/{root_pid}/task/{root_pid}/children"):
         return None
     found: list[int] = []
-    queue = [root_pid]
+    queue = deque([root_pid])
     seen = {root_pid}
     while queue:
-        pid = queue.pop(0)
+        pid = queue.popleft()
         try:
             tids = os.listdir(f"/proc/{pid}/task")
         except OSError:

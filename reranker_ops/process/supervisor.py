@@ -594,8 +594,7 @@ class Supervisor:
         self._publish()
 
     def _resolve_reload_target(self, request: dict) -> tuple[Path, str, str]:
-        from ..models.store import find_variant
-        from ..models.store import resolve_model
+        from ..models.store import find_variant, resolve_model
 
         update = {k: request[k] for k in ("model", "precision", "model_format") if request.get(k)}
         settings = self.settings.model_copy(update=update)
