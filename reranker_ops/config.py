@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=1, le=65535, description="Port of the API (rerank routes).")
     health_port: int = Field(8081, ge=1, le=65535, description="Port of /health, /live, /ready, /metrics.")
     api_key: Optional[SecretStr] = Field(None, description="If set, API routes need 'Authorization: Bearer <key>'.")
+    api_port_ops: Literal["open", "key", "off"] = Field("open", description="/health, /ready, /live and /metrics on the API port too: open; key = only with the API key; off = on the health port only.")
 
     # --- state ---------------------------------------------------------------------------------------
     run_dir: Path = Field(default_factory=default_run_dir, description="Lock, pidfile, logs, MOSEC sockets.")
@@ -122,6 +123,8 @@ class Settings(BaseSettings):
     def _distinct_ports(self) -> "Settings":
         if self.port == self.health_port:
             raise ValueError(f"port and health_port are both {self.port}; give them different ports")
+        if self.api_port_ops == "key" and not self.api_key:
+            raise ValueError("api_port_ops=key needs an API key: set RERANKER_API_KEY, or choose open or off")
         return self
 
     # --- derived paths -------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import clean_env, free_port, in_flight, wait_until
+from conftest import clean_env, free_port, in_flight, run_cli, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -248,7 +248,7 @@ def test_over_capacity_burst_gets_429_then_recovers(make_server):
 
 
 def test_api_key(make_server):
-    server = make_server(api_key="s3cret-key")
+    server = make_server(api_key="s3cret-key", api_port_ops="key")
     body = {"query": QUERY, "documents": DOCS}
     assert post(server, "/rerank", body).status_code == 401
     assert post(server, "/rerank", body, headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -260,6 +260,30 @@ def test_api_key(make_server):
     # and the key is never on a command line
     for p in server.status()["processes"]:
         assert "s3cret-key" not in Path(f"/proc/{p['pid']}/cmdline").read_text()
+    # api_port_ops=key: the operational routes on the API port need the key; the health port's do not
+    for route in ("/health", "/ready", "/live", "/metrics"):
+        r = httpx.get(server.base + route)
+        assert r.status_code == 401 and r.json()["error"] == "unauthorized", (route, r.text)
+        assert httpx.get(server.base + route, headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
+        assert httpx.get(server.health + route).status_code == 200
+
+
+def test_operational_routes_can_be_kept_off_the_api_port(make_server):
+    server = make_server(api_port_ops="off")
+    for route in ("/health", "/metrics"):
+        for method in ("GET", "POST"):
+            r = httpx.request(method, server.base + route)
+            assert r.status_code == 404, (method, route, r.text)
+            assert r.json()["error"] == "not_found" and str(server.health_port) in r.json()["message"]
+        assert httpx.get(server.health + route).status_code == 200
+    assert post(server, "/rerank", {"query": QUERY, "documents": DOCS}).status_code == 200
+
+def test_key_only_operational_routes_without_a_key_are_refused_in_one_line(tmp_path):
+    res = run_cli(["serve", "--daemon"], env=clean_env(RERANKER_API_PORT_OPS="key", RERANKER_RUN_DIR=str(tmp_path)),
+                  timeout=60)
+    assert res.returncode != 0
+    assert "RERANKER_API_KEY" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "rerankctl.pid.json").exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

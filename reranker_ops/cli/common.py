@@ -50,7 +50,9 @@ def settings_from(**options: Any) -> Settings:
     except Exception as exc:  # pydantic ValidationError: one line per bad field
         errors = getattr(exc, "errors", None)
         if callable(errors):
-            parts = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in errors()]
+            # a field's error names the field; a rule across fields (empty loc) is its own sentence
+            parts = [(f"{'.'.join(str(x) for x in e['loc'])}: " if e["loc"] else "")
+                     + e["msg"].removeprefix("Value error, ") for e in errors()]
             raise RerankerError(
                 "invalid setting: " + "; ".join(parts), "fix the option or its RERANKER_* variable"
             ) from exc

@@ -350,7 +350,7 @@ class Supervisor:
             self.log.warning("RERANKER_MAX_CONNECTIONS=%d does not fit the descriptor limit: using %d",
                              s.max_connections, max_conns)
         apps = (
-            (self.gate.app(self.health.routes()), s.port, "API", max_conns),
+            (self.gate.app(self.gate.ops_routes(self.health.routes())), s.port, "API", max_conns),
             (self.health.app(), s.health_port, "health", 64),
         )
         for app, port, what, max_conns in apps:

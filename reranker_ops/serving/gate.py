@@ -132,6 +132,29 @@ class Gate:
             app.router.add_route(method, path, handler)
         return app
 
+    def ops_routes(self, routes: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]]
+                   ) -> list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]]:
+        """The health port's routes as the API port offers them (``api_port_ops``): as they are (open), only
+        with the API key (key), or not at all, answered with a JSON 404 that names the health port (off).
+        The health port itself always serves them, for probes and scrapers on the private network."""
+        mode = self.settings.api_port_ops
+        if mode == "open":
+            return routes
+        hport = self.settings.health_port
+
+        def guard(path: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+            async def guarded(request: web.Request) -> web.StreamResponse:
+                if mode == "off":
+                    return error_response(404, f"{path} is served on the health port {hport} only"
+                                               " (RERANKER_API_PORT_OPS=off)")
+                if not self._authorized(request):
+                    return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                          {"WWW-Authenticate": "Bearer"})
+                return await handler(request)
+            return guarded
+
+        return [("*" if mode == "off" else method, path, guard(path, handler)) for method, path, handler in routes]
+
     @web.middleware
     async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:
         """JSON for every error aiohttp raises itself (404, 405, ...); the connection's deadline paused."""
