@@ -9,6 +9,7 @@ meanwhile.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -214,3 +215,69 @@ def test_a_crash_of_the_supervisor_ends_in_failed_with_its_traceback_in_the_log(
     from reranker_ops.process.runstate import instance_processes
 
     wait_until(lambda: not instance_processes(instance), 15, 0.2, what="no process left")
+
+
+def marked(instance: str) -> list[int]:
+    """Processes that carry a server's instance mark (its supervisor's children, however deep)."""
+    from reranker_ops.process.runstate import INSTANCE_ENV
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(INSTANCE_ENV) == instance and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def ended(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_removed_run_dir_is_put_back_under_load_and_stop_still_finds_the_server(make_server):
+    """A cleanup of /run/user/<uid> or /tmp (or an rm) takes the run dir from under a running server.
+    Unrepaired, status says "not running", stop cannot stop it, a second serve can take a fresh lock,
+    and MOSEC's heartbeats and sockets are gone with the dir."""
+    server = make_server(workers=2, **FAST)
+    before = server.pidfile()
+    with Clients(server.base, FAST["request_timeout_s"], n=4) as clients:
+        wait_until(lambda: sum(1 for *_, o in clients.records if o == 200) >= 10, 30, what="traffic flowing")
+        t0 = time.monotonic()
+        shutil.rmtree(server.run_dir)
+        wait_until((server.run_dir / "rerankctl.pid.json").is_file, 10, 0.05, what="the pidfile back")
+        assert server.pidfile()["pid"] == before["pid"] and server.pidfile()["instance"] == before["instance"]
+        wait_until(lambda: (server.status().get("reload") or {}).get("state") == "ok", 60, 0.2,
+                   what="MOSEC moved to a generation in the restored dir")
+        assert server.status()["reload"]["id"] == "run-dir-restored"
+        wait_until(lambda: server.status().get("healthy") and len(ready_workers(server)) == 2, 30, 0.2,
+                   what="healthy, both workers heartbeating in the restored dir")
+        n_ok = sum(1 for *_, o in clients.records if o == 200)
+        wait_until(lambda: sum(1 for *_, o in clients.records if o == 200) >= n_ok + 5, 30, what="answers go on")
+    failed = [o for t, _, o in clients.records if t >= t0 and o != 200]
+    assert not failed, f"requests failed while the run dir was put back: {failed}"
+    check_no_request_past_its_deadline(clients, FAST["request_timeout_s"])
+    assert "was removed under the running server" in (server.run_dir / "rerankctl.log").read_text()
+    res = server.cli("stop", timeout=60)
+    assert res.returncode == 0 and "stopped: pid" in res.stdout, res.stdout + res.stderr
+    wait_until(lambda: not marked(before["instance"]), 10, what="nothing of the server left")
+
+
+def test_a_run_dir_that_cannot_come_back_stops_the_server_leaving_nothing(make_server):
+    """If the run dir cannot be made again, nothing could find or stop the server: it stops itself, and
+    no request hangs meanwhile."""
+    server = make_server(**FAST)
+    before = server.pidfile()
+    try:
+        with Clients(server.base, FAST["request_timeout_s"], n=3) as clients:
+            wait_until(lambda: sum(1 for *_, o in clients.records if o == 200) >= 5, 30, what="traffic flowing")
+            shutil.rmtree(server.run_dir)
+            server.run_dir.write_text("a file where the run dir was")
+            wait_until(lambda: ended(before["pid"]) and not marked(before["instance"]), 30, 0.1,
+                       what="the server stopped, with every process of it")
+        check_no_request_past_its_deadline(clients, FAST["request_timeout_s"])
+    finally:
+        server.run_dir.unlink(missing_ok=True)

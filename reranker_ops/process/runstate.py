@@ -71,6 +71,19 @@ class RunLock:
         self.fd = fd
         return True
 
+    def is_at_path(self) -> bool:
+        """Whether the file we hold the lock on is still the one at ``path``. A cleanup of the run dir (of
+        ``/run/user/<uid>`` or ``/tmp``, or an operator's ``rm``) can unlink it under us: the lock is then
+        held on a file nobody can find, and a second server could take a fresh one at the same path."""
+        if self.fd is None:
+            return False
+        try:
+            there = os.stat(self.path)
+        except OSError:
+            return False
+        held = os.fstat(self.fd)
+        return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
+
     def release(self) -> None:
         if self.fd is not None:
             try:

@@ -96,6 +96,20 @@ def port_owner(port: int) -> str:
     return "another program"
 
 
+def _reopen_log_files(log: logging.Logger) -> None:
+    """Log files whose path was removed are opened again at that path (the handler otherwise goes on
+    writing to the removed file, which nobody can read)."""
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler) and not os.path.exists(handler.baseFilename):
+            handler.acquire()
+            try:
+                if handler.stream is not None:
+                    handler.stream.close()
+                handler.stream = handler._open()
+            finally:
+                handler.release()
+
+
 def ensure_private_dir(path: Path) -> None:
     """Create ``path`` 0700, or check that an existing one is ours and make it 0700.
 
@@ -196,6 +210,7 @@ class Supervisor:
         self._runners: list = []
         self._ready_notified = False
         self._lock = RunLock(settings.lock_path)
+        self._run_dir_lost = False
         self._gen_pids: set[int] = set()
         self._pid1 = os.getpid() == 1  # in a container: orphans are re-parented to us, and we must reap them
         self._reload_task: Optional[asyncio.Task] = None
@@ -494,6 +509,8 @@ class Supervisor:
 
     async def _stop_generation(self, gen: Generation, grace: float) -> None:
         await gen.stop(grace, f"{self.instance}.{gen.number}")
+        if self._run_dir_lost:
+            return  # the run dir is not ours any more: its files may be another server's
         (self.settings.run_dir / f"mosec-config-{gen.number}.json").unlink(missing_ok=True)
         for beat in read_worker_dir(self.settings.worker_dir):
             if not psutil.pid_exists(beat):
@@ -703,6 +720,10 @@ class Supervisor:
             self._handle_signals()
             if self.stop_requests or self.fatal:
                 return
+            if not self._lock.is_at_path():
+                self._restore_run_dir()
+                if self.fatal:
+                    return
             gen = self.gen
             assert gen is not None
             if gen.gone():
@@ -727,6 +748,42 @@ class Supervisor:
             if now - self._last_publish >= PUBLISH_EVERY_S:
                 self._publish()
             await self._sleep(TICK_S)
+
+    def _restore_run_dir(self) -> None:
+        """The run dir (or the lock file in it) was removed under the running server: by a cleanup of
+        ``/run/user/<uid>`` or ``/tmp``, or by hand. Left so, ``status`` and ``stop`` could no longer find
+        this server, and a second one could take a fresh lock beside it. Put back what says that it runs
+        here (lock, pidfile, state, log) and move MOSEC, whose sockets and heartbeats were in the removed
+        dir, to a new generation in the restored one: a reload, which drops no request. When the dir
+        cannot be made again, or another server already holds the new lock, stop without touching it."""
+        s = self.settings
+        try:
+            ensure_private_dir(s.run_dir)
+            lock = RunLock(s.lock_path)
+            taken = lock.acquire()
+        except (OSError, ServerStartError) as exc:
+            self._run_dir_lost = True
+            self.fatal = (f"the run dir {s.run_dir} was removed and cannot be made again "
+                          f"({getattr(exc, 'message', None) or exc}); stopping: nothing could find or stop this server")
+            return
+        if not taken:
+            self._run_dir_lost = True
+            self.fatal = f"the run dir {s.run_dir} was removed and another server holds it now; stopping this one"
+            return
+        old, self._lock = self._lock, lock
+        old.release()
+        for d in (s.worker_dir, s.mosec_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _reopen_log_files(self.log)
+        self._write_pidfile()
+        self._publish()
+        self.log.warning("the run dir %s was removed under the running server: its lock, pidfile and state are"
+                         " back; moving MOSEC to a new generation in it", s.run_dir)
+        reloading = self._reload_task is not None and not self._reload_task.done()
+        if self.ever_ready and not reloading and self.sm.state not in (State.STOPPING, State.RESTARTING):
+            self._reload_task = asyncio.ensure_future(self._reload({"id": "run-dir-restored"}))
+        # else: a generation that boots or restarts now, or a reload under way, may have lost its sockets too;
+        # the boot deadline and the capacity watch replace it, into the restored dir
 
     def _reap_orphans(self) -> None:
         """As PID 1, collect zombies that are not our own children (a MOSEC generation's main process is
@@ -1042,6 +1099,8 @@ class Supervisor:
     # --- state for `status` ------------------------------------------------------------------------------
     def _publish(self) -> None:
         self._last_publish = time.monotonic()
+        if self._run_dir_lost:
+            return  # the run dir is gone for good, or another server's now: nothing of ours goes there
         probe = self.last_probe
         gen = self.gen
         data = {
