@@ -170,6 +170,17 @@ def proc_env(proc) -> dict:
         return {}
 
 
+def ended(pid: int) -> bool:
+    """Gone, or a zombie: dead, holding nothing. A daemon's supervisor is re-parented to PID 1 when the CLI
+    that forked it exits, and when PID 1 collects it is PID 1's business (here it can take seconds)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def kill_marked(run_dir: Path) -> None:
     import psutil
 

@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import DOCS, QUERY, clean_env, free_port, run_cli, wait_until
+from conftest import DOCS, QUERY, clean_env, ended, free_port, run_cli, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -98,7 +98,7 @@ def test_restart_gives_a_new_healthy_server(make_server):
     res = server.cli("restart", timeout=180)
     assert res.returncode == 0, res.stderr
     assert "stopped: pid" in res.stdout and "running" in res.stdout
-    assert server.pidfile()["pid"] != old and not psutil.pid_exists(old)
+    assert server.pidfile()["pid"] != old and ended(old)
     assert server.cli("status").returncode == 0
 
 

@@ -19,7 +19,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import Clients, wait_until
+from conftest import Clients, ended, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -229,13 +229,6 @@ def marked(instance: str) -> list[int]:
         except (psutil.Error, OSError):
             continue
     return found
-
-
-def ended(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def test_a_removed_run_dir_is_put_back_under_load_and_stop_still_finds_the_server(make_server):
