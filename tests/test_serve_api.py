@@ -321,6 +321,39 @@ def test_foreground_serve_stops_cleanly_on_signal(tiny_fp32, tmp_path, sig):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def test_sigabrt_prints_the_supervisors_stacks_and_leaves_nothing(tiny_model_dir, tiny_fp32, tmp_path):
+    """systemd's watchdog sends SIGABRT to a wedged supervisor: the journal (its stderr) must say where
+    every thread was, and none of its processes may outlive it."""
+    from reranker_ops.process.runstate import instance_processes
+
+    port, hport = free_port(), free_port()
+    env = clean_env(RERANKER_MODEL=str(tiny_fp32.parent), RERANKER_RUN_DIR=str(tmp_path / "run"),
+                    RERANKER_PORT=str(port), RERANKER_HEALTH_PORT=str(hport))
+    proc = subprocess.Popen([sys.executable, "-m", "reranker_ops", "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        def healthy():
+            try:
+                return httpx.get(f"http://127.0.0.1:{hport}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, 90, what="foreground server healthy")
+        instance = json.loads((tmp_path / "run" / "rerankctl.pid.json").read_text())["instance"]
+        assert instance_processes(instance)
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == -signal.SIGABRT
+        text = err.decode("utf-8", "replace")
+        # the main thread's stack down to the supervisor's event loop, and the other threads'
+        assert "Fatal Python error: Aborted" in text and "Current thread 0x" in text, text[-2000:]
+        assert 'reranker_ops/cli/server.py", line' in text and "in run_forever" in text, text[-2000:]
+        wait_until(lambda: instance_processes(instance) == [], 30, what="no process of the server left")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_serve_without_conversion_names_the_command(tiny_model_dir, tmp_path):
     import shutil
 
