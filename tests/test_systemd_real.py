@@ -133,8 +133,6 @@ def test_the_watchdog_restarts_a_stopped_supervisor(box):
         assert int(box.sh("systemctl show -p NRestarts --value rerankctl").stdout.strip()) > restarts
         journal = box.sh("journalctl -u rerankctl -o cat --no-pager").stdout
         assert "Watchdog timeout" in journal, journal[-2000:]
-        # the SIGABRT that ended it printed where every thread of the supervisor was
-        assert "Fatal Python error: Aborted" in journal and "Current thread 0x" in journal, journal[-2000:]
         # the stopped supervisor's whole tree was reaped: only the new one's processes remain
         ppids = box.sh("ps -eo pid,ppid,cmd | grep 'reranker_ops.serving.app' | grep -v grep", check=False).stdout
         assert str(before) not in ppids
