@@ -286,21 +286,33 @@ def test_key_only_operational_routes_without_a_key_are_refused_in_one_line(tmp_p
     assert not (tmp_path / "rerankctl.pid.json").exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_foreground_serve_stops_cleanly_on_signal(tiny_fp32, tmp_path, sig):
+def foreground_server(tiny_fp32, run_dir, stdout=subprocess.PIPE) -> tuple[subprocess.Popen, int, int]:
+    """``rerankctl serve`` in the foreground (its own session), healthy: the process and its two ports."""
     port, hport = free_port(), free_port()
-    env = clean_env(RERANKER_MODEL=str(tiny_fp32.parent), RERANKER_RUN_DIR=str(tmp_path / "run"),
+    env = clean_env(RERANKER_MODEL=str(tiny_fp32.parent), RERANKER_RUN_DIR=str(run_dir),
                     RERANKER_PORT=str(port), RERANKER_HEALTH_PORT=str(hport))
     proc = subprocess.Popen([sys.executable, "-m", "reranker_ops", "serve"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        def healthy():
-            try:
-                return httpx.get(f"http://127.0.0.1:{hport}/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
+                            stdout=stdout, stderr=subprocess.PIPE, start_new_session=True)
 
+    def healthy():
+        assert proc.poll() is None, "the foreground server exited"
+        try:
+            return httpx.get(f"http://127.0.0.1:{hport}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
         wait_until(healthy, 90, what="foreground server healthy")
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc, port, hport
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_foreground_serve_stops_cleanly_on_signal(tiny_fp32, tmp_path, sig):
+    proc, port, hport = foreground_server(tiny_fp32, tmp_path / "run")
+    try:
         pid_info = json.loads((tmp_path / "run" / "rerankctl.pid.json").read_text())
         assert pid_info["pid"] == proc.pid
         # in-flight work finishes
@@ -321,24 +333,13 @@ def test_foreground_serve_stops_cleanly_on_signal(tiny_fp32, tmp_path, sig):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_sigabrt_prints_the_supervisors_stacks_and_leaves_nothing(tiny_model_dir, tiny_fp32, tmp_path):
+def test_sigabrt_prints_the_supervisors_stacks_and_leaves_nothing(tiny_fp32, tmp_path):
     """systemd's watchdog sends SIGABRT to a wedged supervisor: the journal (its stderr) must say where
     every thread was, and none of its processes may outlive it."""
     from reranker_ops.process.runstate import instance_processes
 
-    port, hport = free_port(), free_port()
-    env = clean_env(RERANKER_MODEL=str(tiny_fp32.parent), RERANKER_RUN_DIR=str(tmp_path / "run"),
-                    RERANKER_PORT=str(port), RERANKER_HEALTH_PORT=str(hport))
-    proc = subprocess.Popen([sys.executable, "-m", "reranker_ops", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc, _, _ = foreground_server(tiny_fp32, tmp_path / "run", stdout=subprocess.DEVNULL)
     try:
-        def healthy():
-            try:
-                return httpx.get(f"http://127.0.0.1:{hport}/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(healthy, 90, what="foreground server healthy")
         instance = json.loads((tmp_path / "run" / "rerankctl.pid.json").read_text())["instance"]
         assert instance_processes(instance)
         proc.send_signal(signal.SIGABRT)
