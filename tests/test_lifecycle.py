@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import in_flight, proc_env, wait_until
+from conftest import ended, in_flight, proc_env, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -115,8 +115,7 @@ def test_orphans_of_a_killed_supervisor_are_reaped(make_server):
     for p in procs:  # freeze the tree so it cannot react to its parent's death
         p.suspend()
     os.kill(info["pid"], signal.SIGKILL)
-    wait_until(lambda: not psutil.pid_exists(info["pid"]) or psutil.Process(info["pid"]).status() == "zombie", 10,
-               what="supervisor dead")
+    wait_until(lambda: ended(info["pid"]), 10, what="supervisor dead")
     assert instance_alive(info["instance"]), "the frozen tree should still be there"
     st = server.status()
     assert st["state"] == "stale"
@@ -195,7 +194,7 @@ def test_stop_with_twenty_requests_in_flight(make_server):
             assert len(b["scores"]) == 150
     assert stop_seconds < 30
     assert instance_alive(info["instance"]) == []
-    assert not psutil.pid_exists(info["pid"]) or psutil.Process(info["pid"]).status() == "zombie"
+    assert ended(info["pid"])
     assert listening_pids(server.port) == set()
 
 

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
 from conftest import DOCS, QUERY, clean_env, ended, free_port, run_cli, wait_until
@@ -30,7 +29,7 @@ def test_status_exit_codes_follow_lsb(make_server, tmp_path):
     assert server.cli("status").returncode == 0  # running and healthy
     pid = server.pidfile()["pid"]
     os.kill(pid, 9)
-    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", 10)
+    wait_until(lambda: ended(pid), 10)
     from conftest import kill_marked
 
     kill_marked(server.run_dir)

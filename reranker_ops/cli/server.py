@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import faulthandler
 import json
 import logging
 import logging.handlers
@@ -114,7 +113,6 @@ def _serve(settings, *, daemon: bool, prepare: bool, log_file: Optional[Path] = 
         from .common import report_error
 
         def run_daemon() -> int:
-            faulthandler.enable(all_threads=True)  # a fatal signal prints every thread's stack to daemon.out
             log = _setup_logging(settings.log_path, settings)
             sup = Supervisor(settings, variant, ref.name, Notifier(None), log)
             try:
@@ -135,8 +133,6 @@ def _serve(settings, *, daemon: bool, prepare: bool, log_file: Optional[Path] = 
     from ..process.supervisor import ensure_private_dir
 
     ensure_private_dir(settings.run_dir)
-    # SIGABRT (systemd's watchdog, WatchdogSignal) or a crash: every thread's stack to stderr, the journal
-    faulthandler.enable(all_threads=True)
     log = _setup_logging(log_file or settings.log_path, settings, to_stderr=True)
     sup = Supervisor(settings, variant, ref.name, Notifier(os.environ.get("NOTIFY_SOCKET")), log)
     if log_file is None:
@@ -449,7 +445,7 @@ def watchdog(
     # as before, so a server restarted between probes is never met on a dead kept-alive connection
     with httpx.Client(limits=httpx.Limits(max_keepalive_connections=0)) as client:
         while True:
-            res = probe_sync(base, deadline, key, client)
+            res = probe_sync(client, base, deadline, key)
             done += 1
             bad = 0 if res.ok else bad + 1
             if as_json:

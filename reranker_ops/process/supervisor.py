@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import faulthandler
 import json
 import logging
 import os
@@ -309,6 +310,8 @@ class Supervisor:
 
     # --- lifecycle ---------------------------------------------------------------------------------------
     async def run(self) -> int:
+        # SIGABRT (systemd's watchdog) or a crash: every thread's stack to stderr (the journal, or daemon.out)
+        faulthandler.enable(all_threads=True)
         self._wake = asyncio.Event()
         if not self._lock.acquire():
             info, _ = read_pidfile(self.settings.pidfile_path)
@@ -346,11 +349,16 @@ class Supervisor:
         elif why not in ("missing", None):
             self.log.info("replacing a %s pidfile", why)
 
-    def _prepare_dirs(self) -> None:
+    def _make_dirs(self) -> None:
         s = self.settings
         ensure_private_dir(s.run_dir)
         for d in (s.worker_dir, s.mosec_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def _prepare_dirs(self) -> None:
+        """The run dir's folders, emptied of what a previous server left in them."""
+        self._make_dirs()
+        for d in (self.settings.worker_dir, self.settings.mosec_dir):
             for f in d.iterdir():
                 if f.is_file() or f.is_socket():
                     f.unlink(missing_ok=True)
@@ -758,7 +766,7 @@ class Supervisor:
         cannot be made again, or another server already holds the new lock, stop without touching it."""
         s = self.settings
         try:
-            ensure_private_dir(s.run_dir)
+            self._make_dirs()
             lock = RunLock(s.lock_path)
             taken = lock.acquire()
         except (OSError, ServerStartError) as exc:
@@ -772,8 +780,6 @@ class Supervisor:
             return
         old, self._lock = self._lock, lock
         old.release()
-        for d in (s.worker_dir, s.mosec_dir):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
         _reopen_log_files(self.log)
         self._write_pidfile()
         self._publish()

@@ -63,6 +63,15 @@ def error_response(status: int, message: str, headers: Optional[dict] = None) ->
     return web.Response(status=status, text=body, content_type=JSON, headers=headers)
 
 
+def unauthorized() -> web.Response:
+    return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                          {"WWW-Authenticate": "Bearer"})
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Route = tuple[str, str, Handler]  # method, path, handler
+
+
 def _clean_mosec_message(text: str) -> str:
     # MOSEC prefixes the kind ("request validation error: ..."); the JSON 'error' field carries it instead.
     for prefix in ("request validation error: ", "bad request: ", "validation error: "):
@@ -122,8 +131,7 @@ class Gate:
         if self.session is not None:
             await self.session.close()
 
-    def app(self, extra_routes: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]]
-            ) -> web.Application:
+    def app(self, extra_routes: list[Route]) -> web.Application:
         app = web.Application(client_max_size=self.settings.max_body_bytes + 1, middlewares=[self._middleware])
         for route in ROUTES:
             app.router.add_route("*", route, self.handle_api)
@@ -132,8 +140,7 @@ class Gate:
             app.router.add_route(method, path, handler)
         return app
 
-    def ops_routes(self, routes: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]]
-                   ) -> list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]]:
+    def ops_routes(self, routes: list[Route]) -> list[Route]:
         """The health port's routes as the API port offers them (``api_port_ops``): as they are (open), only
         with the API key (key), or not at all, answered with a JSON 404 that names the health port (off).
         The health port itself always serves them, for probes and scrapers on the private network."""
@@ -142,14 +149,13 @@ class Gate:
             return routes
         hport = self.settings.health_port
 
-        def guard(path: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        def guard(path: str, handler: Handler) -> Handler:
             async def guarded(request: web.Request) -> web.StreamResponse:
                 if mode == "off":
                     return error_response(404, f"{path} is served on the health port {hport} only"
                                                " (RERANKER_API_PORT_OPS=off)")
                 if not self._authorized(request):
-                    return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                          {"WWW-Authenticate": "Bearer"})
+                    return unauthorized()
                 return await handler(request)
             return guarded
 
@@ -278,8 +284,7 @@ class Gate:
             return error_response(503, "the server is shutting down; retry on another instance",
                                   {"Retry-After": "5", "Connection": "close"})
         if not self._authorized(request):
-            return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                  {"WWW-Authenticate": "Bearer"})
+            return unauthorized()
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             resp = error_response(415, f"Content-Encoding {encoding!r} is not accepted; send the body uncompressed",
