@@ -36,10 +36,14 @@ def _reference_and_served(source: Path, variant: Path):
     return ref, got
 
 
-def test_convert_all_formats_fp32_with_parity(model_copy):
+def test_convert_all_formats_fp32_with_parity(model_copy, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
     res = run_cli(["convert", str(model_copy), "--format", "all", "--precision", "fp32", "--bench-seconds", "0.2"],
-                  timeout=240)
+                  env=clean_env(HOME=str(home)), timeout=240)
     assert res.returncode == 0, res.stderr
+    # OpenVINO's converter sends usage telemetry unless told not to, and keeps a client id in ~/intel
+    assert not (home / "intel").exists(), sorted(str(p) for p in home.rglob("*"))
     for fmt in ("openvino", "onnx"):
         variant = model_copy / f"{fmt}-fp32"
         manifest = json.loads((variant / "manifest.json").read_text())
@@ -116,9 +120,13 @@ def test_int8_calibration_file_is_used(trained_copy, tmp_path):
                   timeout=240)
     assert res.returncode == 7 and "does not score like the original" in res.stderr, res.stderr
     assert not (trained_copy / "openvino-int8").exists()
+    home = tmp_path / "home"
+    home.mkdir()
     res = run_cli(["convert", str(trained_copy), "--precision", "int8", "--calibration",
-                   str(trained_copy / "calibration.jsonl"), *evalset, "--json"], timeout=240)
+                   str(trained_copy / "calibration.jsonl"), *evalset, "--json"], env=clean_env(HOME=str(home)),
+                  timeout=240)
     assert res.returncode == 0, res.stderr
+    assert not (home / "intel").exists(), "NNCF or OpenVINO's converter kept a telemetry client id"
     assert json.loads((trained_copy / "openvino-int8" / "manifest.json").read_text())["parity"]["passed"]
     assert json.loads(res.stdout)[0]["precision"] == "int8"  # NNCF's progress bars stay off stdout
 

@@ -383,6 +383,7 @@ def convert(
                 f"ONNX export is fp32 only (asked for {precision})",
                 "use --format openvino for fp16/int8, or --precision fp32 for ONNX",
             )
+    _no_telemetry()
     _quiet_third_parties(settings.debug)
     ref = store.resolve_model(settings, model)
     source = ref.path
@@ -472,6 +473,18 @@ def convert(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return results
+
+
+def _no_telemetry() -> None:
+    """OpenVINO's converter and NNCF send usage telemetry unless the user has opted out in ~/intel: each
+    send starts helper processes that try the network, in the middle of a conversion, on a machine that may
+    have no route out (4 such processes per conversion here). Both fall back to a no-op when
+    ``openvino_telemetry`` cannot be imported, so it is made unimportable for this process only: nothing is
+    written to the user's home, and their own OpenVINO tools are untouched."""
+    import sys
+
+    if "openvino_telemetry" not in sys.modules:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment] - "import" now raises ImportError
 
 
 def _quiet_third_parties(debug: bool) -> None:
