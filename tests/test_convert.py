@@ -250,3 +250,19 @@ def test_a_tokenizer_config_that_disagrees_with_tokenizer_json_converts_and_serv
     got = httpx.post(server.base + "/rerank", json={"query": "Как Приготовить БОРЩ", "documents": docs}).json()
     want = reference_scores(tok, ref_model, "Как Приготовить БОРЩ", docs, model_max_length(tok, ref_model))
     np.testing.assert_allclose(got["scores"], want, atol=1e-4)
+
+
+def test_a_safetensors_file_is_checked_against_its_own_header(tiny_model_dir, tmp_path):
+    """Before torch is imported: a truncated file, a zeroed header, or bytes past the last tensor."""
+    from reranker_ops.errors import ConvertError
+    from reranker_ops.models.convert import check_safetensors_layout
+
+    good = tiny_model_dir / "model.safetensors"
+    check_safetensors_layout(good)
+    data = good.read_bytes()
+    for name, damaged in (("half", data[: len(data) // 2]), ("zeroed", b"\x00" * 64 + data[64:]),
+                          ("longer", data + b"\x00"), ("empty", b""), ("header", data[:8] + b"{not json" + data[17:])):
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(damaged)
+        with pytest.raises(ConvertError, match="corrupt or truncated"):
+            check_safetensors_layout(path)

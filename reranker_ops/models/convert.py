@@ -58,6 +58,8 @@ def check_source(folder: Path) -> None:
         )
     if not (folder / "tokenizer.json").is_file():
         raise ConvertError(f"{folder} has no tokenizer.json (a fast tokenizer)", "save the tokenizer with a fast tokenizer")
+    for path in weights:
+        check_safetensors_layout(path)
     manifest = store.read_manifest(folder)
     for entry in manifest.get("files", []):
         path = folder / entry["path"]
@@ -67,6 +69,45 @@ def check_source(folder: Path) -> None:
                     f"{path.name} does not match its download manifest (corrupt or truncated)",
                     "delete the model folder and run rerankctl download again",
                 )
+
+
+def check_safetensors_layout(path: Path) -> None:
+    """The file is what its own header says, checked in microseconds before torch is imported (~10 s): an
+    8-byte header length, a JSON header, and tensors that end exactly where the file does. A truncated or
+    overwritten file fails here with a clear line instead of deep inside transformers."""
+    def corrupt(why: str) -> ConvertError:
+        return ConvertError(f"{path.name} is corrupt or truncated ({why})",
+                            "delete the model folder and run rerankctl download again")
+
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise corrupt(f"{size} bytes")
+        n = int.from_bytes(head, "little")
+        if n < 2 or n > min(size - 8, 100 * 1024 * 1024):
+            raise corrupt(f"a header of {n} bytes in a file of {size}")
+        try:
+            header = json.loads(f.read(n))
+            ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            raise corrupt(f"unreadable header: {type(exc).__name__}") from None
+    data = size - 8 - n
+    if max(ends, default=0) != data:
+        raise corrupt(f"the tensors need {max(ends, default=0)} bytes of data and the file has {data}")
+
+
+def require_convert_extra() -> None:
+    """Fail at once, before minutes of work, when the optional dependencies are not installed."""
+    import importlib.util
+
+    for name in ("torch", "transformers", "optimum.intel", "nncf"):
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError, AttributeError) as exc:  # a parent that cannot be imported
+            raise missing_extra("convert", exc) from exc
+        if not found:
+            raise missing_extra("convert", ModuleNotFoundError(f"No module named {name!r}"))
 
 
 def load_reference(folder: Path):
@@ -390,6 +431,7 @@ def convert(
     if not source.is_dir() and ref.repo_id:
         raise ModelNotFound(f"{ref.repo_id} is not downloaded yet", f"run: rerankctl download {ref.repo_id}")
     step("checking the source model")
+    require_convert_extra()
     check_source(source)
     pairs = load_pairs_jsonl(calibration) if calibration else CALIBRATION_SET
     eval_set = load_eval_jsonl(eval_file) if eval_file else EVAL_SET
