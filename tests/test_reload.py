@@ -102,6 +102,9 @@ def test_reload_to_a_broken_variant_keeps_serving_the_old_one(make_server, own_m
         wait_until(lambda: len(clients.records) >= n + 16, 30, what="traffic after the failed reload")
     assert res.returncode != 0
     assert "reload failed" in res.stderr and "still serving" in res.stderr, res.stderr
+    # the workers' own reason, at once: with two workers MOSEC restarts each dead one while the other lives,
+    # and the reload used to wait out the whole boot deadline with a model that could never load
+    assert "the score worker could not start" in res.stderr and "Incorrect weights" in res.stderr, res.stderr
     assert {o for *_, o in clients.records} == {200}
     assert np.allclose(scores(server), before, atol=1e-6)
     st = server.status()

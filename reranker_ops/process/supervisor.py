@@ -250,6 +250,15 @@ class Supervisor:
     def _heartbeats(self) -> dict[int, dict]:
         return read_worker_dir(self.settings.worker_dir)
 
+    def init_failure(self, number: int) -> Optional[str]:
+        """Why a worker of generation ``number`` could not start, if one said so before it died. MOSEC
+        starts a dead worker again as long as another of its stage lives, so with two workers a model that
+        cannot load is loaded again and again, each time in a new interpreter, until the boot deadline."""
+        for beat in self._heartbeats().values():
+            if beat.get("generation") == number and beat.get("init_error"):
+                return f"the {beat.get('stage', '?')} worker could not start: {beat['init_error']}"
+        return None
+
     def scored_totals(self) -> tuple[int, int]:
         pairs = tokens = 0
         for beat in self._heartbeats().values():
@@ -464,6 +473,7 @@ class Supervisor:
                        "windows": s.windows, "max_windows": s.max_windows},
             "window_stride": s.window_stride,
             "worker_dir": str(s.worker_dir),
+            "generation": number,
             "workers": s.workers,
             "validate_workers": self.expected["validate"],
             "max_batch_requests": s.max_batch_requests,
@@ -679,6 +689,10 @@ class Supervisor:
         while time.monotonic() < gen.deadline:
             if self.stop_requests:
                 return False, "the server is stopping"
+            # before gone(): when every worker failed to load, MOSEC exits too, and the reason is the workers'
+            failure = await loop.run_in_executor(None, self.init_failure, gen.number)
+            if failure:
+                return False, failure
             if gen.gone():
                 await gen.drain_output()
                 return False, f"MOSEC exited ({gen.exit_code}): {gen.last_error()}"
@@ -891,9 +905,11 @@ class Supervisor:
             gen.booted = True
             self.log.info("MOSEC generation %d: all workers ready after %.2fs", gen.number, now - gen.started)
             return
-        if now <= gen.deadline:
+        failure = self.init_failure(gen.number)
+        if failure is None and now <= gen.deadline:
             return
-        cause = (f"MOSEC generation {gen.number} did not get its workers ready within "
+        cause = (f"MOSEC generation {gen.number}: {failure}" if failure else
+                 f"MOSEC generation {gen.number} did not get its workers ready within "
                  f"{self.settings.startup_timeout_s:g}s: {gen.last_error()}")
         if not self.ever_ready:
             self.start_failures += 1

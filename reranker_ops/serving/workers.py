@@ -11,6 +11,7 @@ to tell a hung worker from a busy one; ``/metrics`` sums the counters.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import hmac
 import json
@@ -50,6 +51,19 @@ def _loaded_heavy_modules() -> list[str]:
     return sorted(m for m in HEAVY_MODULES if m in sys.modules)
 
 
+@contextlib.contextmanager
+def _reporting_init_failure(hb: Heartbeat, cfg: dict):
+    """A worker that cannot load what it was given says why in its heartbeat before it dies, so the
+    supervisor fails the boot at once with the reason (see ``Supervisor.init_failure``)."""
+    try:
+        yield
+    except Exception as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        hb.publish_info(generation=cfg.get("generation"),
+                        init_error=f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:300])
+        raise
+
+
 def _enable_stack_dumps() -> None:
     """SIGUSR1 prints every thread's Python stack to stderr (the supervisor's log), even while the
     worker is stuck in native code: the watchdog asks for it before it kills a hung worker."""
@@ -65,13 +79,14 @@ class Validate(Worker):
         _enable_stack_dumps()
         cfg = load_config()
         self._secret = str(cfg.get("gate_secret", "")).encode("ascii")
-        manifest = read_variant_manifest(Path(cfg["variant_dir"]))
-        model_max = int(manifest.get("max_length") or 512)
-        max_length = min(cfg["max_length"], model_max) if cfg["max_length"] else model_max
-        self.tokenizer = Tokenizer(Path(cfg["variant_dir"]) / "tokenizer.json", max_length)
+        self.hb = Heartbeat(cfg["worker_dir"], "validate")
+        with _reporting_init_failure(self.hb, cfg):
+            manifest = read_variant_manifest(Path(cfg["variant_dir"]))
+            model_max = int(manifest.get("max_length") or 512)
+            max_length = min(cfg["max_length"], model_max) if cfg["max_length"] else model_max
+            self.tokenizer = Tokenizer(Path(cfg["variant_dir"]) / "tokenizer.json", max_length)
         self.limits = Limits.from_mapping(cfg["limits"])
         self.window_stride = int(cfg["window_stride"])
-        self.hb = Heartbeat(cfg["worker_dir"], "validate")
         self.hb.publish_info(heavy_modules=_loaded_heavy_modules())
         self.hb.write(ready=1)
 
@@ -138,17 +153,18 @@ class Score(Worker):
         cfg = load_config()
         self.hb = Heartbeat(cfg["worker_dir"], "score")
         self.hb.write()
-        self.scorer = Scorer(
-            Path(cfg["variant_dir"]),
-            threads=cfg["threads"],
-            pin_threads=cfg["pin_threads"],
-            token_budget=cfg["token_budget"],
-            attention_budget=cfg["attention_budget"],
-            max_length=cfg["max_length"],
-        )
+        with _reporting_init_failure(self.hb, cfg):
+            self.scorer = Scorer(
+                Path(cfg["variant_dir"]),
+                threads=cfg["threads"],
+                pin_threads=cfg["pin_threads"],
+                token_budget=cfg["token_budget"],
+                attention_budget=cfg["attention_budget"],
+                max_length=cfg["max_length"],
+            )
+            # Warm up so the first real request does not pay for the first inference.
+            self.scorer.score(cfg.get("warmup_query", "проверка"), ["прогрев модели", "warm-up"])
         self.model_name = cfg["model_name"]
-        # Warm up so the first real request does not pay for the first inference.
-        self.scorer.score(cfg.get("warmup_query", "проверка"), ["прогрев модели", "warm-up"])
         released = self.scorer.release_mapped_weights()
         self.hb.publish_info(heavy_modules=_loaded_heavy_modules(), released_mapping_bytes=released)
         self.hb.write(ready=1, progress_at=time.monotonic())
