@@ -250,11 +250,11 @@ class Supervisor:
     def _heartbeats(self) -> dict[int, dict]:
         return read_worker_dir(self.settings.worker_dir)
 
-    def init_failure(self, number: int) -> Optional[str]:
+    def init_failure(self, number: int, beats: Optional[dict[int, dict]] = None) -> Optional[str]:
         """Why a worker of generation ``number`` could not start, if one said so before it died. MOSEC
         starts a dead worker again as long as another of its stage lives, so with two workers a model that
         cannot load is loaded again and again, each time in a new interpreter, until the boot deadline."""
-        for beat in self._heartbeats().values():
+        for beat in (self._heartbeats() if beats is None else beats).values():
             if beat.get("generation") == number and beat.get("init_error"):
                 return f"the {beat.get('stage', '?')} worker could not start: {beat['init_error']}"
         return None
@@ -302,8 +302,10 @@ class Supervisor:
         return [(p, roles.role_of(p, supervisor_pid=None, mosec_pid=gen.pid, beats=beats))
                 for p in roles.tree(gen.pid)]
 
-    def worker_views(self, gen: Optional[Generation] = None) -> list[WorkerView]:
-        beats = self._heartbeats()  # read once a tick, for the roles and the views alike
+    def worker_views(self, gen: Optional[Generation] = None, beats: Optional[dict[int, dict]] = None
+                     ) -> list[WorkerView]:
+        if beats is None:
+            beats = self._heartbeats()  # read once a tick, for the roles and the views alike
         views = []
         for proc, role in self.processes(gen, beats):
             if role not in self.expected:
@@ -690,13 +692,14 @@ class Supervisor:
             if self.stop_requests:
                 return False, "the server is stopping"
             # before gone(): when every worker failed to load, MOSEC exits too, and the reason is the workers'
-            failure = await loop.run_in_executor(None, self.init_failure, gen.number)
+            beats = await loop.run_in_executor(None, self._heartbeats)  # once per round, for both uses
+            failure = self.init_failure(gen.number, beats)
             if failure:
                 return False, failure
             if gen.gone():
                 await gen.drain_output()
                 return False, f"MOSEC exited ({gen.exit_code}): {gen.last_error()}"
-            views = await loop.run_in_executor(None, self.worker_views, gen)
+            views = await loop.run_in_executor(None, self.worker_views, gen, beats)
             if all(c["live"] >= c["expected"] for c in self.capacity(views).values()):
                 gen.booted = True
                 try:
