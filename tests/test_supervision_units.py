@@ -378,3 +378,47 @@ def test_process_tree_walks_every_threads_children_like_psutil_but_only_this_tre
         parent.kill()
         parent.wait(10)
     assert roles.tree(parent.pid) == []
+
+
+def test_a_unit_dropped_at_its_deadline_is_a_504_not_a_503():
+    """CI failed once with a late request answered 503 'the client went away': when the gate's loop is busy
+    past a request's deadline, its queued unit is dropped (not sent) before wait_for's own timer fires. The
+    client is still there and waited its whole deadline: that is a 504, like any other timeout."""
+    import json
+    import logging
+
+    from reranker_ops.config import Settings
+    from reranker_ops.metrics import Metrics
+    from reranker_ops.serving.gate import Gate
+    from reranker_ops.serving.scheduler import FairScheduler, Unit
+
+    class OpenTransport:
+        def is_closing(self) -> bool:
+            return False
+
+    class Request(dict):  # what the gate reads of an aiohttp request here: its flags and its transport
+        transport = OpenTransport()
+
+    async def main() -> tuple[int, dict]:
+        gate = Gate(Settings(request_timeout_s=0.2), Metrics(), logging.getLogger("test"), upstream=lambda: None,
+                    probe_token="t", index=dict)
+        gate.scheduler = FairScheduler(budget=1)  # one unit out at a time: the second one queues
+        request = Request()
+        deadline_at = time.monotonic() + 0.2
+
+        async def busy_past_the_deadline():
+            await asyncio.sleep(0)
+            while time.monotonic() < deadline_at + 0.05:  # the loop is busy (parsing a large body, say)
+                pass
+            return 200, b"[]", "m"
+
+        async def never_sent():
+            raise AssertionError("a unit past its deadline was sent")
+
+        units = [Unit(cost=1, lane="chunk", owner=1, send=send, alive=lambda: gate._alive(request, deadline_at))
+                 for send in (busy_past_the_deadline, never_sent)]
+        answer = await gate._wait_units(request, units, deadline_at)
+        return answer.status, json.loads(answer.text)
+
+    status, body = asyncio.run(main())
+    assert status == 504 and "deadline" in body["message"], body

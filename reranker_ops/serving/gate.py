@@ -50,6 +50,7 @@ ERROR_KINDS = {
     415: "unsupported_media_type",
     422: "validation_error",
     429: "overloaded",
+    499: "client_closed",
     500: "internal_error",
     502: "bad_gateway",
     503: "unavailable",
@@ -364,12 +365,13 @@ class Gate:
         try:
             results = await asyncio.wait_for(asyncio.gather(*(asyncio.shield(f) for f in futures)),
                                              timeout=max(0.001, deadline_at - time.monotonic()))
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, Dropped) as failure:
             request["dead"] = True  # what is still queued for it is dropped, nobody else's work is touched
+            # A unit is Dropped, not sent, when its deadline passed or its client left while it queued. With the
+            # loop busy past the deadline, that drop can land before wait_for's own timer: still a 504.
+            if isinstance(failure, Dropped) and time.monotonic() < deadline_at:
+                return error_response(499, "the client went away before scoring")  # nobody reads this
             return error_response(504, f"no answer within the deadline of {deadline:g}s (RERANKER_REQUEST_TIMEOUT_S)")
-        except Dropped:
-            request["dead"] = True
-            return error_response(503, "the client went away or the deadline passed before scoring")
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
             request["dead"] = True
             return error_response(503, "the model server is unavailable; retry shortly", {"Retry-After": "2"})
