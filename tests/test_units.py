@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -201,3 +202,25 @@ def test_help_names_the_env_twins():
     out = CliRunner().invoke(app, ["serve", "--help"], terminal_width=240).output
     for var in ("RERANKER_MODEL", "RERANKER_PORT", "RERANKER_HEALTH_PORT", "RERANKER_RUN_DIR", "RERANKER_WORKERS"):
         assert var in out, var
+
+
+def test_the_command_imports_without_collector_passes_and_leaves_the_collector_on():
+    """`main` imports the app with the cyclic collector off and freezes what it imported (start-up time,
+    see reranker_ops/startup.py); a command must still run with the collector on (a foreground `serve`
+    runs for months), and a failing import must not leave it off."""
+    code = ("import atexit, gc, sys\n"
+            "from reranker_ops.cli import main\n"
+            "atexit.register(lambda: print('enabled', gc.isenabled(), 'frozen', gc.get_freeze_count()))\n"
+            "sys.argv = ['rerankctl', 'serve', '--help']\n"
+            "main()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    enabled, frozen = out.stdout.split()[-3], int(out.stdout.split()[-1])
+    assert enabled == "True" and frozen > 50_000, out.stdout[-200:]
+
+    from reranker_ops.startup import frozen_imports
+
+    with pytest.raises(ImportError):
+        with frozen_imports():
+            import reranker_ops_no_such_module  # noqa: F401
+    assert gc.isenabled()

@@ -1,44 +1,27 @@
-"""The ``rerankctl`` command: a thin layer over the library. The only package that prints."""
+"""The ``rerankctl`` command: a thin layer over the library. The only package that prints.
+
+The app lives in ``root`` (commands in ``models``, ``server``, ``tools``). This module stays light, so that
+``main`` can import the app under ``frozen_imports``, the start-up of every command."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import typer
-
-from .. import __version__
-from .common import set_debug
-
-app = typer.Typer(
-    name="rerankctl",
-    help="Run a cross-encoder reranker on Intel CPUs: download, convert, serve, watch, stop.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-    rich_markup_mode="rich",
-)
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"rerankctl {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks. \\[env: RERANKER_DEBUG]")] = False,
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
-    ] = False,
-) -> None:
-    set_debug(debug)
-
-
-from . import models as _models  # noqa: E402,F401  (registers download, convert)
-from . import server as _server  # noqa: E402,F401  (serve, status, stop, logs, watchdog, systemd)
-from . import tools as _tools  # noqa: E402,F401  (bench, compare)
+from typing import Any
 
 
 def main() -> None:
-    app()
+    from ..startup import freeze_before_exit, frozen_imports
+
+    with frozen_imports():
+        from .root import app
+    try:
+        app()
+    finally:
+        freeze_before_exit()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        from .root import app
+
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,8 +11,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from ..models import store
-from . import app
 from .common import JsonOpt, ModelsDirOpt, console, err_console, handled, settings_from
+from .root import app
 
 
 @app.command()

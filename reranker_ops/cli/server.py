@@ -15,7 +15,6 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from . import app
 from .common import (
     HealthPortOpt,
     HostOpt,
@@ -29,6 +28,7 @@ from .common import (
     handled,
     settings_from,
 )
+from .root import app
 
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-w", help="Inference workers. \\[env: RERANKER_WORKERS]")]
 ThreadsOpt = Annotated[
@@ -103,8 +103,11 @@ def _serve(settings, *, daemon: bool, prepare: bool, log_file: Optional[Path] = 
     if prepare:
         _prepare(settings)
     variant = find_variant(settings)  # fails here, in the caller's terminal, with the command to run
-    from ..process.sdnotify import Notifier
-    from ..process.supervisor import Supervisor
+    from ..startup import frozen_imports
+
+    with frozen_imports():  # the supervisor's modules (aiohttp, psutil) live as long as it does
+        from ..process.sdnotify import Notifier
+        from ..process.supervisor import Supervisor
 
     ref = resolve_model(settings)
     if daemon:

@@ -10,9 +10,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import app
 from .common import JsonOpt, ModelOpt, ModelsDirOpt, console, err_console, handled, settings_from
 from ..errors import ConfigError
+from .root import app
 
 
 @app.command()

@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .workers import CONFIG_ENV
+from ..startup import frozen_imports
 
 
 def _die_with_parent() -> None:
@@ -53,6 +53,10 @@ def main(argv: list[str]) -> int:
     _die_with_parent()
     if parent is not None and os.getppid() != parent:
         return 1  # the supervisor died before we could ask to die with it
+    with frozen_imports():  # MOSEC, numpy and the workers' module live as long as this process
+        from mosec import Runtime, Server
+
+        from .workers import CONFIG_ENV, Score, Validate
     cfg = json.loads(config_path.read_text(encoding="utf-8"))
     os.environ[CONFIG_ENV] = str(config_path)
     for key in [k for k in os.environ if k.startswith("MOSEC_")]:
@@ -71,10 +75,6 @@ def main(argv: list[str]) -> int:
         "--namespace", "mosec_service",
         "--log-level", m["log_level"],
     ]
-    from mosec import Runtime, Server
-
-    from .workers import Score, Validate
-
     _light_openapi_assets()
     server = Server()
     timeout_s = m["timeout_ms"] / 1000.0

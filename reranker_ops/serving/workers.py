@@ -25,6 +25,7 @@ from typing import Any
 
 from mosec import ClientError, ValidationError, Worker
 
+from ..startup import frozen_imports
 from .engine import (
     Scorer,
     Tokenizer,
@@ -80,7 +81,7 @@ class Validate(Worker):
         cfg = load_config()
         self._secret = str(cfg.get("gate_secret", "")).encode("ascii")
         self.hb = Heartbeat(cfg["worker_dir"], "validate")
-        with _reporting_init_failure(self.hb, cfg):
+        with frozen_imports(), _reporting_init_failure(self.hb, cfg):
             manifest = read_variant_manifest(Path(cfg["variant_dir"]))
             model_max = int(manifest.get("max_length") or 512)
             max_length = min(cfg["max_length"], model_max) if cfg["max_length"] else model_max
@@ -153,7 +154,9 @@ class Score(Worker):
         cfg = load_config()
         self.hb = Heartbeat(cfg["worker_dir"], "score")
         self.hb.write()
-        with _reporting_init_failure(self.hb, cfg):
+        # openvino's modules, the compiled model and the tokenizer live as long as the worker: loaded without
+        # the collector's passes, then frozen so its collections while serving do not traverse them
+        with frozen_imports(), _reporting_init_failure(self.hb, cfg):
             self.scorer = Scorer(
                 Path(cfg["variant_dir"]),
                 threads=cfg["threads"],
