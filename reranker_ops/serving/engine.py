@@ -110,6 +110,11 @@ CALL_COST_TOKENS = 14.0
 ATTENTION_TOKENS = 2048.0
 
 
+def call_cost(rows, width: int):
+    """The modelled cost of one call of ``rows`` pairs padded to ``width`` tokens (``rows`` may be an array)."""
+    return CALL_COST_TOKENS + rows * (width * (1.0 + width / ATTENTION_TOKENS))
+
+
 def plan_microbatches(lengths: Sequence[int], token_budget: int, attention_budget: int = 0) -> list[list[int]]:
     """Group pair indices into OpenVINO calls at the least modelled cost, each call within two budgets:
     rows x padded length <= ``token_budget`` (activations grow with tokens) and, when set,
@@ -118,7 +123,7 @@ def plan_microbatches(lengths: Sequence[int], token_budget: int, attention_budge
     several of them). A pair over a budget alone is a call of one.
 
     Pairs are sorted by length and cut into runs; which cuts is an exact dynamic programme over the sorted
-    order (a call's cost depends only on its size and its longest pair, see CALL_COST_TOKENS). Filling each
+    order (a call's cost depends only on its size and its longest pair, see call_cost). Filling each
     call up to the budgets instead pads short pairs to the longest of a run: with a few requests in the pool
     that was 8-14 % of the compute for ``rag`` pairs and 50-70 % for one-line ones.
     """
@@ -133,7 +138,7 @@ def plan_microbatches(lengths: Sequence[int], token_budget: int, attention_budge
             rows_max = min(rows_max, attention_budget // (width * width))
         first = max(0, j - max(1, rows_max))
         rows = np.arange(j - first, 0, -1)  # the run order[i:j] for i = first .. j-1
-        cost = best[first:j] + CALL_COST_TOKENS + rows * (width * (1.0 + width / ATTENTION_TOKENS))
+        cost = best[first:j] + call_cost(rows, width)
         k = int(np.argmin(cost))
         best[j] = cost[k]
         cut[j] = first + k
@@ -147,12 +152,8 @@ def plan_microbatches(lengths: Sequence[int], token_budget: int, attention_budge
 
 
 def plan_cost(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
-    """The modelled cost of a plan (see CALL_COST_TOKENS), for benchmarks and tests."""
-    total = 0.0
-    for b in batches:
-        width = _round_up(max(lengths[i] for i in b))
-        total += CALL_COST_TOKENS + len(b) * width * (1.0 + width / ATTENTION_TOKENS)
-    return total
+    """The modelled cost of a plan, for benchmarks and tests."""
+    return sum(call_cost(len(b), _round_up(max(lengths[i] for i in b))) for b in batches)
 
 
 def _round_up(n: int) -> int:
