@@ -272,6 +272,89 @@ def run_ceiling(
     }
 
 
+def run_paired(
+    url: str,
+    variant_dir: Path,
+    *,
+    workload: str = "tiny",
+    seconds: float = 10.0,
+    seed: int = 0,
+    threads: int = 0,
+    timeout: float = 120.0,
+    warmup: int = 2,
+    api_key: Optional[str] = None,
+) -> dict:
+    """What the server adds to a lone request, as paired differences: one client sends a request, and the
+    same request (tokenized and scored) is run in-process right before or after it, alternately.
+
+    The served latency and the in-process one used to come from separate windows of several seconds each.
+    On a shared machine the model itself runs 10-30 % slower or faster from one window to the next (the same
+    in-process p50 measured 55.7 and 78.7 ms a minute apart), which made their difference swing by +-10 ms
+    on the same code. Pairs taken a few milliseconds apart share the machine's state; the median of their
+    differences is the server's cost. The scores of both are compared too (the largest difference is reported).
+    """
+    import httpx
+    import numpy as np
+
+    from .serving.engine import Scorer, configure_process_threads, sigmoid
+
+    configure_process_threads()
+    scorer = Scorer(variant_dir, threads=threads)
+    endpoint = url.rstrip("/")
+    if not endpoint.endswith("/rerank"):
+        endpoint += "/rerank"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    stream = request_stream(workload, seed)
+    served: list[float] = []
+    local: list[float] = []
+    added: list[float] = []
+    worst = 0.0
+    failed = 0
+    with httpx.Client(timeout=timeout, headers=headers) as client:
+        t_end = None
+        n = 0
+        while t_end is None or time.perf_counter() < t_end:
+            req = next(stream)
+            timed: dict[str, float] = {}
+            scores: dict[str, object] = {}
+            for side in (("served", "local") if n % 2 == 0 else ("local", "served")):
+                t0 = time.perf_counter()
+                if side == "served":
+                    try:
+                        r = client.post(endpoint, json=req)
+                        timed[side] = time.perf_counter() - t0
+                        scores[side] = r.json().get("scores") if r.status_code == 200 else None
+                    except (httpx.HTTPError, ValueError):
+                        scores[side] = None  # counted as failed, like run_load's errors
+                else:
+                    scores[side] = scorer.score(req["query"], req["documents"])
+                    timed[side] = time.perf_counter() - t0
+            n += 1
+            if n <= warmup:
+                continue
+            if t_end is None:  # measured from the first request after the warm-up
+                t_end = time.perf_counter() + seconds
+            if scores["served"] is None:
+                failed += 1
+                continue
+            # /rerank answers sigmoid(logit) unless raw_scores is asked for
+            worst = max(worst, float(np.max(np.abs(np.asarray(scores["served"]) - sigmoid(scores["local"])))))
+            served.append(timed["served"])
+            local.append(timed["local"])
+            added.append(timed["served"] - timed["local"])
+    ms = lambda v: round(v * 1000, 2)  # noqa: E731
+    return {
+        "workload": workload,
+        "pairs_measured": len(added),
+        "failed": failed,
+        "served_p50_ms": ms(percentile(served, 0.5)),
+        "inprocess_p50_ms": ms(percentile(local, 0.5)),
+        "added_ms": {"p25": ms(percentile(added, 0.25)), "p50": ms(percentile(added, 0.5)),
+                     "p75": ms(percentile(added, 0.75))},
+        "max_score_difference": worst,
+    }
+
+
 MIXED_TARGETS = {"short_p95_ratio_max": 10.0, "long_pairs_ratio_min": 0.9, "short_failed_max": 0}
 
 

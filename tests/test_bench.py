@@ -61,3 +61,21 @@ def test_bench_counts_errors_instead_of_hanging(shared_server):
     assert res.returncode == 0
     out = json.loads(res.stdout)["served"]
     assert out["ok"] == 0 and sum(out["errors"].values()) == 3
+
+
+def test_bench_paired_measures_what_the_server_adds_beside_the_same_request_in_process(shared_server):
+    """`--paired`: each request is also scored in-process; the scores must agree with the server's, and the
+    server's cost is the median of the paired latency differences."""
+    res = shared_server.cli("bench", "--url", shared_server.base, "--paired", "-z", "1", "--warmup", "2", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)["paired"]
+    assert out["pairs_measured"] >= 3 and out["failed"] == 0
+    assert out["max_score_difference"] < 1e-5  # the same requests, scored the same way on both sides
+    assert out["served_p50_ms"] > 0 and out["inprocess_p50_ms"] > 0
+    assert out["added_ms"]["p25"] <= out["added_ms"]["p50"] <= out["added_ms"]["p75"]
+    # a server that is down is not measured as fast
+    from conftest import free_port
+
+    res = shared_server.cli("bench", "--url", f"http://127.0.0.1:{free_port()}", "--paired", "-z", "1",
+                            "--timeout", "2")
+    assert res.returncode == 1 and "0 requests" in res.stdout and "failed" in res.stdout, res.stdout + res.stderr

@@ -33,6 +33,9 @@ def bench(
         bool, typer.Option("--ceiling", help="Also score the same kind of pairs in-process: served / ceiling.")
     ] = False,
     ceiling_only: Annotated[bool, typer.Option("--ceiling-only", help="Only the in-process ceiling.")] = False,
+    paired: Annotated[bool, typer.Option(
+        "--paired", help="One client; each request is also scored in-process right before or after it: what the "
+                         "server adds to a lone request, as the median of paired differences (a model on disk is needed).")] = False,
     mixed: Annotated[bool, typer.Option(
         "--mixed", help="Fairness: short requests (c=2) alone, long ones (100 x 1000 chars, c=2) alone, then both; "
                         "--duration is each phase's length. Exit 1 if a target is missed.")] = False,
@@ -65,6 +68,24 @@ def bench(
         else:
             _mixed_table(report)
         raise typer.Exit(0 if report["met"] else 1)
+    if paired:
+        from ..bench import run_paired
+        from ..models.store import find_variant
+        from ..process.roles import base_url
+
+        target = url or base_url(settings.host, settings.port)
+        key = api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
+        with err_console.status(f"{workload}: served by {target} and in-process, alternately"):
+            report = run_paired(target, find_variant(settings), workload=workload, seconds=duration or 10.0,
+                                seed=seed, threads=settings.threads, timeout=timeout, warmup=warmup, api_key=key)
+        if as_json:
+            print(json.dumps({"paired": report}, indent=2))
+        else:
+            console.print(f"{report['pairs_measured']} requests: served p50 {report['served_p50_ms']} ms, in-process "
+                          f"p50 {report['inprocess_p50_ms']} ms; the server adds {report['added_ms']['p50']} ms "
+                          f"(p25 {report['added_ms']['p25']}, p75 {report['added_ms']['p75']}); "
+                          f"{report['failed']} failed; scores differ by at most {report['max_score_difference']:.2g}")
+        raise typer.Exit(1 if report["failed"] or not report["pairs_measured"] else 0)
     out: dict = {}
     if not ceiling_only:
         from ..process.roles import base_url
