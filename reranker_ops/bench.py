@@ -103,6 +103,14 @@ class BenchResult:
         }
 
 
+def _endpoint(url: str, api_key: Optional[str]) -> tuple[str, dict]:
+    """The ``/rerank`` URL under a base URL (or the URL itself), and the headers that carry the key."""
+    endpoint = url.rstrip("/")
+    if not endpoint.endswith("/rerank"):
+        endpoint += "/rerank"
+    return endpoint, ({"Authorization": f"Bearer {api_key}"} if api_key else {})
+
+
 def run_load(
     url: str,
     *,
@@ -120,10 +128,7 @@ def run_load(
     """Closed loop: ``concurrency`` clients, each sending its next request when the last is answered."""
     import httpx
 
-    endpoint = url.rstrip("/")
-    if not endpoint.endswith("/rerank"):
-        endpoint += "/rerank"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    endpoint, headers = _endpoint(url, api_key)
     stream = request_stream(workload, seed)
     lock = threading.Lock()
     result = BenchResult(workload, concurrency, 0.0, 0, 0, 0)
@@ -300,10 +305,7 @@ def run_paired(
 
     configure_process_threads()
     scorer = Scorer(variant_dir, threads=threads)
-    endpoint = url.rstrip("/")
-    if not endpoint.endswith("/rerank"):
-        endpoint += "/rerank"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    endpoint, headers = _endpoint(url, api_key)
     stream = request_stream(workload, seed)
     served: list[float] = []
     local: list[float] = []
@@ -313,35 +315,39 @@ def run_paired(
     with httpx.Client(timeout=timeout, headers=headers) as client:
         t_end = None
         n = 0
+        def serve(req: dict) -> tuple[float, Optional[list]]:
+            t0 = time.perf_counter()
+            try:
+                r = client.post(endpoint, json=req)
+                took = time.perf_counter() - t0
+                return took, (r.json().get("scores") if r.status_code == 200 else None)
+            except (httpx.HTTPError, ValueError):
+                return 0.0, None  # counted as failed, like run_load's errors
+
+        def score_here(req: dict) -> tuple[float, np.ndarray]:
+            t0 = time.perf_counter()
+            logits = scorer.score(req["query"], req["documents"])
+            return time.perf_counter() - t0, logits
+
         while t_end is None or time.perf_counter() < t_end:
             req = next(stream)
-            timed: dict[str, float] = {}
-            scores: dict[str, object] = {}
-            for side in (("served", "local") if n % 2 == 0 else ("local", "served")):
-                t0 = time.perf_counter()
-                if side == "served":
-                    try:
-                        r = client.post(endpoint, json=req)
-                        timed[side] = time.perf_counter() - t0
-                        scores[side] = r.json().get("scores") if r.status_code == 200 else None
-                    except (httpx.HTTPError, ValueError):
-                        scores[side] = None  # counted as failed, like run_load's errors
-                else:
-                    scores[side] = scorer.score(req["query"], req["documents"])
-                    timed[side] = time.perf_counter() - t0
+            if n % 2 == 0:  # which side goes first alternates
+                (t_served, got), (t_local, logits) = serve(req), score_here(req)
+            else:
+                (t_local, logits), (t_served, got) = score_here(req), serve(req)
             n += 1
             if n <= warmup:
                 continue
             if t_end is None:  # measured from the first request after the warm-up
                 t_end = time.perf_counter() + seconds
-            if scores["served"] is None:
+            if got is None:
                 failed += 1
                 continue
             # /rerank answers sigmoid(logit) unless raw_scores is asked for
-            worst = max(worst, float(np.max(np.abs(np.asarray(scores["served"]) - sigmoid(scores["local"])))))
-            served.append(timed["served"])
-            local.append(timed["local"])
-            added.append(timed["served"] - timed["local"])
+            worst = max(worst, float(np.max(np.abs(np.asarray(got) - sigmoid(logits)))))
+            served.append(t_served)
+            local.append(t_local)
+            added.append(t_served - t_local)
     ms = lambda v: round(v * 1000, 2)  # noqa: E731
     return {
         "workload": workload,

@@ -88,11 +88,17 @@ def test_convert_under_a_running_server_changes_nothing_until_reload(make_server
     assert "PSS" in res.stdout  # memory of the overlap is reported
 
 
-def test_reload_to_a_broken_variant_keeps_serving_the_old_one(make_server, own_model, tmp_path):
+def broken_copy(own_model: Path, tmp_path: Path) -> Path:
+    """A copy of the model whose converted weights are cut short: OpenVINO refuses to load them."""
     broken = tmp_path / "models" / "broken-model"
     shutil.copytree(own_model, broken, symlinks=True)
     weights = (broken / "openvino-fp32").resolve() / "openvino_model.bin"
     weights.write_bytes(weights.read_bytes()[:100])
+    return broken
+
+
+def test_reload_to_a_broken_variant_keeps_serving_the_old_one(make_server, own_model, tmp_path):
+    broken = broken_copy(own_model, tmp_path)
     server = make_server(model_dir=own_model, workers=2, request_timeout_s=20)
     before = scores(server)
     with Clients(server.base, 20, n=8) as clients:
@@ -109,6 +115,20 @@ def test_reload_to_a_broken_variant_keeps_serving_the_old_one(make_server, own_m
     assert np.allclose(scores(server), before, atol=1e-6)
     st = server.status()
     assert st["healthy"] and st["restarts"] == {"worker": 0, "server": 0}
+
+
+def test_serve_with_a_model_that_cannot_load_fails_at_once_with_the_workers_reason(make_server, own_model, tmp_path):
+    """The start's boot (the supervisor's main loop, not the reload's) fails on the workers' own reason too:
+    with two workers MOSEC restarts each dead one while the other lives, and each of the start's attempts
+    used to wait out its boot deadline."""
+    server = make_server(start=False, model_dir=broken_copy(own_model, tmp_path), workers=2)  # boot deadline: 90 s
+    t0 = time.monotonic()
+    res = server.cli("serve", "--daemon", timeout=300)
+    took = time.monotonic() - t0
+    assert res.returncode != 0
+    assert "the score worker could not start" in res.stderr and "Incorrect weights" in res.stderr, res.stderr
+    assert took < 90, f"{took:.0f}s: the start waited for its boot deadline"  # two attempts would be >= 180 s
+    assert server.cli("status").returncode != 0  # and nothing is left running
 
 
 def test_sighup_alone_reloads_what_the_pointer_names(make_server, own_model):

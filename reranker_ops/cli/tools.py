@@ -55,12 +55,12 @@ def bench(
     settings = settings_from(model=model, models_dir=models_dir)
     if duration is None and requests is None:
         duration = 10.0
+    from ..process.roles import base_url
+
+    target = url or base_url(settings.host, settings.port)
+    key = api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
     if mixed:
         from ..bench import run_mixed
-        from ..process.roles import base_url
-
-        target = url or base_url(settings.host, settings.port)
-        key = api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
         with err_console.status(f"mixed load on {target}: three phases of {duration:g}s"):
             report = run_mixed(target, seconds=duration or 60.0, timeout=timeout, api_key=key, seed=seed)
         if as_json:
@@ -71,10 +71,6 @@ def bench(
     if paired:
         from ..bench import run_paired
         from ..models.store import find_variant
-        from ..process.roles import base_url
-
-        target = url or base_url(settings.host, settings.port)
-        key = api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
         with err_console.status(f"{workload}: served by {target} and in-process, alternately"):
             report = run_paired(target, find_variant(settings), workload=workload, seconds=duration or 10.0,
                                 seed=seed, threads=settings.threads, timeout=timeout, warmup=warmup, api_key=key)
@@ -88,10 +84,6 @@ def bench(
         raise typer.Exit(1 if report["failed"] or not report["pairs_measured"] else 0)
     out: dict = {}
     if not ceiling_only:
-        from ..process.roles import base_url
-
-        target = url or base_url(settings.host, settings.port)
-        key = api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err_console, transient=True, disable=as_json) as bar:
             task = bar.add_task(f"{workload} c={concurrency} → {target}", total=requests)

@@ -200,6 +200,7 @@ class Supervisor:
         self._pending: dict[int, PendingKill] = {}
         self._short_since: dict[str, float] = {}
         self._views: list[WorkerView] = []
+        self._beats: dict[int, dict] = {}  # the heartbeats _views were built from (read once a tick)
         self._signals: deque[int] = deque()
         self._wake: Optional[asyncio.Event] = None
         self.stop_requests = 0
@@ -250,11 +251,17 @@ class Supervisor:
     def _heartbeats(self) -> dict[int, dict]:
         return read_worker_dir(self.settings.worker_dir)
 
-    def init_failure(self, number: int, beats: Optional[dict[int, dict]] = None) -> Optional[str]:
+    def _observe(self, gen: Optional[Generation] = None) -> tuple[dict[int, dict], list[WorkerView]]:
+        """The heartbeats and the workers' views, from one read of the worker dir (run in a thread)."""
+        beats = self._heartbeats()
+        return beats, self.worker_views(gen, beats)
+
+    @staticmethod
+    def init_failure(number: int, beats: dict[int, dict]) -> Optional[str]:
         """Why a worker of generation ``number`` could not start, if one said so before it died. MOSEC
         starts a dead worker again as long as another of its stage lives, so with two workers a model that
         cannot load is loaded again and again, each time in a new interpreter, until the boot deadline."""
-        for beat in (self._heartbeats() if beats is None else beats).values():
+        for beat in beats.values():
             if beat.get("generation") == number and beat.get("init_error"):
                 return f"the {beat.get('stage', '?')} worker could not start: {beat['init_error']}"
         return None
@@ -302,10 +309,7 @@ class Supervisor:
         return [(p, roles.role_of(p, supervisor_pid=None, mosec_pid=gen.pid, beats=beats))
                 for p in roles.tree(gen.pid)]
 
-    def worker_views(self, gen: Optional[Generation] = None, beats: Optional[dict[int, dict]] = None
-                     ) -> list[WorkerView]:
-        if beats is None:
-            beats = self._heartbeats()  # read once a tick, for the roles and the views alike
+    def worker_views(self, gen: Optional[Generation], beats: dict[int, dict]) -> list[WorkerView]:
         views = []
         for proc, role in self.processes(gen, beats):
             if role not in self.expected:
@@ -692,14 +696,13 @@ class Supervisor:
             if self.stop_requests:
                 return False, "the server is stopping"
             # before gone(): when every worker failed to load, MOSEC exits too, and the reason is the workers'
-            beats = await loop.run_in_executor(None, self._heartbeats)  # once per round, for both uses
+            beats, views = await loop.run_in_executor(None, self._observe, gen)
             failure = self.init_failure(gen.number, beats)
             if failure:
                 return False, failure
             if gen.gone():
                 await gen.drain_output()
                 return False, f"MOSEC exited ({gen.exit_code}): {gen.last_error()}"
-            views = await loop.run_in_executor(None, self.worker_views, gen, beats)
             if all(c["live"] >= c["expected"] for c in self.capacity(views).values()):
                 gen.booted = True
                 try:
@@ -837,7 +840,7 @@ class Supervisor:
 
     # --- the watchdog: every worker, every tick ----------------------------------------------------------
     async def _watch_workers(self, gen: Generation, now: float) -> None:
-        views = await asyncio.get_running_loop().run_in_executor(None, self.worker_views)
+        self._beats, views = await asyncio.get_running_loop().run_in_executor(None, self._observe)
         self._views = views
         alive = {v.pid: v for v in views}
         # each kill is verified: the process must be gone (or a zombie MOSEC will reap) in time
@@ -908,7 +911,7 @@ class Supervisor:
             gen.booted = True
             self.log.info("MOSEC generation %d: all workers ready after %.2fs", gen.number, now - gen.started)
             return
-        failure = self.init_failure(gen.number)
+        failure = self.init_failure(gen.number, self._beats)  # read by _watch_workers this tick
         if failure is None and now <= gen.deadline:
             return
         cause = (f"MOSEC generation {gen.number}: {failure}" if failure else
