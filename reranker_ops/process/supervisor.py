@@ -236,7 +236,7 @@ class Supervisor:
         gen = self.gen
         if gen is None or gen.exit_code is not None:
             return None
-        return Upstream(f"http://127.0.0.1:{gen.port}/score", gen.secret, gen.number, gen.model_name)
+        return Upstream(gen.port, gen.secret, gen.number, gen.model_name)
 
     def mosec_metrics_url(self) -> Optional[str]:
         gen = self.gen

@@ -35,6 +35,7 @@ from ..metrics import Metrics
 from .frontdoor import FrontDoor
 from .scheduler import Dropped, FairScheduler, Unit
 from .schema import CHUNK, ROUTE_TAGS, ROUTES, Job, Limits, RequestError, build_response, parse_job
+from .upstream import UpstreamClient, UpstreamError
 
 SECRET_LEN = 32  # hex characters of a generation's secret: the body's prefix has a fixed length
 
@@ -83,9 +84,9 @@ def _clean_mosec_message(text: str) -> str:
 
 @dataclass(frozen=True)
 class Upstream:
-    """Where the current MOSEC generation listens, and the secret its validate stage expects."""
+    """Where the current MOSEC generation listens (a loopback port), and the secret its validate stage expects."""
 
-    url: str
+    port: int
     secret: bytes
     generation: int = 0
     model_name: str = ""
@@ -106,7 +107,8 @@ class Gate:
         self.upstream = upstream
         self.index = index
         self.probe_token = probe_token
-        self.session: Optional[aiohttp.ClientSession] = None
+        self.session: Optional[aiohttp.ClientSession] = None  # the supervisor's own calls: canary, metrics
+        self.client: Optional[UpstreamClient] = None  # requests to MOSEC
         self.door: Optional[FrontDoor] = None
         self.draining = False
         self.in_flight = 0  # user requests admitted and not yet answered
@@ -127,8 +129,11 @@ class Gate:
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, force_close=False),
             auto_decompress=False,
         )
+        self.client = UpstreamClient()
 
     async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
         if self.session is not None:
             await self.session.close()
 
@@ -323,11 +328,11 @@ class Gate:
         tries = 0
         while True:
             up = await self._upstream_by(deadline_at)
-            if up is None or self.session is None:
-                raise aiohttp.ClientConnectionError("no MOSEC generation")
+            if up is None or self.client is None:
+                raise UpstreamError("no MOSEC generation")
             try:
                 return await self._post_to(up, buf, tag, deadline_at)
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
+            except UpstreamError:
                 # refused or cut: MOSEC is being restarted (or a new generation is still binding its port).
                 # Try again until the deadline: a restart takes seconds, the deadline is what the client
                 # agreed to wait, and a balancer already sees /ready fail.
@@ -349,9 +354,8 @@ class Gate:
         try:
             # MOSEC's own timeout is above ours: only the gate's deadline fails a request, and it fails alone
             remaining = max(0.001, deadline_at - time.monotonic())
-            async with self.session.post(up.url, data=payload, timeout=aiohttp.ClientTimeout(total=remaining)
-                                         ) as answer:
-                return answer.status, await answer.read(), up.model_name
+            status, data = await self.client.post(up.port, "/score", payload, remaining)
+            return status, data, up.model_name
         finally:
             left = self.upstream_in_flight.get(up.generation, 1) - 1
             if left:
@@ -372,7 +376,7 @@ class Gate:
             if isinstance(failure, Dropped) and time.monotonic() < deadline_at:
                 return error_response(499, "the client went away before scoring")  # nobody reads this
             return error_response(504, f"no answer within the deadline of {deadline:g}s (RERANKER_REQUEST_TIMEOUT_S)")
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
+        except UpstreamError:
             request["dead"] = True
             return error_response(503, "the model server is unavailable; retry shortly", {"Retry-After": "2"})
         finally:
@@ -385,7 +389,7 @@ class Gate:
     async def _answer(self, request: web.Request, route: str) -> web.StreamResponse:
         t_start = time.monotonic()
         deadline_at = t_start + self.settings.request_timeout_s
-        if self.session is None:
+        if self.client is None:
             return error_response(503, "the model server is starting; retry shortly", {"Retry-After": "2"})
         body = await self._read_body(request, b"\0" * _PREFIX_LEN)
         if isinstance(body, web.Response):
@@ -403,7 +407,7 @@ class Gate:
             except asyncio.TimeoutError:
                 return error_response(504, f"no answer within the deadline of {self.settings.request_timeout_s:g}s"
                                            " (RERANKER_REQUEST_TIMEOUT_S)")
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
+            except UpstreamError:
                 return error_response(503, "the model server is unavailable; retry shortly", {"Retry-After": "2"})
             finally:
                 self.scheduler.leave(size)

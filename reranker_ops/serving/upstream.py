@@ -1,0 +1,191 @@
+"""The gate's HTTP/1.1 client to MOSEC's controller: kept-alive loopback connections, one POST per use.
+
+The gate sends every request it admits to one peer it knows: MOSEC's controller on a loopback port,
+``POST /score`` with a body the gate built, answered with a status and a body of known length. aiohttp's
+client, built for any server on the internet (redirects, cookies, tracing hooks, a connector with limits,
+per-request timer objects), spent ~0.5 ms of the supervisor's CPU on each such call: on two cores that
+time is taken from the model. This client does only what that one exchange needs:
+
+- a pool of idle connections per port (a reload's new generation listens on a new port; the pool for an
+  old one is closed when a new one is asked for);
+- the request head written with the body in one ``send`` (small bodies) or two (large ones), no copy of
+  the body beyond what the kernel takes;
+- the answer read by ``Content-Length`` (or chunked, or to the end of the stream if the peer says
+  neither), its head bounded in size;
+- a connection that is not in a known state after an exchange (an error, a deadline, ``Connection:
+  close``) is closed, never reused;
+- a kept-alive connection the peer closed while it sat idle fails before any byte of the answer: that one
+  exchange is tried once more on a new connection, as any HTTP client does with stale connections.
+
+Failures are ``UpstreamError`` (nothing answered: refused, reset, cut mid-answer) or ``TimeoutError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Optional
+
+HEAD_LIMIT = 64 * 1024  # an answer's status line and headers: MOSEC's are ~150 bytes
+COALESCE_BYTES = 64 * 1024  # bodies up to this size go out in the same write as the head
+IDLE_PER_PORT = 64
+
+
+class UpstreamError(ConnectionError):
+    """MOSEC did not answer: the connection was refused, reset or cut before a whole answer came."""
+
+
+if sys.version_info >= (3, 11):
+    _deadline = asyncio.timeout
+else:  # pragma: no cover - Python 3.10
+    import async_timeout
+
+    _deadline = async_timeout.timeout
+
+
+class _Conn:
+    __slots__ = ("reader", "writer", "reused")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.reused = False
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class UpstreamClient:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self._idle: dict[int, list[_Conn]] = {}
+        self._closed = False
+
+    async def post(self, port: int, path: str, body: bytes | bytearray, timeout: float) -> tuple[int, bytes]:
+        """``POST path`` to ``host:port`` with ``body``; returns (status, body). Raises ``UpstreamError`` or
+        ``TimeoutError`` (the deadline covers connecting, sending and the whole answer)."""
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{port}\r\nContent-Type: application/octet-stream\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode("ascii")
+        async with _deadline(timeout):
+            while True:
+                conn = await self._acquire(port)
+                try:
+                    status, data, keep = await self._exchange(conn, head, body)
+                except _Stale:
+                    conn.close()
+                    continue  # an idle connection the peer had closed: once more on a new one
+                except BaseException:
+                    conn.close()  # an error, a deadline or a cancel mid-exchange: its state is unknown
+                    raise
+                if keep and not self._closed:
+                    self._release(port, conn)
+                else:
+                    conn.close()
+                return status, data
+
+    async def _acquire(self, port: int) -> _Conn:
+        if self._closed:
+            raise UpstreamError("the gate is closing")
+        idle = self._idle.get(port)
+        if idle is None:
+            for other in [p for p in self._idle if p != port]:  # an earlier generation's port: not used again
+                for c in self._idle.pop(other):
+                    c.close()
+            idle = self._idle[port] = []
+        while idle:
+            conn = idle.pop()
+            if not conn.writer.is_closing() and not conn.reader.at_eof():
+                conn.reused = True
+                return conn
+            conn.close()
+        try:
+            reader, writer = await asyncio.open_connection(self.host, port, limit=HEAD_LIMIT)
+        except OSError as exc:
+            raise UpstreamError(f"cannot connect to {self.host}:{port}: {exc}") from exc
+        return _Conn(reader, writer)
+
+    def _release(self, port: int, conn: _Conn) -> None:
+        idle = self._idle.get(port)
+        if idle is None or len(idle) >= IDLE_PER_PORT:
+            conn.close()
+            return
+        idle.append(conn)
+
+    async def _exchange(self, conn: _Conn, head: bytes, body: bytes | bytearray) -> tuple[int, bytes, bool]:
+        w, r = conn.writer, conn.reader
+        got_any = False
+        try:
+            if len(body) <= COALESCE_BYTES:
+                w.write(head + body)
+            else:
+                w.write(head)
+                w.write(body)
+            await w.drain()
+            line = await r.readline()
+            got_any = bool(line)
+            if not line:
+                raise asyncio.IncompleteReadError(b"", None)
+            parts = line.split(None, 2)
+            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+                raise UpstreamError(f"not an HTTP answer: {line[:80]!r}")
+            status = int(parts[1])
+            length: Optional[int] = None
+            chunked = False
+            keep = parts[0] == b"HTTP/1.1"
+            while True:
+                line = await r.readline()
+                if line in (b"\r\n", b"\n"):
+                    break
+                if not line:
+                    raise asyncio.IncompleteReadError(b"", None)
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                value = value.strip()
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"transfer-encoding":
+                    chunked = value.lower() == b"chunked"
+                elif name == b"connection":
+                    keep = value.lower() != b"close"
+            if chunked:
+                data = await self._read_chunked(r)
+            elif length is not None:
+                data = await r.readexactly(length)
+            else:
+                data = await r.read()  # no length: the answer ends with the stream
+                keep = False
+            return status, data, keep
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+            if isinstance(exc, UpstreamError):
+                raise
+            if conn.reused and not got_any:
+                raise _Stale() from exc
+            raise UpstreamError(f"MOSEC's connection failed: {type(exc).__name__}: {exc}") from exc
+
+    @staticmethod
+    async def _read_chunked(r: asyncio.StreamReader) -> bytes:
+        out = bytearray()
+        while True:
+            size = int((await r.readline()).split(b";", 1)[0].strip(), 16)
+            if size == 0:
+                while (await r.readline()) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return bytes(out)
+            out += await r.readexactly(size)
+            await r.readexactly(2)
+
+    async def close(self) -> None:
+        self._closed = True
+        conns = [c for idle in self._idle.values() for c in idle]
+        self._idle.clear()
+        for c in conns:
+            c.close()
+        for c in conns:
+            try:
+                await c.writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+
+
+class _Stale(Exception):
+    """A reused connection failed before any byte of the answer."""
