@@ -5,7 +5,7 @@
 
 Starts `rerankctl serve --daemon` with the tests' tiny model (built and converted here; faults are about
 supervision, not speed), sends steady load, and every ~``--every`` seconds injects one random fault:
-SIGSTOP or SIGKILL of a score worker, SIGKILL of the validate worker, SIGKILL of MOSEC's main process, or
+SIGSTOP or SIGKILL of a score worker, SIGKILL of MOSEC's main process, or
 a native hang inside forward (SIGALRM blocked, via tests/faults); every kind once per round, in random order. Per fault it prints: detection time
 (until the supervisor counted a remediation), time to full capacity (every worker back and healthy),
 requests failed, the longest request. At the end: processes leaked after stop (must be 0) and the
@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 SETTINGS = dict(probe_interval_s=1, probe_timeout_s=2, request_timeout_s=8, worker_hang_s=3, stop_timeout_s=10,
                 restart_budget=1000, restart_window_s=60)
-FAULTS = ("sigstop_score", "sigkill_score", "sigkill_validate", "sigkill_mosec", "native_hang")
+FAULTS = ("sigstop_score", "sigkill_score", "sigkill_mosec", "native_hang")
 
 
 def build_model(cache: Path) -> Path:
@@ -127,7 +127,7 @@ def main() -> int:
 
     def full() -> bool:
         st = server.status()
-        return bool(st.get("healthy")) and ready("score") == args.workers and ready("validate") >= 1
+        return bool(st.get("healthy")) and ready("score") == args.workers
 
     try:
         while time.monotonic() < t_end:
@@ -153,9 +153,6 @@ def main() -> int:
                 os.kill(victim, signal.SIGSTOP)
             elif kind == "sigkill_score":
                 victim = rng.choice(procs["score"])
-                os.kill(victim, signal.SIGKILL)
-            elif kind == "sigkill_validate":
-                victim = procs["validate"][0]
                 os.kill(victim, signal.SIGKILL)
             elif kind == "sigkill_mosec":
                 victim = procs["mosec"][0]

@@ -31,6 +31,7 @@ class Metrics:
         self.sched_n: dict[tuple[str, str], int] = defaultdict(int)
         self.dropped_units: dict[str, int] = defaultdict(int)
         self.dropped_pairs = 0
+        self.resent: dict[str, int] = defaultdict(int)
 
     def observe_request(self, route: str, code: int, seconds: float) -> None:
         with self._lock:
@@ -58,6 +59,10 @@ class Metrics:
         with self._lock:
             self.dropped_units[lane] += 1
             self.dropped_pairs += pairs
+
+    def count_resend(self, reason: str) -> None:
+        with self._lock:
+            self.resent[reason] += 1
 
     def observe_probe(self, ok: bool, latency: float | None) -> None:
         with self._lock:
@@ -106,6 +111,12 @@ class Metrics:
                 out.append(f"reranker_dropped_units_total{_labels([('class', lane)])} {self.dropped_units[lane]}")
             out += ["# HELP reranker_dropped_pairs_total Pairs of split requests never scored because nobody waited for them.",
                     "# TYPE reranker_dropped_pairs_total counter", f"reranker_dropped_pairs_total {self.dropped_pairs}"]
+            out += ["# HELP reranker_upstream_resent_total Work the gate sent to MOSEC again: its connection was refused"
+                    " or cut (connection), or its batch was refused for another request in it that came around the gate"
+                    " (refused_batch).",
+                    "# TYPE reranker_upstream_resent_total counter"]
+            for reason in ("connection", "refused_batch"):
+                out.append(f"reranker_upstream_resent_total{_labels([('reason', reason)])} {self.resent[reason]}")
             out += ["# HELP reranker_requests_in_flight Requests being answered now.",
                     "# TYPE reranker_requests_in_flight gauge", f"reranker_requests_in_flight {self.in_flight}"]
             out += ["# HELP reranker_pairs_scored_total Query/passage pairs scored by the model.",

@@ -7,6 +7,7 @@ import asyncio
 import gzip
 import json
 import os
+import re
 import socket
 import stat
 import time
@@ -119,6 +120,36 @@ def test_nothing_reaches_mosec_around_the_gate(make_server):
         r = httpx.post(f"http://127.0.0.1:{internal}/score", content=payload, timeout=10)
         assert r.status_code == 400 and "through the API port" in r.text, r.text
     assert httpx.post(server.base + "/rerank", json={"query": QUERY, "documents": DOCS}).status_code == 200
+
+
+def test_requests_around_the_gate_are_refused_while_the_gates_own_in_their_batches_are_served(make_server):
+    """Two workers under the gate's traffic, and direct POSTs to MOSEC mixed into the same batches: every direct
+    one is refused (400) before any work, and every request of the gate's in a refused batch is sent again."""
+    server = make_server(workers=2)
+    state = json.loads((server.run_dir / "state.json").read_text())
+    internal = f"http://127.0.0.1:{state['mosec']['port']}/score"
+    body = b"0\n" + json.dumps({"query": QUERY, "documents": DOCS}).encode()
+
+    def resent() -> int:
+        text = httpx.get(server.health + "/metrics", timeout=10).text
+        return int(float(re.search(r'^reranker_upstream_resent_total\{reason="refused_batch"\} (\S+)', text, re.M)[1]))
+
+    direct: list[tuple[int, str]] = []
+    with Clients(server.base, 30.0, n=4) as clients, httpx.Client(timeout=30) as c:
+        wait_until(lambda: sum(1 for *_, o in clients.records if o == 200) >= 5, 30, what="traffic flowing")
+
+        def mixed_in() -> bool:
+            for _ in range(5):
+                r = c.post(internal, content=body)
+                direct.append((r.status_code, r.text))
+            return resent() >= 3
+
+        wait_until(mixed_in, 90, 0, what="direct requests sharing batches with the gate's")
+    assert direct and all(status == 400 and "through the API port" in text for status, text in direct), direct[:3]
+    outcomes = [o for *_, o in clients.records]
+    assert set(outcomes) == {200}, {o: outcomes.count(o) for o in set(outcomes)}
+    print(f"{len(direct)} direct requests refused; {len(outcomes)} through the gate, all 200; "
+          f"{resent()} of the gate's sent again")
 
 
 def test_children_hold_no_secret_and_the_run_dir_is_private(make_server, tmp_path):

@@ -98,10 +98,12 @@ def test_sigkill_of_a_worker_restores_service(make_server, workers):
                    what="worker replaced")
     failed = [(t0, d, o) for t0, d, o in clients.records if t0 >= t_kill and o != 200]
     outage = (max(t0 + d for t0, d, _ in failed) - t_kill) if failed else 0.0
+    # A canary that was in the killed worker's batch is lost with it (MOSEC sends nobody's work again): the
+    # outage it opened closes at the next canary. Healthy again within a deadline, not at this very instant.
+    wait_until(lambda: server.status().get("healthy"), 30, 0.2, what="healthy again")
     st = server.status()
     print(f"SIGKILL with {workers} worker(s): client-side outage {outage:.1f}s, "
           f"{len(failed)} failed request(s), supervisor outages {st['outages']}")
-    assert st["healthy"]
     if workers == 1:
         # the lone worker's death takes MOSEC down; the supervisor restarts it and reports the outage
         assert st["restarts"]["server"] >= 1

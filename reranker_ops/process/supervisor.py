@@ -196,7 +196,7 @@ class Supervisor:
         self.gen: Optional[Generation] = None
         self._generations = 0
         self.tail: deque[str] = deque(maxlen=200)
-        self.expected = {"score": settings.workers, "validate": 1}
+        self.expected = {"score": settings.workers}
         self._pending: dict[int, PendingKill] = {}
         self._short_since: dict[str, float] = {}
         self._views: list[WorkerView] = []
@@ -481,7 +481,6 @@ class Supervisor:
             "worker_dir": str(s.worker_dir),
             "generation": number,
             "workers": s.workers,
-            "validate_workers": self.expected["validate"],
             "max_batch_requests": s.max_batch_requests,
             "gate_secret": secret.decode("ascii"),
             "mosec": {

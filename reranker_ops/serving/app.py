@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
     with frozen_imports():  # MOSEC, numpy and the workers' module live as long as this process
         from mosec import Runtime, Server
 
-        from .workers import CONFIG_ENV, Score, Validate
+        from .workers import CONFIG_ENV, Score
     cfg = json.loads(config_path.read_text(encoding="utf-8"))
     os.environ[CONFIG_ENV] = str(config_path)
     for key in [k for k in os.environ if k.startswith("MOSEC_")]:
@@ -78,7 +78,6 @@ def main(argv: list[str]) -> int:
     _light_openapi_assets()
     server = Server()
     timeout_s = m["timeout_ms"] / 1000.0
-    validate = Runtime(Validate, num=cfg["validate_workers"], max_batch_size=1, timeout=timeout_s)
     score = Runtime(
         Score,
         num=cfg["workers"],
@@ -86,7 +85,7 @@ def main(argv: list[str]) -> int:
         max_wait_time=m["wait_ms"],
         timeout=timeout_s,
     )
-    server.register_runtime({"/score": [validate, score]})
+    server.register_runtime({"/score": [score]})
     server.run()
     return 0
 

@@ -10,11 +10,12 @@ text without naming the limit that was hit. The gate closes those gaps and owns 
 - a deadline on reading the body (``408`` and close) and on the answer (``504``), which hold even if the
   controller itself stops answering;
 - ``Content-Encoding`` other than identity is refused (``415``): nothing is ever inflated;
-- every request that reaches MOSEC carries this instance's secret, which the validate stage checks, so a
+- every request that reaches MOSEC carries this instance's secret, which the score worker checks, so a
   request sent straight to MOSEC's internal port is refused;
 - JSON errors for every status (404 and 405 included), per-route metrics, and draining on stop.
 
-The gate parses no JSON: validation happens in MOSEC's validate stage.
+The gate parses no JSON of a small request: the score worker validates it, and a request that fails its
+checks comes back as ``Failed`` inside its batch's answer (``schema.Failed``), answered with its own status.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ..config import Settings
 from ..metrics import Metrics
 from .frontdoor import FrontDoor
 from .scheduler import Dropped, FairScheduler, Unit
-from .schema import CHUNK, ROUTE_TAGS, ROUTES, Job, Limits, RequestError, build_response, parse_job
+from .schema import CHUNK, REFUSED, ROUTE_TAGS, ROUTES, Failed, Job, Limits, RequestError, build_response, parse_job
 from .upstream import UpstreamClient, UpstreamError
 
 SECRET_LEN = 32  # hex characters of a generation's secret: the body's prefix has a fixed length
@@ -84,7 +85,7 @@ def _clean_mosec_message(text: str) -> str:
 
 @dataclass(frozen=True)
 class Upstream:
-    """Where the current MOSEC generation listens (a loopback port), and the secret its validate stage expects."""
+    """Where the current MOSEC generation listens (a loopback port), and the secret its worker expects."""
 
     port: int
     secret: bytes
@@ -324,7 +325,8 @@ class Gate:
     async def _post(self, buf: bytearray | bytes, tag: str, deadline_at: float) -> tuple[int, bytes, str]:
         """POST one unit to the current generation, decided at each try (a reload or a restart may have
         replaced it). A refused or broken connection is tried again, a few times within the deadline:
-        a generation that just died is replaced by the supervisor, and scoring is idempotent."""
+        a generation that just died is replaced by the supervisor, and scoring is idempotent. So is a batch
+        refused for a request in it that came around the gate (``RefusedBatch``)."""
         tries = 0
         while True:
             up = await self._upstream_by(deadline_at)
@@ -332,7 +334,7 @@ class Gate:
                 raise UpstreamError("no MOSEC generation")
             try:
                 return await self._post_to(up, buf, tag, deadline_at)
-            except UpstreamError:
+            except UpstreamError as exc:
                 # refused or cut: MOSEC is being restarted (or a new generation is still binding its port).
                 # Try again until the deadline: a restart takes seconds, the deadline is what the client
                 # agreed to wait, and a balancer already sees /ready fail.
@@ -340,6 +342,7 @@ class Gate:
                 pause = min(RETRY_PAUSE_S * tries, RETRY_PAUSE_MAX_S)
                 if self.draining or time.monotonic() + pause >= deadline_at:
                     raise
+                self.metrics.count_resend("refused_batch" if isinstance(exc, RefusedBatch) else "connection")
                 await asyncio.sleep(pause)
 
     async def _post_to(self, up: Upstream, buf: bytearray | bytes, tag: str, deadline_at: float
@@ -355,13 +358,20 @@ class Gate:
             # MOSEC's own timeout is above ours: only the gate's deadline fails a request, and it fails alone
             remaining = max(0.001, deadline_at - time.monotonic())
             status, data = await self.client.post(up.port, "/score", payload, remaining)
-            return status, data, up.model_name
         finally:
             left = self.upstream_in_flight.get(up.generation, 1) - 1
             if left:
                 self.upstream_in_flight[up.generation] = left
             else:
                 self.upstream_in_flight.pop(up.generation, None)
+        if status == 200:
+            failed = Failed.decode(data)  # this request failed its checks; the others of its batch did not
+            if failed is not None:
+                return failed.status, failed.message.encode("utf-8"), up.model_name
+        elif status == 400 and data.endswith(_REFUSED):
+            # its batch held a request sent around the gate (with no secret), refused whole before any work
+            raise RefusedBatch("a request of this batch came around the gate")
+        return status, data, up.model_name
 
     async def _wait_units(self, request: web.Request, units: list[Unit], deadline_at: float) -> list | web.Response:
         futures = [self.scheduler.submit(u) for u in units]
@@ -425,7 +435,7 @@ class Gate:
 
     async def _answer_split(self, request: web.Request, route: str, raw: bytes, deadline_at: float
                             ) -> web.StreamResponse:
-        """A large request: validated here (the same schema code as the validate stage), scored in chunks
+        """A large request: validated here (the same schema code as the score worker), scored in chunks
         that the scheduler interleaves with everyone else's work, merged in input order."""
         try:
             job = parse_job(route, raw, self.limits)
@@ -475,6 +485,11 @@ class Gate:
 
 
 _PREFIX_LEN = SECRET_LEN + 3  # "<secret> <tag>\n"
+_REFUSED = REFUSED.encode()
+
+
+class RefusedBatch(UpstreamError):
+    """MOSEC refused a batch of ours because another request in it did not come through the gate: sent again."""
 
 
 def plan_chunks(job: Job, chunk_chars: int, max_pairs: int = 64) -> list[tuple[int, int]]:

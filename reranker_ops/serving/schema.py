@@ -27,6 +27,32 @@ class RequestError(Exception):
         self.message = message
 
 
+# Between the gate and the score worker. MOSEC answers a whole batch with one status, so a request that fails
+# its checks inside a batch is answered 200 with ``!<status> <message>`` in its body (a JSON answer starts with
+# ``{``), and the gate answers the client with that status. A request sent around the gate fails its batch
+# with 400 and this message; the gate sends again its own requests refused with it.
+REFUSED = "requests must go through the API port"
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Why one request of a batch was not scored."""
+
+    status: int
+    message: str
+
+    def encode(self) -> bytes:
+        return b"!%d %s" % (self.status, self.message.encode("utf-8"))
+
+    @staticmethod
+    def decode(data: bytes) -> Optional["Failed"]:
+        """The failure a worker's answer carries, or None for a JSON answer."""
+        if data[:1] != b"!":
+            return None
+        code, _, message = data[1:].partition(b" ")
+        return Failed(int(code) if code.isdigit() else 500, message.decode("utf-8", "replace"))
+
+
 @dataclass
 class Limits:
     max_documents: int = 1000

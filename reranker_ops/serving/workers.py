@@ -1,8 +1,11 @@
-"""MOSEC workers. Imports mosec, numpy, tokenizers and openvino (through the engine): nothing heavier.
+"""The MOSEC worker. Imports mosec, numpy, tokenizers and openvino (through the engine): nothing heavier.
 
-Stage 1 (``Validate``, unbatched) decodes, validates and tokenizes one request: a bad request stops here
-and never reaches the batched stage, where one failure would fail every request in the batch.
-Stage 2 (``Score``, batched across requests) scores all pairs of the batch in length-sorted micro-batches.
+One stage, ``Score``, batched across requests: each request of the batch is checked (the gate's secret),
+parsed, validated and tokenized, then every pair of the requests that passed is scored in length-sorted
+micro-batches. MOSEC has one status per batch, so a request that fails its checks is answered in the
+body (``!<status> <message>``, see ``encode_failure``) and the gate turns that into its status: one bad
+request never fails the others of its batch. Only a request without the gate's secret fails the whole
+batch (400), before any work: it was sent around the gate, and the gate sends its own again.
 
 Each worker keeps a heartbeat (``heartbeat.py``): when it last made progress, whether it is inside a
 forward pass and since when, and counters. The supervisor's watchdog reads them
@@ -23,19 +26,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mosec import ClientError, ValidationError, Worker
+from mosec import ClientError, Worker
 
 from ..startup import frozen_imports
 from .engine import (
     Scorer,
-    Tokenizer,
     best_of_windows,
     configure_process_threads,
-    read_variant_manifest,
     trim_heap,
 )
 from .heartbeat import Heartbeat
-from .schema import TAG_ROUTES, Limits, RequestError, build_response, parse_job
+from .schema import REFUSED, TAG_ROUTES, Failed, Limits, RequestError, build_response, parse_job
 
 CONFIG_ENV = "RERANKER_WORKER_CONFIG"
 # How often, at most, the score worker hands memory it no longer uses back to the kernel (after a batch).
@@ -71,8 +72,8 @@ def _enable_stack_dumps() -> None:
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
 
 
-class Validate(Worker):
-    """Stage 1: route tag + body -> tokenized job, or a 400/422 with a message naming the rule."""
+class Score(Worker):
+    """Check, parse and tokenize every request of the batch, score all their pairs together, split the answers."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -80,78 +81,8 @@ class Validate(Worker):
         _enable_stack_dumps()
         cfg = load_config()
         self._secret = str(cfg.get("gate_secret", "")).encode("ascii")
-        self.hb = Heartbeat(cfg["worker_dir"], "validate")
-        with frozen_imports(), _reporting_init_failure(self.hb, cfg):
-            manifest = read_variant_manifest(Path(cfg["variant_dir"]))
-            model_max = int(manifest.get("max_length") or 512)
-            max_length = min(cfg["max_length"], model_max) if cfg["max_length"] else model_max
-            self.tokenizer = Tokenizer(Path(cfg["variant_dir"]) / "tokenizer.json", max_length)
         self.limits = Limits.from_mapping(cfg["limits"])
         self.window_stride = int(cfg["window_stride"])
-        self.hb.publish_info(heavy_modules=_loaded_heavy_modules())
-        self.hb.write(ready=1)
-
-    def deserialize(self, data: bytes) -> bytes:
-        return data  # parsed in forward, where every failure maps to a status
-
-    def forward(self, data: bytes) -> dict:
-        now = time.monotonic()
-        self.hb.write(busy_since=now, progress_at=now)
-        try:
-            head, _, body = data.partition(b"\n")
-            secret, _, tag = head.rpartition(b" ")
-            # Only the gate knows this instance's secret: a request sent straight to MOSEC's port stops here.
-            if not hmac.compare_digest(secret, self._secret):
-                self.hb.data["errors"] += 1
-                raise ClientError("requests must go through the API port")
-            route = TAG_ROUTES.get(tag.decode("ascii", "replace"))
-            if route is None:
-                raise ClientError("unknown route tag")
-            try:
-                job = parse_job(route, body, self.limits)
-            except RequestError as exc:
-                self.hb.data["errors"] += 1
-                if exc.status == 400:
-                    raise ClientError(exc.message) from None
-                raise ValidationError(exc.message) from None
-            owners = None
-            if job.windows > 1:
-                encs, owners = self.tokenizer.encode_windows(list(zip(job.queries, job.passages)), job.windows,
-                                                             self.window_stride)
-            else:
-                encs = self.tokenizer.encode_items(zip(job.queries, job.passages))
-            if not job.truncate:
-                over = [i for i, e in enumerate(encs) if e.truncated]
-                if over:
-                    self.hb.data["errors"] += 1
-                    pair = (owners[over[0]] if owners else over[0]) + job.extra.get("offset", 0)
-                    if owners:
-                        raise ValidationError(
-                            f"pair {pair} needs more than {job.windows} windows of {self.tokenizer.max_length} tokens"
-                            " and truncate is false; send more windows (up to RERANKER_MAX_WINDOWS), truncate: true"
-                            " or shorter text")
-                    raise ValidationError(
-                        f"pair {pair} is longer than the model's {self.tokenizer.max_length} tokens and"
-                        " truncate is false; send truncate: true, windows, or shorter text"
-                    )
-            job.queries = []
-            if not job.return_documents:
-                job.passages = []
-            return {"job": job, "encs": encs, "owners": owners}
-        finally:
-            done = time.monotonic()
-            self.hb.data["requests"] += 1
-            self.hb.write(busy_since=None, progress_at=done)
-
-
-class Score(Worker):
-    """Stage 2: score every pair of every request in the batch, then split the answers back."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        configure_process_threads()
-        _enable_stack_dumps()
-        cfg = load_config()
         self.hb = Heartbeat(cfg["worker_dir"], "score")
         self.hb.write()
         # openvino's modules, the compiled model and the tokenizer live as long as the worker: loaded without
@@ -167,6 +98,7 @@ class Score(Worker):
             )
             # Warm up so the first real request does not pay for the first inference.
             self.scorer.score(cfg.get("warmup_query", "проверка"), ["прогрев модели", "warm-up"])
+        self.tokenizer = self.scorer.tokenizer
         self.model_name = cfg["model_name"]
         released = self.scorer.release_mapped_weights()
         self.hb.publish_info(heavy_modules=_loaded_heavy_modules(), released_mapping_bytes=released)
@@ -190,36 +122,101 @@ class Score(Worker):
     def _progress(self, _n: int) -> None:
         self.hb.write(progress_at=time.monotonic())
 
-    def forward(self, data: list[dict] | dict) -> list | dict:
-        if isinstance(data, dict):  # MOSEC passes a bare item when max_batch_size is 1
+    def deserialize(self, data: bytes) -> bytes:
+        return data  # checked and parsed in forward, where a failure fails one request, not the batch
+
+    def forward(self, data: list[bytes] | bytes) -> list | Any:
+        if isinstance(data, (bytes, bytearray)):  # MOSEC passes a bare item when max_batch_size is 1
             return self._forward([data])[0]
         return self._forward(data)
 
-    def _forward(self, data: list[dict]) -> list:
+    def _forward(self, data: list[bytes]) -> list:
         now = time.monotonic()
         self.hb.write(busy_since=now, progress_at=now)
-        encs, owners = [], []
-        for item in data:
-            encs.extend(item["encs"])
-            owners.append(len(item["encs"]))
-        logits = self.scorer.score_encoded(encs, on_progress=self._progress)
+        bodies = self._gated(data)
+        items = [self._prepare_alone(tag, body) for tag, body in bodies]
+        good = [it for it in items if not isinstance(it, Failed)]
+        encs = [e for it in good for e in it["encs"]]
+        logits = self.scorer.score_encoded(encs, on_progress=self._progress) if encs else None
         out, start = [], 0
         tokens_total = 0
-        for item, n in zip(data, owners):
+        for item in items:
+            if isinstance(item, Failed):
+                # one line in the server's log, as MOSEC writes for a request its worker refuses
+                print(f"score worker: request refused ({item.status}): {item.message[:300]}", file=sys.stderr, flush=True)
+                out.append(item)
+                continue
+            n = len(item["encs"])
             tokens = sum(len(e) for e in item["encs"])
             tokens_total += tokens
             mine = logits[start : start + n]
-            if item.get("owners") is not None:  # windows: each pair keeps its best window
+            if item["owners"] is not None:  # windows: each pair keeps its best window
                 mine = best_of_windows(mine, item["owners"], max(item["owners"]) + 1)  # every pair has one
             out.append(build_response(item["job"], mine.tolist(), tokens, self.model_name, windows=n))
             start += n
         d = self.hb.data
         d["batches"] += 1
         d["requests"] += len(data)
+        d["errors"] += len(items) - len(good)
         d["pairs"] += len(encs)
         d["tokens"] += tokens_total
         self.hb.write(busy_since=None, progress_at=time.monotonic())
         return out
 
+    def _gated(self, data: list[bytes]) -> list[tuple[bytes, bytes]]:
+        """(route tag, body) of each request; the whole batch is refused if one was not sent by the gate."""
+        out = []
+        for raw in data:
+            head, _, body = raw.partition(b"\n")
+            secret, _, tag = head.rpartition(b" ")
+            # Only the gate knows this instance's secret: a request sent straight to MOSEC's port stops here.
+            # It fails its batch (MOSEC has one status per batch) before any work; the gate, which knows it
+            # sent the secret, sends its own requests of that batch again.
+            if not hmac.compare_digest(secret, self._secret):
+                self.hb.data["errors"] += 1
+                self.hb.write(busy_since=None, progress_at=time.monotonic())
+                raise ClientError(REFUSED)
+            out.append((tag, body))
+        return out
+
+    def _prepare_alone(self, tag: bytes, body: bytes) -> dict | Failed:
+        try:
+            return self._prepare(tag, body)
+        except Exception as exc:  # noqa: BLE001 - a bug one request triggers fails that request, not its batch
+            print(f"score worker: request failed in preparation: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return Failed(500, type(exc).__name__)  # the gate answers "the model server failed on this request (…)"
+
+    def _prepare(self, tag: bytes, body: bytes) -> dict | Failed:
+        """One request parsed, validated and tokenized, or why not (400 or 422, the message names the rule)."""
+        route = TAG_ROUTES.get(tag.decode("ascii", "replace"))
+        if route is None:
+            return Failed(400, "unknown route tag")
+        try:
+            job = parse_job(route, body, self.limits)
+        except RequestError as exc:
+            return Failed(exc.status, exc.message)
+        owners = None
+        if job.windows > 1:
+            encs, owners = self.tokenizer.encode_windows(list(zip(job.queries, job.passages)), job.windows,
+                                                         self.window_stride)
+        else:
+            encs = self.tokenizer.encode_items(zip(job.queries, job.passages))
+        if not job.truncate:
+            over = [i for i, e in enumerate(encs) if e.truncated]
+            if over:
+                pair = (owners[over[0]] if owners else over[0]) + job.extra.get("offset", 0)
+                if owners:
+                    return Failed(422, f"pair {pair} needs more than {job.windows} windows of"
+                                       f" {self.tokenizer.max_length} tokens and truncate is false; send more windows"
+                                       " (up to RERANKER_MAX_WINDOWS), truncate: true or shorter text")
+                return Failed(422, f"pair {pair} is longer than the model's {self.tokenizer.max_length} tokens and"
+                                   " truncate is false; send truncate: true, windows, or shorter text")
+        job.queries = []
+        if not job.return_documents:
+            job.passages = []
+        return {"job": job, "encs": encs, "owners": owners}
+
     def serialize(self, data: Any) -> bytes:
+        if isinstance(data, Failed):
+            return data.encode()
         return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
