@@ -35,7 +35,7 @@ GONE_STATUSES = {"zombie", "dead"}
 @dataclass(frozen=True)
 class WorkerView:
     pid: int
-    stage: str  # "score" or "validate"
+    stage: str  # "score" (the one MOSEC stage)
     status: str  # psutil's: running, sleeping, stopped, zombie, ...
     ready: bool = True
     busy_since: Optional[float] = None  # monotonic

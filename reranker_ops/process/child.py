@@ -81,7 +81,7 @@ class Generation:
         self.ready_at: Optional[float] = None
         self.booted = False  # every expected worker has reported ready
         self.expected_exit = False  # we asked it to end (a remediation or a stop)
-        self.secret = b""  # what the gate prefixes to every request; the validate stage checks it
+        self.secret = b""  # what the gate prefixes to every request; the score worker checks it
         self.variant_dir: Optional[Path] = None
         self.model_name = ""
         self.log = log

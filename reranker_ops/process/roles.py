@@ -1,7 +1,7 @@
 """Which process is what, and which address to call: answered once, here.
 
 Roles: ``supervisor`` (holds the lock), ``mosec`` (MOSEC's main process, the supervisor's child),
-``controller`` (MOSEC's Rust binary), ``validate`` and ``score`` (workers, known by their heartbeat),
+``controller`` (MOSEC's Rust binary), ``score`` (workers, known by their heartbeat),
 ``helper`` (anything else in the tree, e.g. multiprocessing's resource tracker).
 """
 
