@@ -4,6 +4,7 @@ that can keep connections, close them while idle, answer in chunks, stall, or cu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -76,43 +77,42 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 20))
 
 
+@contextlib.asynccontextmanager
+async def peer_and_client():
+    peer = await Peer().start()
+    client = UpstreamClient()
+    try:
+        yield peer, client
+    finally:
+        await client.close()
+        await peer.stop()
+
+
 def test_connections_are_kept_alive_and_reused():
     async def main():
-        peer = await Peer().start()
-        client = UpstreamClient()
-        try:
+        async with peer_and_client() as (peer, client):
             for i in range(5):
                 assert await client.post(peer.port, "/score", b"x%d" % i, 5) == (200, b"echo:x%d" % i)
             big = bytes(200_000)  # past the size sent in one write with the head
             assert await client.post(peer.port, "/score", bytearray(big), 5) == (200, b"echo:" + big)
             assert peer.connections == 1
-        finally:
-            await client.close()
-            await peer.stop()
     run(main())
 
 
 def test_an_idle_connection_the_peer_closed_is_replaced_without_an_error():
     async def main():
-        peer = await Peer().start()
-        client = UpstreamClient()
-        try:
+        async with peer_and_client() as (peer, client):
             assert (await client.post(peer.port, "/score", b"a", 5))[0] == 200
             peer.drop_idle()
             await asyncio.sleep(0)  # no wait for the close to arrive: the stale connection may still look open
             assert await client.post(peer.port, "/score", b"b", 5) == (200, b"echo:b")
             assert peer.connections == 2
-        finally:
-            await client.close()
-            await peer.stop()
     run(main())
 
 
 def test_chunked_answers_and_connection_close_are_understood():
     async def main():
-        peer = await Peer().start()
-        client = UpstreamClient()
-        try:
+        async with peer_and_client() as (peer, client):
             peer.mode = "chunked"
             assert await client.post(peer.port, "/score", b"hello", 5) == (422, b"echo:hello")
             peer.mode = "close"
@@ -120,17 +120,12 @@ def test_chunked_answers_and_connection_close_are_understood():
             peer.mode = "length"
             assert await client.post(peer.port, "/score", b"d", 5) == (200, b"echo:d")
             assert peer.connections == 2  # the one the peer closed was not reused
-        finally:
-            await client.close()
-            await peer.stop()
     run(main())
 
 
 def test_failures_are_upstream_errors_or_deadlines_and_never_reused():
     async def main():
-        peer = await Peer().start()
-        client = UpstreamClient()
-        try:
+        async with peer_and_client() as (peer, client):
             peer.mode = "cut"  # a fresh connection cut mid-answer: an error, not tried again
             with pytest.raises(UpstreamError):
                 await client.post(peer.port, "/score", b"x", 5)
@@ -145,9 +140,6 @@ def test_failures_are_upstream_errors_or_deadlines_and_never_reused():
             assert await client.post(peer.port, "/score", b"z", 5) == (200, b"echo:z")
             assert peer.connections == 3  # neither the cut nor the stalled connection was used again
             port = peer.port
-        finally:
-            await client.close()
-            await peer.stop()
         with pytest.raises(UpstreamError):  # closed client
             await client.post(port, "/score", b"z", 5)
         with pytest.raises(UpstreamError, match="cannot connect"):  # nothing listens any more
