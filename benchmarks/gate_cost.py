@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/gate_cost.py [--requests 400] [--repeats 3]
 
 Both paths score the same tiny request with the same server; the direct one carries this instance's gate
-secret (read from the run dir, as only the owner can), so it passes the validate stage's check. Prints the
+secret (read from the run dir, as only the owner can), so the score worker takes it. Prints the
 median of each repeat's median and the spread; target: the gate adds <= 1.5 ms at the median.
 
 Latency differences of a millisecond drown in this machine's noise, so it also prints the supervisor's CPU
@@ -43,6 +43,7 @@ def main() -> int:
     args = ap.parse_args()
     from chaos import build_model
     from conftest import DOCS, QUERY, ServerHandle
+    from reranker_ops.serving.schema import part_head
 
     model = build_model(Path(tempfile.gettempdir()) / "rerankctl-chaos-model")
     server = ServerHandle(model, Path(tempfile.mkdtemp(prefix="gate-cost-")))
@@ -53,7 +54,7 @@ def main() -> int:
         cfg = json.loads((server.run_dir / f"mosec-config-{gen}.json").read_text())
         body = json.dumps({"query": QUERY, "documents": DOCS}).encode()
         direct_url = f"http://127.0.0.1:{state['mosec']['port']}/score"
-        direct_body = cfg["gate_secret"].encode() + b" 0\n" + body
+        direct_body = part_head(cfg["gate_secret"].encode(), "0", len(body)) + body  # an envelope of one
         gate_url = server.base + "/rerank"
         gate_med, direct_med = [], []
         cpu = {"gate": [], "direct": []}

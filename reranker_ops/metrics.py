@@ -112,10 +112,9 @@ class Metrics:
             out += ["# HELP reranker_dropped_pairs_total Pairs of split requests never scored because nobody waited for them.",
                     "# TYPE reranker_dropped_pairs_total counter", f"reranker_dropped_pairs_total {self.dropped_pairs}"]
             out += ["# HELP reranker_upstream_resent_total Work the gate sent to MOSEC again: its connection was refused"
-                    " or cut (connection), or its batch was refused for another request in it that came around the gate"
-                    " (refused_batch).",
+                    " or cut (connection), as while MOSEC is restarted.",
                     "# TYPE reranker_upstream_resent_total counter"]
-            for reason in ("connection", "refused_batch"):
+            for reason in ("connection",):
                 out.append(f"reranker_upstream_resent_total{_labels([('reason', reason)])} {self.resent[reason]}")
             out += ["# HELP reranker_requests_in_flight Requests being answered now.",
                     "# TYPE reranker_requests_in_flight gauge", f"reranker_requests_in_flight {self.in_flight}"]

@@ -402,21 +402,22 @@ def test_a_unit_dropped_at_its_deadline_is_a_504_not_a_503():
     async def main() -> tuple[int, dict]:
         gate = Gate(Settings(request_timeout_s=0.2), Metrics(), logging.getLogger("test"), upstream=lambda: None,
                     probe_token="t", index=dict)
-        gate.scheduler = FairScheduler(budget=1)  # one unit out at a time: the second one queues
-        request = Request()
         deadline_at = time.monotonic() + 0.2
+        request = Request()
+        sent = []
 
-        async def busy_past_the_deadline():
+        async def send(group):
+            sent.append(len(group))
+            if len(sent) > 1:
+                raise AssertionError("a unit past its deadline was sent")
             await asyncio.sleep(0)
             while time.monotonic() < deadline_at + 0.05:  # the loop is busy (parsing a large body, say)
                 pass
-            return 200, b"[]", "m"
+            return [(200, b"[]", "m")] * len(group)
 
-        async def never_sent():
-            raise AssertionError("a unit past its deadline was sent")
-
-        units = [Unit(cost=1, lane="chunk", owner=1, send=send, alive=lambda: gate._alive(request, deadline_at))
-                 for send in (busy_past_the_deadline, never_sent)]
+        gate.scheduler = FairScheduler(budget=1, send=send)  # one unit out at a time: the second one queues
+        units = [Unit(cost=1, lane="chunk", owner=1, payload=None, alive=lambda: gate._alive(request, deadline_at))
+                 for _ in range(2)]
         answer = await gate._wait_units(request, units, deadline_at)
         return answer.status, json.loads(answer.text)
 

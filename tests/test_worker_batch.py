@@ -1,6 +1,6 @@
-"""The score worker's batch, run by the real worker class on the tiny model (no MOSEC process: the batch is
-what MOSEC would hand it). MOSEC answers a batch with one status, so a request that fails its checks must be
-answered in the body and never cost the others of its batch their answers."""
+"""The score worker's envelope, run by the real worker class on the tiny model (no MOSEC process: the envelope
+is what the gate sends and MOSEC hands it). MOSEC answers a request with one status, so a request of an
+envelope that fails its checks must be answered in its part and never cost the others their answers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,16 @@ import pytest
 from mosec import ClientError
 
 from conftest import DOCS, QUERY
-from reranker_ops.serving.schema import REFUSED, ROUTE_TAGS, Failed
+from reranker_ops.serving.schema import (
+    REFUSED,
+    ROUTE_TAGS,
+    EnvelopeError,
+    Failed,
+    pack_answers,
+    part_head,
+    split_answers,
+    split_envelope,
+)
 from reranker_ops.serving.workers import CONFIG_ENV, Score
 
 pytestmark = pytest.mark.timeout(120)
@@ -34,21 +43,25 @@ def worker(tiny_fp32, tmp_path, monkeypatch) -> Score:
 
 
 def sent(route: str, body: bytes | dict, secret: str = SECRET) -> bytes:
+    """One part of an envelope, framed as the gate frames it."""
     raw = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode()
-    return f"{secret} {ROUTE_TAGS.get(route, route)}\n".encode() + raw
+    return part_head(secret.encode(), ROUTE_TAGS.get(route, route), len(raw)) + raw
 
 
-def test_a_request_that_fails_its_checks_fails_alone_in_its_batch(worker, reference_scorer):
+def answers_of(worker: Score, parts: list[bytes]) -> list[bytes]:
+    return split_answers(worker.serialize(worker.forward(b"".join(parts))), len(parts))
+
+
+def test_a_request_that_fails_its_checks_fails_alone_in_its_envelope(worker, reference_scorer):
     good = {"query": QUERY, "documents": DOCS}
-    batch = [
+    parts = [
         sent("/rerank", good),
         sent("/rerank", b'{"query": "q", "docu'),  # undecodable: 400
         sent("/rerank", {"query": QUERY, "documents": ["слово " * 3000], "truncate": False}),  # too long: 422
         sent("9", good),  # a route tag nobody sends: 400
         sent("/v1/rerank", {"query": QUERY, "documents": DOCS[:2], "top_n": 1}),
     ]
-    answers = [worker.serialize(x) for x in worker.forward(batch)]
-    assert len(answers) == len(batch)
+    answers = answers_of(worker, parts)
     failures = [Failed.decode(a) for a in answers]
     assert failures[0] is None and failures[4] is None
     assert failures[1].status == 400
@@ -56,21 +69,36 @@ def test_a_request_that_fails_its_checks_fails_alone_in_its_batch(worker, refere
     assert failures[3] == Failed(400, "unknown route tag")
     scores = json.loads(answers[0])["scores"]
     np.testing.assert_allclose(scores, reference_scorer(QUERY, DOCS), atol=1e-4)
-    # the same request alone gets the same answer as in the batch with the failures
-    alone = json.loads(worker.serialize(worker.forward(batch[0])))  # MOSEC passes a bare item at batch size 1
+    # the same request alone gets the same answer as in the envelope with the failures
+    alone = json.loads(answers_of(worker, parts[:1])[0])
     np.testing.assert_allclose(alone["scores"], scores, atol=1e-6)
     assert len(json.loads(answers[4])["results"]) == 1
     d = worker.hb.data
     assert d["requests"] == 6 and d["errors"] == 3 and d["batches"] == 2
 
 
-def test_a_request_without_the_gates_secret_fails_its_whole_batch_before_any_work(worker):
+def test_an_envelope_with_a_part_not_from_the_gate_is_refused_whole_before_any_work(worker):
     good = sent("/rerank", {"query": QUERY, "documents": DOCS})
-    for stranger in (b"0\n" + good.partition(b"\n")[2], sent("/rerank", {"query": "q", "documents": ["d"]}, "f" * 32)):
+    body = json.dumps({"query": "q", "documents": ["d"]}).encode()
+    for stranger in (b"0\n" + body, body, sent("/rerank", body, "f" * 32), good[:-3]):
         with pytest.raises(ClientError, match=REFUSED):
-            worker.forward([good, stranger])
+            worker.forward(good + stranger)
     assert worker.hb.data["pairs"] == 0  # nothing was scored
-    assert Failed.decode(worker.serialize(worker.forward([good])[0])) is None
+    assert Failed.decode(answers_of(worker, [good])[0]) is None
+
+
+def test_envelope_framing_round_trips_and_refuses_what_it_cannot_frame():
+    parts = [sent("/rerank", b'{"a": 1}'), sent("chunk", "б".encode() * 5), sent("/inference", b"")]
+    assert split_envelope(b"".join(parts)) == [
+        (SECRET.encode(), b"0", b'{"a": 1}'), (SECRET.encode(), b"C", "б".encode() * 5), (SECRET.encode(), b"3", b"")]
+    for bad in (b"", parts[0][:-1], parts[0] + b"x", b"x" * 60):
+        with pytest.raises(EnvelopeError):
+            split_envelope(bad)
+    answers = [b'{"scores":[0.5]}', Failed(422, "too long").encode(), b""]
+    assert split_answers(pack_answers(answers), 3) == answers
+    for bad, n in ((pack_answers(answers), 2), (pack_answers(answers), 4), (pack_answers(answers)[:-2] + b"9\n", 3)):
+        with pytest.raises(EnvelopeError):
+            split_answers(bad, n)
 
 
 def test_failed_round_trips_and_json_is_not_a_failure():

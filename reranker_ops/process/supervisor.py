@@ -52,6 +52,7 @@ from ..serving.manifest import read_variant_manifest
 from ..serving.frontdoor import FrontDoor
 from ..serving.gate import Gate, Upstream
 from ..serving.heartbeat import forget_worker, read_worker_dir
+from ..serving.schema import ROUTE_TAGS, Failed, part_head, split_answers
 from . import roles
 from .child import Generation, child_environment
 from .runstate import (
@@ -200,6 +201,7 @@ class Supervisor:
         self._pending: dict[int, PendingKill] = {}
         self._short_since: dict[str, float] = {}
         self._views: list[WorkerView] = []
+        self._worker_pids: set[int] = set()  # the score workers seen at the last tick
         self._beats: dict[int, dict] = {}  # the heartbeats _views were built from (read once a tick)
         self._signals: deque[int] = deque()
         self._wake: Optional[asyncio.Event] = None
@@ -289,6 +291,12 @@ class Supervisor:
             "# HELP reranker_in_flight_per_worker Requests in flight per live score worker (a scaling signal).",
             "# TYPE reranker_in_flight_per_worker gauge",
             f"reranker_in_flight_per_worker {self.gate.in_flight / max(1, self.capacity()['score']['live']):.3f}",
+            "# HELP reranker_batches_total Envelopes the live score workers scored (one scoring call each).",
+            "# TYPE reranker_batches_total counter",
+            f"reranker_batches_total {sum(int(b.get('batches', 0)) for b in self._beats.values())}",
+            "# HELP reranker_batched_requests_total Requests in those envelopes (over batches: the average batch).",
+            "# TYPE reranker_batched_requests_total counter",
+            f"reranker_batched_requests_total {sum(int(b.get('requests', 0)) for b in self._beats.values())}",
         ]
         return "\n".join(lines) + "\n"
 
@@ -481,7 +489,6 @@ class Supervisor:
             "worker_dir": str(s.worker_dir),
             "generation": number,
             "workers": s.workers,
-            "max_batch_requests": s.max_batch_requests,
             "gate_secret": secret.decode("ascii"),
             "mosec": {
                 "address": "127.0.0.1",
@@ -491,7 +498,6 @@ class Supervisor:
                 "timeout_ms": int((s.request_timeout_s + 10) * 1000),
                 "capacity": s.queue_capacity,
                 "path": str(s.mosec_dir / f"g{number}"),
-                "wait_ms": s.batch_wait_ms,
                 # The gate enforces the user's limit; MOSEC gets room for the secret and the route tag.
                 "max_request_size": s.max_body_bytes + 128,
                 "log_level": "debug" if s.debug else "info",
@@ -688,7 +694,8 @@ class Supervisor:
     async def _boot_and_probe(self, gen: Generation) -> tuple[bool, str]:
         """Wait until every worker of ``gen`` is ready and it answers the canary correctly, directly."""
         loop = asyncio.get_running_loop()
-        body = gen.secret + b" 0\n" + json.dumps(CANARY, ensure_ascii=False).encode("utf-8")
+        canary = json.dumps(CANARY, ensure_ascii=False).encode("utf-8")
+        body = part_head(gen.secret, ROUTE_TAGS["/rerank"], len(canary)) + canary  # an envelope of one
         url = f"http://127.0.0.1:{gen.port}/score"
         last = "no answer yet"
         while time.monotonic() < gen.deadline:
@@ -709,17 +716,22 @@ class Supervisor:
                     async with self.gate.session.post(
                         url, data=body, timeout=aiohttp.ClientTimeout(total=self.settings.probe_timeout_s)
                     ) as resp:
-                        raw = await resp.read()
+                        status, raw = resp.status, await resp.read()
                         try:
+                            if status == 200:
+                                raw = split_answers(raw, 1)[0]
+                                failed = Failed.decode(raw)
+                                if failed is not None:
+                                    status, raw = failed.status, failed.message.encode("utf-8")
                             answer: object = json.loads(raw)
-                        except ValueError:
+                        except ValueError:  # EnvelopeError is one
                             answer = raw.decode("utf-8", "replace")
-                        error = judge(resp.status, answer)
+                        error = judge(status, answer)
                     if error is None:
                         gen.ready_at = time.monotonic()
                         return True, ""
                     last = error
-                    if resp.status not in (408, 429, 503, 504):
+                    if status not in (408, 429, 503, 504):
                         return False, f"wrong answer to the canary: {error}"
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     last = f"{type(exc).__name__}: {exc}"
@@ -842,6 +854,12 @@ class Supervisor:
         self._beats, views = await asyncio.get_running_loop().run_in_executor(None, self._observe)
         self._views = views
         alive = {v.pid: v for v in views}
+        # A worker that died took the envelope it held with it (MOSEC does not resend it): the gate stops
+        # counting the envelopes out as busy workers, or a lost one would hold a slot until its deadline.
+        pids = {v.pid for v in views if v.status not in GONE_STATUSES}
+        if self._worker_pids - pids:
+            self.gate.scheduler.forgive()
+        self._worker_pids = pids
         # each kill is verified: the process must be gone (or a zombie MOSEC will reap) in time
         for pid, pk in list(self._pending.items()):
             v = alive.get(pid)

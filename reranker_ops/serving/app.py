@@ -69,8 +69,6 @@ def main(argv: list[str]) -> int:
         "--timeout", str(m["timeout_ms"]),
         "--capacity", str(m["capacity"]),
         "--path", m["path"],
-        # 0 is MOSEC's "take what is queued, never wait" (its per-stage 0 means "use --wait")
-        "--wait", str(m["wait_ms"]),
         "--max-request-size", str(m["max_request_size"]),
         "--namespace", "mosec_service",
         "--log-level", m["log_level"],
@@ -78,13 +76,9 @@ def main(argv: list[str]) -> int:
     _light_openapi_assets()
     server = Server()
     timeout_s = m["timeout_ms"] / 1000.0
-    score = Runtime(
-        Score,
-        num=cfg["workers"],
-        max_batch_size=cfg["max_batch_requests"],
-        max_wait_time=m["wait_ms"],
-        timeout=timeout_s,
-    )
+    # One envelope at a time per worker: the gate batches (see schema's envelope). MOSEC's batcher would add a
+    # timer tick to every request and split the gate's envelopes into separate calls again.
+    score = Runtime(Score, num=cfg["workers"], max_batch_size=1, timeout=timeout_s)
     server.register_runtime({"/score": [score]})
     server.run()
     return 0

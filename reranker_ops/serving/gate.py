@@ -12,10 +12,12 @@ text without naming the limit that was hit. The gate closes those gaps and owns 
 - ``Content-Encoding`` other than identity is refused (``415``): nothing is ever inflated;
 - every request that reaches MOSEC carries this instance's secret, which the score worker checks, so a
   request sent straight to MOSEC's internal port is refused;
+- batching: the requests that wait for a free worker go to MOSEC together, as one envelope
+  (``scheduler.py``, ``schema``'s envelope), and each gets its own answer and status back;
 - JSON errors for every status (404 and 405 included), per-route metrics, and draining on stop.
 
 The gate parses no JSON of a small request: the score worker validates it, and a request that fails its
-checks comes back as ``Failed`` inside its batch's answer (``schema.Failed``), answered with its own status.
+checks comes back as ``Failed`` in its part of the envelope's answer, answered with its own status.
 """
 
 from __future__ import annotations
@@ -35,10 +37,22 @@ from ..config import Settings
 from ..metrics import Metrics
 from .frontdoor import FrontDoor
 from .scheduler import Dropped, FairScheduler, Unit
-from .schema import CHUNK, REFUSED, ROUTE_TAGS, ROUTES, Failed, Job, Limits, RequestError, build_response, parse_job
+from .schema import (
+    CHUNK,
+    PART_HEAD_LEN,
+    ROUTE_TAGS,
+    ROUTES,
+    EnvelopeError,
+    Failed,
+    Job,
+    Limits,
+    RequestError,
+    build_response,
+    parse_job,
+    part_head,
+    split_answers,
+)
 from .upstream import UpstreamClient, UpstreamError
-
-SECRET_LEN = 32  # hex characters of a generation's secret: the body's prefix has a fixed length
 
 JSON = "application/json"
 PROBE_HEADER = "X-Reranker-Probe"
@@ -64,6 +78,10 @@ def error_response(status: int, message: str, headers: Optional[dict] = None) ->
     body = json.dumps({"error": ERROR_KINDS.get(status, "error"), "message": message, "status": status},
                       ensure_ascii=False)
     return web.Response(status=status, text=body, content_type=JSON, headers=headers)
+
+
+def unavailable() -> web.Response:
+    return error_response(503, "the model server is unavailable; retry shortly", {"Retry-After": "2"})
 
 
 def unauthorized() -> web.Response:
@@ -117,7 +135,9 @@ class Gate:
         self.buffered = 0  # body bytes reserved by admitted requests
         self.upstream_in_flight: dict[int, int] = {}  # requests sent to each MOSEC generation, not answered
         self.max_in_flight = settings.effective_max_in_flight()
-        self.scheduler = FairScheduler(settings.effective_schedule_budget(), on_drop=self._dropped)
+        self.scheduler = FairScheduler(settings.effective_schedule_budget(), self._send_group, slots=settings.workers,
+                                       max_group=settings.max_batch_requests, linger_s=settings.batch_wait_ms / 1000,
+                                       on_drop=self._dropped)
         self.limits = Limits(max_documents=settings.max_documents, max_document_chars=settings.max_document_chars,
                              windows=settings.windows, max_windows=settings.max_windows)
         self.idle = asyncio.Event()
@@ -322,19 +342,22 @@ class Gate:
                 return None
             await asyncio.sleep(RESTART_POLL_S)
 
-    async def _post(self, buf: bytearray | bytes, tag: str, deadline_at: float) -> tuple[int, bytes, str]:
-        """POST one unit to the current generation, decided at each try (a reload or a restart may have
-        replaced it). A refused or broken connection is tried again, a few times within the deadline:
-        a generation that just died is replaced by the supervisor, and scoring is idempotent. So is a batch
-        refused for a request in it that came around the gate (``RefusedBatch``)."""
+    async def _send_group(self, units: list[Unit]) -> list[tuple[int, bytes, str]]:
+        return await self._post([u.payload for u in units], max(u.deadline_at for u in units))
+
+    async def _post(self, parts: list[tuple[bytearray, str]], deadline_at: float) -> list[tuple[int, bytes, str]]:
+        """POST one envelope (each part: its body behind a part head's room, and its route) to the current
+        generation, decided at each try (a reload or a restart may have replaced it); each part's status,
+        answer and model, in order. A refused or broken connection is tried again, a few times within the
+        deadline: a generation that just died is replaced by the supervisor, and scoring is idempotent."""
         tries = 0
         while True:
             up = await self._upstream_by(deadline_at)
             if up is None or self.client is None:
                 raise UpstreamError("no MOSEC generation")
             try:
-                return await self._post_to(up, buf, tag, deadline_at)
-            except UpstreamError as exc:
+                return await self._post_to(up, parts, deadline_at)
+            except UpstreamError:
                 # refused or cut: MOSEC is being restarted (or a new generation is still binding its port).
                 # Try again until the deadline: a restart takes seconds, the deadline is what the client
                 # agreed to wait, and a balancer already sees /ready fail.
@@ -342,17 +365,14 @@ class Gate:
                 pause = min(RETRY_PAUSE_S * tries, RETRY_PAUSE_MAX_S)
                 if self.draining or time.monotonic() + pause >= deadline_at:
                     raise
-                self.metrics.count_resend("refused_batch" if isinstance(exc, RefusedBatch) else "connection")
+                self.metrics.count_resend("connection")
                 await asyncio.sleep(pause)
 
-    async def _post_to(self, up: Upstream, buf: bytearray | bytes, tag: str, deadline_at: float
-                       ) -> tuple[int, bytes, str]:
-        prefix = up.secret + b" " + ROUTE_TAGS[tag].encode() + b"\n"
-        if isinstance(buf, bytearray) and len(prefix) == _PREFIX_LEN:
-            buf[:_PREFIX_LEN] = prefix  # the body was read behind a placeholder of this length: no copy
-            payload: bytes | bytearray = buf
-        else:
-            payload = prefix + bytes(buf[_PREFIX_LEN:] if isinstance(buf, bytearray) else buf)
+    async def _post_to(self, up: Upstream, parts: list[tuple[bytearray, str]], deadline_at: float
+                       ) -> list[tuple[int, bytes, str]]:
+        for buf, tag in parts:  # each body was read behind room for its head: no copy of a lone request
+            buf[:PART_HEAD_LEN] = part_head(up.secret, ROUTE_TAGS[tag], len(buf) - PART_HEAD_LEN)
+        payload = parts[0][0] if len(parts) == 1 else b"".join(buf for buf, _tag in parts)
         self.upstream_in_flight[up.generation] = self.upstream_in_flight.get(up.generation, 0) + 1
         try:
             # MOSEC's own timeout is above ours: only the gate's deadline fails a request, and it fails alone
@@ -364,18 +384,22 @@ class Gate:
                 self.upstream_in_flight[up.generation] = left
             else:
                 self.upstream_in_flight.pop(up.generation, None)
-        if status == 200:
-            failed = Failed.decode(data)  # this request failed its checks; the others of its batch did not
-            if failed is not None:
-                return failed.status, failed.message.encode("utf-8"), up.model_name
-        elif status == 400 and data.endswith(_REFUSED):
-            # its batch held a request sent around the gate (with no secret), refused whole before any work
-            raise RefusedBatch("a request of this batch came around the gate")
-        return status, data, up.model_name
+        if status != 200:
+            return [(status, data, up.model_name)] * len(parts)  # MOSEC's own error: the whole envelope's
+        try:
+            answers = split_answers(data, len(parts))
+        except EnvelopeError as exc:
+            self.log.error("an envelope's answer could not be read: %s", exc)
+            return [(502, b"unreadable answer from the score worker", up.model_name)] * len(parts)
+        out = []
+        for answer in answers:
+            failed = Failed.decode(answer)  # this request failed its checks; the others did not
+            out.append((200, answer, up.model_name) if failed is None
+                       else (failed.status, failed.message.encode("utf-8"), up.model_name))
+        return out
 
     async def _wait_units(self, request: web.Request, units: list[Unit], deadline_at: float) -> list | web.Response:
         futures = [self.scheduler.submit(u) for u in units]
-        deadline = self.settings.request_timeout_s
         try:
             results = await asyncio.wait_for(asyncio.gather(*(asyncio.shield(f) for f in futures)),
                                              timeout=max(0.001, deadline_at - time.monotonic()))
@@ -385,10 +409,10 @@ class Gate:
             # loop busy past the deadline, that drop can land before wait_for's own timer: still a 504.
             if isinstance(failure, Dropped) and time.monotonic() < deadline_at:
                 return error_response(499, "the client went away before scoring")  # nobody reads this
-            return error_response(504, f"no answer within the deadline of {deadline:g}s (RERANKER_REQUEST_TIMEOUT_S)")
+            return self._past_deadline()
         except UpstreamError:
             request["dead"] = True
-            return error_response(503, "the model server is unavailable; retry shortly", {"Retry-After": "2"})
+            return unavailable()
         finally:
             done = time.monotonic()
             for u in units:
@@ -396,34 +420,40 @@ class Gate:
                     self.metrics.observe_schedule(u.lane, u.dispatched - u.enqueued, done - u.dispatched)
         return results
 
+    def _past_deadline(self) -> web.Response:
+        return error_response(504, f"no answer within the deadline of {self.settings.request_timeout_s:g}s"
+                                   " (RERANKER_REQUEST_TIMEOUT_S)")
+
     async def _answer(self, request: web.Request, route: str) -> web.StreamResponse:
         t_start = time.monotonic()
         deadline_at = t_start + self.settings.request_timeout_s
         if self.client is None:
             return error_response(503, "the model server is starting; retry shortly", {"Retry-After": "2"})
-        body = await self._read_body(request, b"\0" * _PREFIX_LEN)
+        body = await self._read_body(request, b"\0" * PART_HEAD_LEN)
         if isinstance(body, web.Response):
             return body
-        size = len(body) - _PREFIX_LEN
-        if size <= 64 and not bytes(body[_PREFIX_LEN:]).strip():
+        size = len(body) - PART_HEAD_LEN
+        if size <= 64 and not bytes(body[PART_HEAD_LEN:]).strip():
             return error_response(400, "empty body: send a JSON request")
         split = self.settings.split_bytes
         if split and size > split:
-            return await self._answer_split(request, route, bytes(body[_PREFIX_LEN:]), deadline_at)
-        if self.scheduler.enter_now(size):  # nothing waits: send it now, without a unit or a task
+            return await self._answer_split(request, route, bytes(body[PART_HEAD_LEN:]), deadline_at)
+        ticket = self.scheduler.enter_now(size)
+        if ticket is not None:  # a worker is free and nothing waits: send it now, without a unit or a task
             t_sent = time.monotonic()
+            answered = False
             try:
-                status, data, _model = await self._post(body, route, deadline_at)
+                (status, data, _model), = await self._post([(body, route)], deadline_at)
+                answered = True
             except asyncio.TimeoutError:
-                return error_response(504, f"no answer within the deadline of {self.settings.request_timeout_s:g}s"
-                                           " (RERANKER_REQUEST_TIMEOUT_S)")
+                return self._past_deadline()
             except UpstreamError:
-                return error_response(503, "the model server is unavailable; retry shortly", {"Retry-After": "2"})
+                return unavailable()
             finally:
-                self.scheduler.leave(size)
+                self.scheduler.leave(ticket, answered)
                 self.metrics.observe_schedule("small", 0.0, time.monotonic() - t_sent)
         else:
-            unit = Unit(cost=size, lane="small", owner=id(request), send=lambda: self._post(body, route, deadline_at),
+            unit = Unit(cost=size, lane="small", owner=id(request), payload=(body, route), deadline_at=deadline_at,
                         alive=lambda: self._alive(request, deadline_at))
             results = await self._wait_units(request, [unit], deadline_at)
             if isinstance(results, web.Response):
@@ -447,7 +477,7 @@ class Gate:
                                 "truncate": job.truncate, "windows": job.windows, "offset": start},
                                ensure_ascii=False).encode("utf-8")
             units.append(Unit(cost=len(chunk), lane="chunk", owner=id(request), pairs=end - start,
-                              send=lambda c=chunk: self._post(c, CHUNK, deadline_at),
+                              payload=(bytearray(PART_HEAD_LEN) + chunk, CHUNK), deadline_at=deadline_at,
                               alive=lambda: self._alive(request, deadline_at)))
         results = await self._wait_units(request, units, deadline_at)
         if isinstance(results, web.Response):
@@ -482,14 +512,6 @@ class Gate:
         elif status >= 500:
             text = f"the model server failed on this request ({text})"
         return error_response(status, text, headers)
-
-
-_PREFIX_LEN = SECRET_LEN + 3  # "<secret> <tag>\n"
-_REFUSED = REFUSED.encode()
-
-
-class RefusedBatch(UpstreamError):
-    """MOSEC refused a batch of ours because another request in it did not come through the gate: sent again."""
 
 
 def plan_chunks(job: Job, chunk_chars: int, max_pairs: int = 64) -> list[tuple[int, int]]:

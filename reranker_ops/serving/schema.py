@@ -27,11 +27,64 @@ class RequestError(Exception):
         self.message = message
 
 
-# Between the gate and the score worker. MOSEC answers a whole batch with one status, so a request that fails
-# its checks inside a batch is answered 200 with ``!<status> <message>`` in its body (a JSON answer starts with
-# ``{``), and the gate answers the client with that status. A request sent around the gate fails its batch
-# with 400 and this message; the gate sends again its own requests refused with it.
+# --- between the gate and the score worker ---------------------------------------------------------------
+# The gate batches, not MOSEC: the requests that wait for a free worker go to MOSEC as ONE request, an
+# envelope, and MOSEC hands each worker one envelope at a time (its own batcher is off: it would close a
+# batch one timer tick after its first request, ~2 ms at c=1, and split what the gate gathered).
+# An envelope is parts back to back, each ``<secret> <tag> <length:010d>\n<body>``: the secret is the
+# generation's (only the gate knows it, so a request sent straight to MOSEC's port is refused whole), the tag
+# names the route. The worker answers each part in order, ``<length>\n<data>``, where data is the route's
+# JSON answer or, for a request that failed its checks, ``!<status> <message>`` (``Failed``): one bad request
+# never fails the others of its envelope.
+SECRET_LEN = 32  # hex characters of a generation's secret
+PART_HEAD_LEN = SECRET_LEN + 1 + 1 + 1 + 10 + 1  # "<secret> <tag> <length:010d>\n": a fixed length
 REFUSED = "requests must go through the API port"
+
+
+class EnvelopeError(ValueError):
+    """An envelope (or an answer to one) that is not framed as the gate and the worker frame them."""
+
+
+def part_head(secret: bytes, tag: str, length: int) -> bytes:
+    return b"%s %s %010d\n" % (secret, tag.encode("ascii"), length)
+
+
+def split_envelope(data: bytes) -> list[tuple[bytes, bytes, bytes]]:
+    """(secret, tag, body) of each part of an envelope."""
+    parts, pos, end = [], 0, len(data)
+    while pos < end:
+        head = data[pos : pos + PART_HEAD_LEN]
+        fields = head[:-1].split(b" ")
+        if len(head) != PART_HEAD_LEN or head[-1:] != b"\n" or len(fields) != 3 or not fields[2].isdigit():
+            raise EnvelopeError("not an envelope part's head")
+        start = pos + PART_HEAD_LEN
+        pos = start + int(fields[2])
+        if pos > end:
+            raise EnvelopeError("a part longer than the envelope")
+        parts.append((fields[0], fields[1], data[start:pos]))
+    if not parts:
+        raise EnvelopeError("an empty envelope")
+    return parts
+
+
+def pack_answers(answers: Sequence[bytes]) -> bytes:
+    return b"".join(b"%d\n%s" % (len(a), a) for a in answers)
+
+
+def split_answers(data: bytes, count: int) -> list[bytes]:
+    """The ``count`` answers of an envelope's answer, in order."""
+    out, pos = [], 0
+    while pos < len(data) and len(out) < count:
+        nl = data.find(b"\n", pos, pos + 21)
+        if nl < 0 or not data[pos:nl].isdigit():
+            raise EnvelopeError("not an answer's length")
+        pos = nl + 1 + int(data[pos:nl])
+        if pos > len(data):
+            raise EnvelopeError("an answer longer than the envelope's answer")
+        out.append(data[nl + 1 : pos])
+    if len(out) != count or pos != len(data):
+        raise EnvelopeError(f"{len(out)} answers for {count} requests")
+    return out
 
 
 @dataclass(frozen=True)
@@ -40,6 +93,7 @@ class Failed:
 
     status: int
     message: str
+    detail: str = field(default="", compare=False)  # for the server's log only, never sent
 
     def encode(self) -> bytes:
         return b"!%d %s" % (self.status, self.message.encode("utf-8"))

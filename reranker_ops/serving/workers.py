@@ -1,11 +1,11 @@
 """The MOSEC worker. Imports mosec, numpy, tokenizers and openvino (through the engine): nothing heavier.
 
-One stage, ``Score``, batched across requests: each request of the batch is checked (the gate's secret),
-parsed, validated and tokenized, then every pair of the requests that passed is scored in length-sorted
-micro-batches. MOSEC has one status per batch, so a request that fails its checks is answered in the
-body (``!<status> <message>``, see ``encode_failure``) and the gate turns that into its status: one bad
-request never fails the others of its batch. Only a request without the gate's secret fails the whole
-batch (400), before any work: it was sent around the gate, and the gate sends its own again.
+One stage, ``Score``, handed one envelope at a time: the requests the gate gathered while the worker was busy
+(``schema.split_envelope``). Each request is checked (the gate's secret), parsed, validated and tokenized,
+then every pair of the requests that passed is scored in length-sorted micro-batches. A request that fails
+its checks is answered in its part of the answer (``schema.Failed``) and the gate answers it with its
+status: one bad request never fails the others. An envelope with a part that lacks the gate's secret is
+refused whole (400), before any work: it was sent around the gate.
 
 Each worker keeps a heartbeat (``heartbeat.py``): when it last made progress, whether it is inside a
 forward pass and since when, and counters. The supervisor's watchdog reads them
@@ -24,7 +24,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from mosec import ClientError, Worker
 
@@ -36,7 +35,18 @@ from .engine import (
     trim_heap,
 )
 from .heartbeat import Heartbeat
-from .schema import REFUSED, TAG_ROUTES, Failed, Limits, RequestError, build_response, parse_job
+from .schema import (
+    REFUSED,
+    TAG_ROUTES,
+    EnvelopeError,
+    Failed,
+    Limits,
+    RequestError,
+    build_response,
+    pack_answers,
+    parse_job,
+    split_envelope,
+)
 
 CONFIG_ENV = "RERANKER_WORKER_CONFIG"
 # How often, at most, the score worker hands memory it no longer uses back to the kernel (after a batch).
@@ -123,17 +133,17 @@ class Score(Worker):
         self.hb.write(progress_at=time.monotonic())
 
     def deserialize(self, data: bytes) -> bytes:
-        return data  # checked and parsed in forward, where a failure fails one request, not the batch
+        return data  # an envelope: opened in forward
 
-    def forward(self, data: list[bytes] | bytes) -> list | Any:
-        if isinstance(data, (bytes, bytearray)):  # MOSEC passes a bare item when max_batch_size is 1
-            return self._forward([data])[0]
-        return self._forward(data)
+    def forward(self, data: bytes) -> bytes:
+        """One envelope in (MOSEC's max_batch_size is 1: the gate batches), its parts' answers out."""
+        out = self._forward(self._gated(data))
+        return pack_answers([o.encode() if isinstance(o, Failed) else self._json(o) for o in out])
 
-    def _forward(self, data: list[bytes]) -> list:
+    def _forward(self, bodies: list[tuple[bytes, bytes]]) -> list:
+        """(route tag, body) of each request -> each one's answer (a dict) or why it failed (``Failed``)."""
         now = time.monotonic()
         self.hb.write(busy_since=now, progress_at=now)
-        bodies = self._gated(data)
         items = [self._prepare_alone(tag, body) for tag, body in bodies]
         good = [it for it in items if not isinstance(it, Failed)]
         encs = [e for it in good for e in it["encs"]]
@@ -143,7 +153,7 @@ class Score(Worker):
         for item in items:
             if isinstance(item, Failed):
                 # one line in the server's log, as MOSEC writes for a request its worker refuses
-                print(f"score worker: request refused ({item.status}): {item.message[:300]}", file=sys.stderr, flush=True)
+                print(f"score worker: request refused ({item.status}): {(item.detail or item.message)[:300]}", file=sys.stderr, flush=True)
                 out.append(item)
                 continue
             n = len(item["encs"])
@@ -156,35 +166,32 @@ class Score(Worker):
             start += n
         d = self.hb.data
         d["batches"] += 1
-        d["requests"] += len(data)
+        d["requests"] += len(bodies)
         d["errors"] += len(items) - len(good)
         d["pairs"] += len(encs)
         d["tokens"] += tokens_total
         self.hb.write(busy_since=None, progress_at=time.monotonic())
         return out
 
-    def _gated(self, data: list[bytes]) -> list[tuple[bytes, bytes]]:
-        """(route tag, body) of each request; the whole batch is refused if one was not sent by the gate."""
-        out = []
-        for raw in data:
-            head, _, body = raw.partition(b"\n")
-            secret, _, tag = head.rpartition(b" ")
+    def _gated(self, envelope: bytes) -> list[tuple[bytes, bytes]]:
+        """(route tag, body) of each part; the whole envelope is refused if one part was not sent by the gate."""
+        try:
+            parts = split_envelope(envelope)
+        except EnvelopeError:
+            parts = [(b"", b"", b"")]
+        for secret, _tag, _body in parts:
             # Only the gate knows this instance's secret: a request sent straight to MOSEC's port stops here.
-            # It fails its batch (MOSEC has one status per batch) before any work; the gate, which knows it
-            # sent the secret, sends its own requests of that batch again.
             if not hmac.compare_digest(secret, self._secret):
                 self.hb.data["errors"] += 1
-                self.hb.write(busy_since=None, progress_at=time.monotonic())
+                self.hb.write(progress_at=time.monotonic())
                 raise ClientError(REFUSED)
-            out.append((tag, body))
-        return out
+        return [(tag, body) for _secret, tag, body in parts]
 
     def _prepare_alone(self, tag: bytes, body: bytes) -> dict | Failed:
         try:
             return self._prepare(tag, body)
         except Exception as exc:  # noqa: BLE001 - a bug one request triggers fails that request, not its batch
-            print(f"score worker: request failed in preparation: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return Failed(500, type(exc).__name__)  # the gate answers "the model server failed on this request (…)"
+            return Failed(500, type(exc).__name__, detail=f"{type(exc).__name__}: {exc}")  # the gate answers "the model server failed on this request (…)"
 
     def _prepare(self, tag: bytes, body: bytes) -> dict | Failed:
         """One request parsed, validated and tokenized, or why not (400 or 422, the message names the rule)."""
@@ -216,7 +223,9 @@ class Score(Worker):
             job.passages = []
         return {"job": job, "encs": encs, "owners": owners}
 
-    def serialize(self, data: Any) -> bytes:
-        if isinstance(data, Failed):
-            return data.encode()
-        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    @staticmethod
+    def _json(answer: dict) -> bytes:
+        return json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+    def serialize(self, data: bytes) -> bytes:
+        return data  # packed in forward

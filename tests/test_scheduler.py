@@ -1,0 +1,208 @@
+"""The gate's scheduler forms the envelopes MOSEC's workers get: on a real event loop, with a send function
+that stands for the worker (it holds each envelope until the test lets it go)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from reranker_ops.serving.scheduler import Dropped, FairScheduler, Unit
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Worker:
+    """Records each envelope it is sent and answers it when released (or fails it)."""
+
+    def __init__(self) -> None:
+        self.groups: list[list[str]] = []
+        self.gates: list[asyncio.Future] = []
+
+    async def send(self, group: list[Unit]) -> list:
+        self.groups.append([u.payload for u in group])
+        gate = asyncio.get_running_loop().create_future()
+        self.gates.append(gate)
+        failure = await gate
+        if failure is not None:
+            raise failure
+        return [f"answer {u.payload}" for u in group]
+
+    def release(self, i: int, failure: Exception | None = None) -> None:
+        self.gates[i].set_result(failure)
+
+    async def sent(self, n: int) -> None:
+        for _ in range(1000):  # bounded: the loop runs the scheduler's tasks in between
+            if len(self.groups) >= n:
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError(f"{len(self.groups)} envelopes sent, expected {n}: {self.groups}")
+
+
+def unit(name: str, lane: str = "small", cost: int = 10, owner: int = 0, alive=lambda: True) -> Unit:
+    return Unit(cost=cost, lane=lane, owner=owner, payload=name, alive=alive)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def test_what_waits_for_a_busy_worker_goes_in_one_envelope():
+    async def main():
+        w = Worker()
+        s = FairScheduler(10_000, w.send, slots=1, max_group=4)
+        first = s.submit(unit("a"))
+        await w.sent(1)
+        rest = [s.submit(unit(n)) for n in "bcdef"]
+        assert len(w.groups) == 1  # the worker is busy: they wait
+        w.release(0)
+        assert await first == "answer a"
+        await w.sent(2)
+        assert w.groups == [["a"], ["b", "c", "d", "e"]]  # at most max_group, in order
+        w.release(1)
+        await w.sent(3)
+        assert w.groups[2] == ["f"]
+        w.release(2)
+        assert [await f for f in rest] == [f"answer {n}" for n in "bcdef"]
+        assert s.busy == 0 and s.outstanding == 0
+    run(main())
+
+
+def test_two_workers_get_an_envelope_each_and_lanes_never_share_one():
+    async def main():
+        w = Worker()
+        s = FairScheduler(10_000, w.send, slots=2)
+        s.submit(unit("a"))
+        s.submit(unit("b"))
+        await w.sent(2)
+        assert w.groups == [["a"], ["b"]]  # both workers busy
+        futures = [s.submit(unit("c1", lane="chunk", owner=1)), s.submit(unit("s1")), s.submit(unit("s2")),
+                   s.submit(unit("c2", lane="chunk", owner=2))]
+        w.release(0)
+        await w.sent(3)
+        assert w.groups[2] == ["s1", "s2"]  # small first, without the chunks
+        w.release(1)
+        await w.sent(4)
+        assert w.groups[3] == ["c1", "c2"]
+        w.release(2)
+        w.release(3)
+        await asyncio.gather(*futures)
+    run(main())
+
+
+def test_an_envelope_holds_at_most_its_workers_share_of_the_budget():
+    async def main():
+        w = Worker()
+        s = FairScheduler(300, w.send, slots=2)  # a share of 150
+        futures = [s.submit(unit(f"c{i}", lane="chunk", cost=100, owner=i)) for i in range(3)]
+        await w.sent(2)
+        assert w.groups == [["c0"], ["c1"]]  # one 100-cost chunk an envelope; the third waits for the budget
+        w.release(0)
+        await w.sent(3)
+        assert w.groups[2] == ["c2"]
+        w.release(1)
+        w.release(2)
+        await asyncio.gather(*futures)
+    run(main())
+
+
+def test_the_clients_just_answered_are_waited_for_within_the_linger():
+    async def main():
+        w = Worker()
+        s = FairScheduler(10_000, w.send, slots=1, linger_s=0.2)
+        futures = [s.submit(unit(n)) for n in "abc"]
+        await w.sent(1)
+        assert w.groups == [["a"]]
+        w.release(0)
+        await w.sent(2)
+        assert w.groups[1] == ["b", "c"]
+        w.release(1)
+        await asyncio.gather(*futures)
+        # two were answered together: the first to come back waits for the second (not sent alone)
+        first = s.submit(unit("b2"))
+        assert s.enter_now(10) is None  # nor does a request take the fast path past them
+        await asyncio.sleep(0.02)
+        assert len(w.groups) == 2
+        second = s.submit(unit("c2"))
+        await w.sent(3)
+        assert w.groups[2] == ["b2", "c2"]
+        w.release(2)
+        await asyncio.gather(first, second)
+        # only one of the two comes back: it is sent when the linger runs out, not held longer
+        t0 = time.monotonic()
+        lone = s.submit(unit("b3"))
+        await w.sent(4)
+        waited = time.monotonic() - t0
+        assert w.groups[3] == ["b3"] and 0.15 <= waited < 2.0, waited
+        w.release(3)
+        await lone
+        # after a lone request, the next goes at once, by the fast path
+        ticket = s.enter_now(10)
+        assert ticket is not None
+        s.leave(ticket, answered=True)
+    run(main())
+
+
+def test_the_fast_path_takes_a_free_worker_only():
+    async def main():
+        w = Worker()
+        s = FairScheduler(10_000, w.send, slots=1)
+        ticket = s.enter_now(10)
+        assert ticket is not None and s.busy == 1
+        assert s.enter_now(10) is None  # the one worker is taken
+        queued = s.submit(unit("b"))
+        await asyncio.sleep(0.01)
+        assert w.groups == []  # waits for the fast path's envelope
+        s.leave(ticket, answered=True)
+        await w.sent(1)
+        w.release(0)
+        assert await queued == "answer b"
+    run(main())
+
+
+def test_a_worker_lost_with_its_envelope_frees_its_slot():
+    """MOSEC does not resend the work of a worker that died: its envelope is answered only at its deadline.
+    ``forgive`` (the supervisor calls it when a worker is gone) lets the others go meanwhile."""
+    async def main():
+        w = Worker()
+        s = FairScheduler(10_000, w.send, slots=1)
+        lost = s.submit(unit("a"))
+        await w.sent(1)
+        waiting = s.submit(unit("b"))
+        await asyncio.sleep(0.01)
+        assert len(w.groups) == 1
+        s.forgive()
+        await w.sent(2)
+        w.release(1)
+        assert await waiting == "answer b"
+        w.release(0, TimeoutError("deadline"))  # the lost envelope ends late: it frees no slot twice
+        with pytest.raises(TimeoutError):
+            await lost
+        assert s.busy == 0 and s.outstanding == 0
+        ticket = s.enter_now(10)
+        assert ticket is not None and s.enter_now(10) is None  # still one worker's worth of slots
+        s.leave(ticket, answered=False)
+    run(main())
+
+
+def test_a_failed_envelope_fails_each_of_its_units_and_a_gone_unit_is_never_sent():
+    async def main():
+        w = Worker()
+        s = FairScheduler(10_000, w.send, slots=1)
+        first = s.submit(unit("a"))
+        await w.sent(1)
+        gone = s.submit(unit("gone", alive=lambda: False))
+        b, c = s.submit(unit("b")), s.submit(unit("c"))
+        w.release(0)
+        await first
+        await w.sent(2)
+        assert w.groups[1] == ["b", "c"]
+        with pytest.raises(Dropped):
+            await gone
+        w.release(1, ConnectionError("cut"))
+        for f in (b, c):
+            with pytest.raises(ConnectionError):
+                await f
+        assert s.busy == 0 and s.outstanding == 0
+    run(main())
