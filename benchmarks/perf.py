@@ -7,7 +7,9 @@ only), converts it to OpenVINO FP32 and INT8, then, in each of --repeats (≥ 3)
   * rag at concurrency 4 and tiny at concurrency 10: served, then the in-process ceiling (the best
     batching measured with the same model), so every ratio is between figures of the same round;
   * tiny at concurrency 1: each request served and also scored in-process right before or after it, and
-    the server's cost is the median of those paired differences (`rerankctl bench --paired`);
+    the server's cost is the median of those paired differences (`rerankctl bench --paired`), sent with the
+    standard library's kept-alive client (the target); the same with httpx is reported beside it, what a
+    client built on httpx (like ours) adds on top;
   * start time: `serve --daemon` to healthy beside OpenVINO alone reading and compiling the model;
   * memory (PSS) of the whole process tree after real traffic, FP32 and INT8, per process.
 Every figure is the median of the rounds with its spread (min–max). The targets (TARGETS) are checked in
@@ -175,7 +177,7 @@ def main() -> int:
     variant = model / "openvino-fp32"
     cores = os.cpu_count() or 1
     s = str(args.seconds)
-    raw: dict = {k: [] for k in ("rag_c4", "tiny_c10", "tiny_c1", "start_s", "compile_s", "fp32_memory", "int8_memory")}
+    raw: dict = {k: [] for k in ("rag_c4", "tiny_c10", "tiny_c1", "tiny_c1_httpx", "start_s", "compile_s", "fp32_memory", "int8_memory")}
 
     for i in range(args.repeats):
         print(f"repeat {i + 1}/{args.repeats}: start time, served workloads beside the ceiling, memory ...", flush=True)
@@ -186,6 +188,8 @@ def main() -> int:
             raw["tiny_c10"].append(srv.bench("--workload", "tiny", "-c", "10", "-z", s, "--ceiling", "--warmup", "10"))
             # each request also scored in-process right before or after it: see bench.run_paired
             raw["tiny_c1"].append(srv.bench("--workload", "tiny", "--paired", "-z", s, "--warmup", "5"))
+            raw["tiny_c1_httpx"].append(srv.bench("--workload", "tiny", "--paired", "-z", s, "--warmup", "5",
+                                                  "--client", "httpx"))
             raw["fp32_memory"].append(memory_after_load(srv, min(args.seconds, 15.0)))
         if not args.skip_int8:
             with Server(model, args.out / f"run-int8-{i}", precision="int8") as srv:
@@ -204,6 +208,9 @@ def main() -> int:
     r["tiny_c1_p50_ms"] = stats([b["paired"]["served_p50_ms"] for b in raw["tiny_c1"]])
     r["tiny_c1_inprocess_p50_ms"] = stats([b["paired"]["inprocess_p50_ms"] for b in raw["tiny_c1"]])
     r["tiny_c1_p50_over_ms"] = stats([b["paired"]["added_ms"]["p50"] for b in raw["tiny_c1"]])
+    r["tiny_c1_httpx_p50_ms"] = stats([b["paired"]["served_p50_ms"] for b in raw["tiny_c1_httpx"]])
+    r["tiny_c1_httpx_inprocess_p50_ms"] = stats([b["paired"]["inprocess_p50_ms"] for b in raw["tiny_c1_httpx"]])
+    r["tiny_c1_httpx_p50_over_ms"] = stats([b["paired"]["added_ms"]["p50"] for b in raw["tiny_c1_httpx"]])
     r["start_s"] = stats(raw["start_s"])
     r["compile_s"] = stats(raw["compile_s"])
     r["start_ratio"] = stats([a / b for a, b in zip(raw["start_s"], raw["compile_s"])])
@@ -278,6 +285,9 @@ def render(r: dict) -> str:
         f"| tiny, c=10: p95 / p50 | | | {_fmt(r['tiny_c10_p95_over_p50'])} | |",
         f"| tiny, c=1: p50 latency; added: median of paired differences | {_fmt(r['tiny_c1_p50_ms'], '.1f', ' ms')} | {_fmt(r['tiny_c1_inprocess_p50_ms'], '.1f', ' ms')} | "
         f"+{_fmt(r['tiny_c1_p50_over_ms'], '.1f', ' ms')} | ≤ +{t['tiny_c1_p50_over_ms_max']} ms |",
+        f"| tiny, c=1, the same with an httpx client (not a target: the client library's cost on top) | "
+        f"{_fmt(r['tiny_c1_httpx_p50_ms'], '.1f', ' ms')} | {_fmt(r['tiny_c1_httpx_inprocess_p50_ms'], '.1f', ' ms')} | "
+        f"+{_fmt(r['tiny_c1_httpx_p50_over_ms'], '.1f', ' ms')} | |",
         f"| start: serve --daemon to healthy | {_fmt(r['start_s'], '.2f', ' s')} | OpenVINO read+compile "
         f"{_fmt(r['compile_s'], '.2f', ' s')} | {_fmt(r['start_ratio'])} | ≤ {t['start_ratio_max']} |",
     ]

@@ -6,6 +6,7 @@ requests, so two endpoints — ours and infinity_emb's — can be measured on id
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
 import threading
@@ -277,6 +278,41 @@ def run_ceiling(
     }
 
 
+class LeanClient:
+    """POST JSON over one kept-alive connection with the standard library's client: the lightest a user's
+    client gets, so a lone request's latency is the server's, not the client library's (``httpx`` alone costs
+    1-2 ms more a request on a 2-core machine, where the client's CPU competes with the server's)."""
+
+    def __init__(self, endpoint: str, headers: dict, timeout: float) -> None:
+        import http.client
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(endpoint)
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self._conn = kind(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
+        self._path = parts.path or "/"
+        self._headers = {"Content-Type": "application/json", **headers}
+
+    def post(self, body: dict) -> tuple[int, bytes]:
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        for attempt in (0, 1):  # a kept-alive connection the server closed while idle is opened again once
+            try:
+                self._conn.request("POST", self._path, body=data, headers=self._headers)
+                resp = self._conn.getresponse()
+                return resp.status, resp.read()
+            except (ConnectionError, OSError) as exc:  # http.client's errors on a dead connection are these
+                self._conn.close()
+                if attempt:
+                    raise ConnectionError(str(exc)) from exc
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+PAIRED_CLIENTS = ("stdlib", "httpx")
+
+
 def run_paired(
     url: str,
     variant_dir: Path,
@@ -288,6 +324,7 @@ def run_paired(
     timeout: float = 120.0,
     warmup: int = 2,
     api_key: Optional[str] = None,
+    client: str = "stdlib",
 ) -> dict:
     """What the server adds to a lone request, as paired differences: one client sends a request, and the
     same request (tokenized and scored) is run in-process right before or after it, alternately.
@@ -297,7 +334,12 @@ def run_paired(
     in-process p50 measured 55.7 and 78.7 ms a minute apart), which made their difference swing by +-10 ms
     on the same code. Pairs taken a few milliseconds apart share the machine's state; the median of their
     differences is the server's cost. The scores of both are compared too (the largest difference is reported).
+
+    ``client``: ``stdlib`` (``LeanClient``, the default: the server's cost) or ``httpx`` (what a client built
+    on httpx, like ours in ``client.py``, sees on top).
     """
+    import http.client
+
     import httpx
     import numpy as np
 
@@ -312,16 +354,29 @@ def run_paired(
     added: list[float] = []
     worst = 0.0
     failed = 0
-    with httpx.Client(timeout=timeout, headers=headers) as client:
+    if client not in PAIRED_CLIENTS:
+        raise ValueError(f"client must be one of {PAIRED_CLIENTS}")
+    if client == "httpx":
+        hx = httpx.Client(timeout=timeout, headers=headers)
+
+        def send(req: dict) -> tuple[int, bytes]:
+            r = hx.post(endpoint, json=req)
+            return r.status_code, r.content
+
+        closer: Callable[[], None] = hx.close
+    else:
+        lean = LeanClient(endpoint, headers, timeout)
+        send, closer = lean.post, lean.close
+    try:
         t_end = None
         n = 0
         def serve(req: dict) -> tuple[float, Optional[list]]:
             t0 = time.perf_counter()
             try:
-                r = client.post(endpoint, json=req)
+                status, data = send(req)
                 took = time.perf_counter() - t0
-                return took, (r.json().get("scores") if r.status_code == 200 else None)
-            except (httpx.HTTPError, ValueError):
+                return took, (json.loads(data).get("scores") if status == 200 else None)
+            except (httpx.HTTPError, http.client.HTTPException, ConnectionError, ValueError):
                 return 0.0, None  # counted as failed, like run_load's errors
 
         def score_here(req: dict) -> tuple[float, np.ndarray]:
@@ -348,9 +403,12 @@ def run_paired(
             served.append(t_served)
             local.append(t_local)
             added.append(t_served - t_local)
+    finally:
+        closer()
     ms = lambda v: round(v * 1000, 2)  # noqa: E731
     return {
         "workload": workload,
+        "client": client,
         "pairs_measured": len(added),
         "failed": failed,
         "served_p50_ms": ms(percentile(served, 0.5)),

@@ -73,9 +73,53 @@ def test_bench_paired_measures_what_the_server_adds_beside_the_same_request_in_p
     assert out["max_score_difference"] < 1e-5  # the same requests, scored the same way on both sides
     assert out["served_p50_ms"] > 0 and out["inprocess_p50_ms"] > 0
     assert out["added_ms"]["p25"] <= out["added_ms"]["p50"] <= out["added_ms"]["p75"]
+    assert out["client"] == "stdlib"
+    res = shared_server.cli("bench", "--url", shared_server.base, "--paired", "-z", "1", "--warmup", "1", "--json",
+                            "--client", "httpx")
+    out = json.loads(res.stdout)["paired"]
+    assert out["client"] == "httpx" and out["pairs_measured"] >= 3 and out["failed"] == 0
     # a server that is down is not measured as fast
     from conftest import free_port
 
     res = shared_server.cli("bench", "--url", f"http://127.0.0.1:{free_port()}", "--paired", "-z", "1",
                             "--timeout", "2")
     assert res.returncode == 1 and "0 requests" in res.stdout and "failed" in res.stdout, res.stdout + res.stderr
+
+
+def test_the_lean_client_opens_again_a_connection_the_server_closed_while_idle():
+    """The paired measure's client keeps its connection alive; a server that closes an idle one (without
+    saying so) costs one reconnect, not a failed request."""
+    import socket
+    import threading
+
+    from reranker_ops.bench import LeanClient
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    served = []
+
+    def serve() -> None:
+        for _ in range(3):  # each connection answers one request, then is closed without "Connection: close"
+            conn, _ = srv.accept()
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(next(v for k, _, v in (ln.partition(b":") for ln in head.split(b"\r\n"))
+                                  if k.lower() == b"content-length"))
+                while len(body) < length:
+                    body += conn.recv(65536)
+                served.append(json.loads(body))
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    client = LeanClient(f"http://127.0.0.1:{port}/rerank", {}, timeout=5)
+    try:
+        assert [client.post({"n": i}) for i in range(3)] == [(200, b"{}")] * 3
+    finally:
+        client.close()
+        srv.close()
+    t.join(5)
+    assert served == [{"n": 0}, {"n": 1}, {"n": 2}]

@@ -36,6 +36,9 @@ def bench(
     paired: Annotated[bool, typer.Option(
         "--paired", help="One client; each request is also scored in-process right before or after it: what the "
                          "server adds to a lone request, as the median of paired differences (a model on disk is needed).")] = False,
+    client: Annotated[str, typer.Option(
+        "--client", help="--paired's HTTP client: stdlib (kept-alive http.client, the server's own cost) or httpx "
+                         "(what an httpx-based client sees on top).")] = "stdlib",
     mixed: Annotated[bool, typer.Option(
         "--mixed", help="Fairness: short requests (c=2) alone, long ones (100 x 1000 chars, c=2) alone, then both; "
                         "--duration is each phase's length. Exit 1 if a target is missed.")] = False,
@@ -50,6 +53,8 @@ def bench(
 
     if workload not in WORKLOADS:
         raise ConfigError(f"unknown workload {workload!r}", f"choose one of {', '.join(WORKLOADS)}")
+    if client not in ("stdlib", "httpx"):
+        raise ConfigError(f"unknown client {client!r}", "choose stdlib or httpx")
     if concurrency < 1:
         raise ConfigError("--concurrency must be at least 1", "give a positive number of clients")
     settings = settings_from(model=model, models_dir=models_dir)
@@ -73,7 +78,8 @@ def bench(
         from ..models.store import find_variant
         with err_console.status(f"{workload}: served by {target} and in-process, alternately"):
             report = run_paired(target, find_variant(settings), workload=workload, seconds=duration or 10.0,
-                                seed=seed, threads=settings.threads, timeout=timeout, warmup=warmup, api_key=key)
+                                seed=seed, threads=settings.threads, timeout=timeout, warmup=warmup, api_key=key,
+                                client=client)
         if as_json:
             print(json.dumps({"paired": report}, indent=2))
         else:
