@@ -60,9 +60,9 @@ class Metrics:
             self.dropped_units[lane] += 1
             self.dropped_pairs += pairs
 
-    def count_resend(self, reason: str) -> None:
+    def count_resend(self, reason: str, n: int = 1) -> None:
         with self._lock:
-            self.resent[reason] += 1
+            self.resent[reason] += n
 
     def observe_probe(self, ok: bool, latency: float | None) -> None:
         with self._lock:
@@ -112,9 +112,10 @@ class Metrics:
             out += ["# HELP reranker_dropped_pairs_total Pairs of split requests never scored because nobody waited for them.",
                     "# TYPE reranker_dropped_pairs_total counter", f"reranker_dropped_pairs_total {self.dropped_pairs}"]
             out += ["# HELP reranker_upstream_resent_total Work the gate sent to MOSEC again: its connection was refused"
-                    " or cut (connection), as while MOSEC is restarted.",
+                    " or cut (connection), as while MOSEC is restarted, or a score worker died while it was out"
+                    " (worker_lost: every envelope out is sent again, the first answer wins).",
                     "# TYPE reranker_upstream_resent_total counter"]
-            for reason in ("connection",):
+            for reason in ("connection", "worker_lost"):
                 out.append(f"reranker_upstream_resent_total{_labels([('reason', reason)])} {self.resent[reason]}")
             out += ["# HELP reranker_requests_in_flight Requests being answered now.",
                     "# TYPE reranker_requests_in_flight gauge", f"reranker_requests_in_flight {self.in_flight}"]

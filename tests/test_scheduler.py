@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from reranker_ops.serving.scheduler import Dropped, FairScheduler, Unit
+from reranker_ops.serving.scheduler import MAX_RESENDS, Dropped, FairScheduler, Unit
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -19,12 +19,18 @@ class Worker:
     def __init__(self) -> None:
         self.groups: list[list[str]] = []
         self.gates: list[asyncio.Future] = []
+        self.cancelled: list[int] = []  # envelopes whose sender stopped waiting
 
     async def send(self, group: list[Unit]) -> list:
         self.groups.append([u.payload for u in group])
         gate = asyncio.get_running_loop().create_future()
+        index = len(self.gates)
         self.gates.append(gate)
-        failure = await gate
+        try:
+            failure = await gate
+        except asyncio.CancelledError:
+            self.cancelled.append(index)
+            raise
         if failure is not None:
             raise failure
         return [f"answer {u.payload}" for u in group]
@@ -138,51 +144,82 @@ def test_the_clients_just_answered_are_waited_for_within_the_linger():
         w.release(3)
         await lone
         # after a lone request, the next goes at once, by the fast path
-        ticket = s.enter_now(10)
-        assert ticket is not None
-        s.leave(ticket, answered=True)
+        assert s.enter_now(10) is not None
     run(main())
 
 
-def test_the_fast_path_takes_a_free_worker_only():
+def test_the_fast_path_takes_a_free_worker_only_and_is_sent_again_if_its_worker_dies():
     async def main():
         w = Worker()
         s = FairScheduler(10_000, w.send, slots=1)
         ticket = s.enter_now(10)
         assert ticket is not None and s.busy == 1
         assert s.enter_now(10) is None  # the one worker is taken
+        lone = asyncio.ensure_future(s.send_now(unit("a"), ticket))
         queued = s.submit(unit("b"))
-        await asyncio.sleep(0.01)
-        assert w.groups == []  # waits for the fast path's envelope
-        s.leave(ticket, answered=True)
         await w.sent(1)
-        w.release(0)
+        await asyncio.sleep(0.01)
+        assert w.groups == [["a"]]  # "b" waits for the fast path's envelope
+        assert s.forgive() == 1  # its worker died: sent again, and still holds the slot
+        await w.sent(2)
+        w.release(1)
+        assert await lone == "answer a"
+        await w.sent(3)
+        assert w.groups[2] == ["b"] and w.cancelled == [0]
+        w.release(2)
         assert await queued == "answer b"
+        assert s.busy == 0 and s.outstanding == 0
     run(main())
 
 
-def test_a_worker_lost_with_its_envelope_frees_its_slot():
-    """MOSEC does not resend the work of a worker that died: its envelope is answered only at its deadline.
-    ``forgive`` (the supervisor calls it when a worker is gone) lets the others go meanwhile."""
+def test_the_envelopes_out_when_a_worker_dies_are_sent_again_and_the_first_answer_wins():
+    """MOSEC never answers the envelope of a worker that died, and which one it was is unknown: ``forgive``
+    (the supervisor calls it when a worker is gone) sends every envelope out again, and each is answered
+    by whichever copy answers first; the lost one is not waited for until its deadline."""
+    async def main():
+        w = Worker()
+        s = FairScheduler(10_000, w.send, slots=2)
+        lost, alive = s.submit(unit("a")), s.submit(unit("b"))
+        await w.sent(2)
+        waiting = s.submit(unit("c"))
+        assert s.forgive() == 2  # the worker that held "a" died (or the one with "b": nobody knows)
+        await w.sent(4)
+        assert w.groups[2:] == [["a"], ["b"]] and s.busy == 2  # each sent again, and holds a slot
+        w.release(1)  # the survivor answers its original
+        assert await alive == "answer b"
+        await w.sent(5)
+        assert w.groups[4] == ["c"]  # the slot of "b" is free again
+        w.release(2)  # the copy of "a" is answered by the replacement worker
+        assert await lost == "answer a"
+        w.release(4)
+        assert await waiting == "answer c"
+        assert s.busy == 0 and s.outstanding == 0
+        assert sorted(w.cancelled) == [0, 3]  # the copies that lost are not waited for
+    run(main())
+
+
+def test_an_envelope_is_sent_again_a_bounded_number_of_times_and_fails_with_its_copies():
     async def main():
         w = Worker()
         s = FairScheduler(10_000, w.send, slots=1)
-        lost = s.submit(unit("a"))
+        f = s.submit(unit("a"))
         await w.sent(1)
-        waiting = s.submit(unit("b"))
+        for _ in range(MAX_RESENDS + 2):
+            s.forgive()
+        await w.sent(1 + MAX_RESENDS)
         await asyncio.sleep(0.01)
-        assert len(w.groups) == 1
-        s.forgive()
-        await w.sent(2)
-        w.release(1)
-        assert await waiting == "answer b"
-        w.release(0, TimeoutError("deadline"))  # the lost envelope ends late: it frees no slot twice
-        with pytest.raises(TimeoutError):
-            await lost
-        assert s.busy == 0 and s.outstanding == 0
+        assert len(w.groups) == 1 + MAX_RESENDS and s.busy == 0  # beyond the bound it holds no slot
         ticket = s.enter_now(10)
-        assert ticket is not None and s.enter_now(10) is None  # still one worker's worth of slots
-        s.leave(ticket, answered=False)
+        assert ticket is not None  # a new request is not held behind it
+        other = asyncio.ensure_future(s.send_now(unit("b"), ticket))
+        await w.sent(2 + MAX_RESENDS)
+        w.release(1 + MAX_RESENDS)
+        assert await other == "answer b"
+        for i in range(1 + MAX_RESENDS):
+            w.release(i, TimeoutError(f"copy {i}"))
+        with pytest.raises(TimeoutError):
+            await f  # every copy failed: the units fail with the last failure
+        assert s.outstanding == 0 and s.busy == 0
     run(main())
 
 

@@ -201,7 +201,7 @@ class Supervisor:
         self._pending: dict[int, PendingKill] = {}
         self._short_since: dict[str, float] = {}
         self._views: list[WorkerView] = []
-        self._worker_pids: set[int] = set()  # the score workers seen at the last tick
+        self._worker_pids: tuple[int, set[int]] = (0, set())  # a generation's score workers at the last tick
         self._beats: dict[int, dict] = {}  # the heartbeats _views were built from (read once a tick)
         self._signals: deque[int] = deque()
         self._wake: Optional[asyncio.Event] = None
@@ -854,12 +854,13 @@ class Supervisor:
         self._beats, views = await asyncio.get_running_loop().run_in_executor(None, self._observe)
         self._views = views
         alive = {v.pid: v for v in views}
-        # A worker that died took the envelope it held with it (MOSEC does not resend it): the gate stops
-        # counting the envelopes out as busy workers, or a lost one would hold a slot until its deadline.
+        # A worker that died took the envelope it held with it (MOSEC never answers it): the gate sends the
+        # envelopes out again, or the lost one would hold its requests and a slot until their deadline.
         pids = {v.pid for v in views if v.status not in GONE_STATUSES}
-        if self._worker_pids - pids:
-            self.gate.scheduler.forgive()
-        self._worker_pids = pids
+        seen_gen, seen = self._worker_pids
+        if seen_gen == gen.number and seen - pids:
+            self.metrics.count_resend("worker_lost", self.gate.scheduler.forgive())
+        self._worker_pids = (gen.number, pids)
         # each kill is verified: the process must be gone (or a zombie MOSEC will reap) in time
         for pid, pk in list(self._pending.items()):
             v = alive.get(pid)

@@ -438,23 +438,20 @@ class Gate:
         split = self.settings.split_bytes
         if split and size > split:
             return await self._answer_split(request, route, bytes(body[PART_HEAD_LEN:]), deadline_at)
+        unit = Unit(cost=size, lane="small", owner=id(request), payload=(body, route), deadline_at=deadline_at,
+                    alive=lambda: self._alive(request, deadline_at))
         ticket = self.scheduler.enter_now(size)
-        if ticket is not None:  # a worker is free and nothing waits: send it now, without a unit or a task
+        if ticket is not None:  # a worker is free and nothing waits: sent now, in this task
             t_sent = time.monotonic()
-            answered = False
             try:
-                (status, data, _model), = await self._post([(body, route)], deadline_at)
-                answered = True
+                status, data, _model = await self.scheduler.send_now(unit, ticket)
             except asyncio.TimeoutError:
                 return self._past_deadline()
             except UpstreamError:
                 return unavailable()
             finally:
-                self.scheduler.leave(ticket, answered)
                 self.metrics.observe_schedule("small", 0.0, time.monotonic() - t_sent)
         else:
-            unit = Unit(cost=size, lane="small", owner=id(request), payload=(body, route), deadline_at=deadline_at,
-                        alive=lambda: self._alive(request, deadline_at))
             results = await self._wait_units(request, [unit], deadline_at)
             if isinstance(results, web.Response):
                 return results

@@ -16,7 +16,10 @@ and the batches:
   ``linger_s`` for those clients to come back, so closed-loop clients are batched together instead of
   splitting into a group of one and a group of the rest that take turns;
 - a unit whose request is gone (its client disconnected, or its deadline passed) is dropped before it
-  reaches MOSEC, and counted.
+  reaches MOSEC, and counted;
+- MOSEC never answers the envelope of a worker that died, and nobody knows which envelope that was: when
+  the supervisor sees a worker gone (``forgive``), every envelope out is sent again (scoring is
+  idempotent), and each answers its units with whichever copy answers first.
 
 Costs are bytes of text (a proxy for tokens known before tokenizing): a small request's body length, a
 chunk's JSON length.
@@ -51,6 +54,19 @@ class Unit:
 
 # Sends one envelope; answers one result per unit, in order (or raises: every unit of it fails with that).
 SendGroup = Callable[[list[Unit]], Awaitable[list]]
+MAX_RESENDS = 2  # copies of one envelope sent after workers died, beyond the first
+
+
+class _Envelope:
+    """An envelope out: its units, the slot it holds (its epoch), and the copies of it being sent."""
+
+    def __init__(self, group: list[Unit], cost: int, epoch: int) -> None:
+        self.group = group
+        self.cost = cost
+        self.epoch = epoch
+        self.copies: list[asyncio.Future] = []
+        self.resent = 0
+        self.changed = asyncio.get_running_loop().create_future()  # set when a copy is added
 
 
 @dataclass(frozen=True)
@@ -79,6 +95,7 @@ class FairScheduler:
         self._want = 0  # small units expected back (see ``_lingering``) ...
         self._want_until = 0.0  # ... until then
         self._timer: Optional[asyncio.TimerHandle] = None
+        self._out: dict[_Envelope, None] = {}  # the envelopes out, in the order sent
 
     def submit(self, unit: Unit) -> asyncio.Future:
         if unit.lane == "small":
@@ -90,7 +107,7 @@ class FairScheduler:
 
     def enter_now(self, cost: int) -> Optional[Ticket]:
         """The fast path: nothing is queued or expected back, a worker is free and the budget has room, so the
-        caller sends an envelope of one at once (no unit, no task) and must ``leave`` with the ticket."""
+        caller sends an envelope of one at once, in its own task (``send_now``)."""
         if (self.small or self.chunks or self.busy >= self.slots or self._lingering(time.monotonic(), arriving=1)
                 or (self.outstanding and self.outstanding + cost > self.budget)):
             return None
@@ -99,18 +116,33 @@ class FairScheduler:
         self._want = 0
         return Ticket(cost, self.epoch)
 
-    def leave(self, ticket: Ticket, answered: bool) -> None:
-        self._release(ticket.cost, ticket.epoch)
-        if answered:
-            self._answered(1)
-        self._pump()
+    async def send_now(self, unit: Unit, ticket: Ticket) -> Any:
+        """The fast path's envelope of one, with the slot ``enter_now`` took: its result, or it raises. It is
+        sent again like any other if a worker dies while it is out."""
+        unit.dispatched = time.monotonic()
+        return (await self._settle(self._launch([unit], ticket.cost, ticket.epoch)))[0]
 
-    def forgive(self) -> None:
-        """A worker died: the envelopes it held may never be answered (MOSEC does not resend them), so no
-        envelope out now holds a slot any more. They still end, by their answer or their deadline."""
+    def forgive(self) -> int:
+        """A worker died: the envelope it held will never be answered (MOSEC does not resend it), and which
+        one it was is not known. So every envelope out is sent again, once more per death (at most
+        ``MAX_RESENDS``), and holds one slot from now on whichever copy answers; the envelopes of the fast
+        path, not known here, stop holding theirs (they still end, by their answer or their deadline).
+        Returns how many envelopes were sent again."""
         self.epoch += 1
         self.busy = 0
+        resent = 0
+        for env in list(self._out):
+            if env.resent >= MAX_RESENDS:
+                continue  # it holds no slot any more: it ends by an answer or its deadline
+            env.resent += 1
+            resent += 1
+            env.epoch = self.epoch
+            self.busy += 1
+            env.copies.append(asyncio.ensure_future(self.send(env.group)))
+            if not env.changed.done():
+                env.changed.set_result(None)
         self._pump()
+        return resent
 
     @property
     def queued(self) -> int:
@@ -212,26 +244,58 @@ class FairScheduler:
             now = time.monotonic()
             for unit in group:
                 unit.dispatched = now
-            asyncio.ensure_future(self._run(group, cost, self.epoch))
+            asyncio.ensure_future(self._run(self._launch(group, cost, self.epoch)))
 
-    async def _run(self, group: list[Unit], cost: int, epoch: int) -> None:
+    def _launch(self, group: list[Unit], cost: int, epoch: int) -> _Envelope:
+        env = _Envelope(group, cost, epoch)
+        env.copies.append(asyncio.ensure_future(self.send(group)))
+        self._out[env] = None
+        return env
+
+    @staticmethod
+    async def _first_answer(env: _Envelope) -> list:
+        """The results of the first copy of ``env`` that answers; if every copy fails, the last failure."""
+        while True:
+            await asyncio.wait([*env.copies, env.changed], return_when=asyncio.FIRST_COMPLETED)
+            if env.changed.done():
+                env.changed = asyncio.get_running_loop().create_future()
+            for copy in env.copies:
+                if copy.done() and not copy.cancelled() and copy.exception() is None:
+                    return copy.result()
+            if all(copy.done() for copy in env.copies):
+                last = env.copies[-1]
+                raise last.exception() if not last.cancelled() else asyncio.CancelledError()
+
+    async def _settle(self, env: _Envelope) -> list:
+        """The envelope's results, once one copy answered; then its slot and budget are given back."""
         ok = False
         try:
-            results = await self.send(group)
-            if len(results) != len(group):
-                raise RuntimeError(f"{len(results)} results for an envelope of {len(group)}")
+            results = await self._first_answer(env)
+            if len(results) != len(env.group):
+                raise RuntimeError(f"{len(results)} results for an envelope of {len(env.group)}")
             ok = True
+            return results
+        finally:
+            self._out.pop(env, None)
+            for copy in env.copies:
+                if not copy.done():
+                    copy.cancel()  # the answer is in (or nobody waits): a copy still out is not waited for
+                elif not copy.cancelled():
+                    copy.exception()  # retrieved: a failed copy beside a good one is no news
+            self._release(env.cost, env.epoch)
+            if ok and env.group[0].lane == "small":
+                self._answered(len(env.group))
+            self._pump()
+
+    async def _run(self, env: _Envelope) -> None:
+        try:
+            results = await self._settle(env)
         except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the units
-            for unit in group:
+            for unit in env.group:
                 if not unit.future.done():
                     unit.future.set_exception(exc)
                     unit.future.exception()
         else:
-            for unit, result in zip(group, results):
+            for unit, result in zip(env.group, results):
                 if not unit.future.done():
                     unit.future.set_result(result)
-        finally:
-            self._release(cost, epoch)
-            if ok and group[0].lane == "small":
-                self._answered(len(group))
-            self._pump()
