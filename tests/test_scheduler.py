@@ -46,6 +46,11 @@ class Worker:
         raise AssertionError(f"{len(self.groups)} envelopes sent, expected {n}: {self.groups}")
 
 
+def worker_and_scheduler(budget: int = 10_000, **kw) -> tuple[Worker, FairScheduler]:
+    w = Worker()
+    return w, FairScheduler(budget, w.send, **kw)
+
+
 def unit(name: str, lane: str = "small", cost: int = 10, owner: int = 0, alive=lambda: True) -> Unit:
     return Unit(cost=cost, lane=lane, owner=owner, payload=name, alive=alive)
 
@@ -56,8 +61,7 @@ def run(coro):
 
 def test_what_waits_for_a_busy_worker_goes_in_one_envelope():
     async def main():
-        w = Worker()
-        s = FairScheduler(10_000, w.send, slots=1, max_group=4)
+        w, s = worker_and_scheduler(slots=1, max_group=4)
         first = s.submit(unit("a"))
         await w.sent(1)
         rest = [s.submit(unit(n)) for n in "bcdef"]
@@ -77,8 +81,7 @@ def test_what_waits_for_a_busy_worker_goes_in_one_envelope():
 
 def test_two_workers_get_an_envelope_each_and_lanes_never_share_one():
     async def main():
-        w = Worker()
-        s = FairScheduler(10_000, w.send, slots=2)
+        w, s = worker_and_scheduler(slots=2)
         s.submit(unit("a"))
         s.submit(unit("b"))
         await w.sent(2)
@@ -115,8 +118,7 @@ def test_an_envelope_holds_at_most_its_workers_share_of_the_budget():
 
 def test_the_clients_just_answered_are_waited_for_within_the_linger():
     async def main():
-        w = Worker()
-        s = FairScheduler(10_000, w.send, slots=1, linger_s=0.2)
+        w, s = worker_and_scheduler(slots=1, linger_s=0.2)
         futures = [s.submit(unit(n)) for n in "abc"]
         await w.sent(1)
         assert w.groups == [["a"]]
@@ -150,8 +152,7 @@ def test_the_clients_just_answered_are_waited_for_within_the_linger():
 
 def test_the_fast_path_takes_a_free_worker_only_and_is_sent_again_if_its_worker_dies():
     async def main():
-        w = Worker()
-        s = FairScheduler(10_000, w.send, slots=1)
+        w, s = worker_and_scheduler(slots=1)
         ticket = s.enter_now(10)
         assert ticket is not None and s.busy == 1
         assert s.enter_now(10) is None  # the one worker is taken
@@ -177,8 +178,7 @@ def test_the_envelopes_out_when_a_worker_dies_are_sent_again_and_the_first_answe
     (the supervisor calls it when a worker is gone) sends every envelope out again, and each is answered
     by whichever copy answers first; the lost one is not waited for until its deadline."""
     async def main():
-        w = Worker()
-        s = FairScheduler(10_000, w.send, slots=2)
+        w, s = worker_and_scheduler(slots=2)
         lost, alive = s.submit(unit("a")), s.submit(unit("b"))
         await w.sent(2)
         waiting = s.submit(unit("c"))
@@ -200,10 +200,9 @@ def test_the_envelopes_out_when_a_worker_dies_are_sent_again_and_the_first_answe
 
 def test_an_envelope_is_sent_again_a_bounded_number_of_times_and_fails_with_its_copies():
     async def main():
-        w = Worker()
-        s = FairScheduler(10_000, w.send, slots=1)
+        w, s = worker_and_scheduler(slots=1)
         f = s.submit(unit("a"))
-        await w.sent(1)
+        await w.sent(1)  # then its worker dies again and again
         for _ in range(MAX_RESENDS + 2):
             s.forgive()
         await w.sent(1 + MAX_RESENDS)
@@ -225,8 +224,7 @@ def test_an_envelope_is_sent_again_a_bounded_number_of_times_and_fails_with_its_
 
 def test_a_failed_envelope_fails_each_of_its_units_and_a_gone_unit_is_never_sent():
     async def main():
-        w = Worker()
-        s = FairScheduler(10_000, w.send, slots=1)
+        w, s = worker_and_scheduler(slots=1)
         first = s.submit(unit("a"))
         await w.sent(1)
         gone = s.submit(unit("gone", alive=lambda: False))
