@@ -150,6 +150,31 @@ def test_the_clients_just_answered_are_waited_for_within_the_linger():
     run(main())
 
 
+def test_a_newer_wait_is_not_cut_short_by_the_timer_of_an_older_one():
+    async def main():
+        w, s = worker_and_scheduler(slots=1, linger_s=0.4)
+        t0 = time.monotonic()
+        first = [s.submit(unit(n)) for n in "abc"]
+        await w.sent(1)
+        w.release(0)  # one answered, two queued: three expected, until t0 + 0.4 (a timer is set for then)
+        await first[0]
+        first.append(s.submit(unit("d")))
+        await w.sent(2)
+        assert w.groups[1] == ["b", "c", "d"]
+        await asyncio.sleep(0.2)
+        w.release(1)  # three answered: three expected again, until ~t0 + 0.6
+        await asyncio.gather(*first)
+        e = s.submit(unit("e"))
+        await asyncio.sleep(max(0.0, t0 + 0.45 - time.monotonic()))  # past the older wait's timer
+        assert len(w.groups) == 2, w.groups  # e still waits for the other two
+        rest = [s.submit(unit("f")), s.submit(unit("g"))]
+        await w.sent(3)
+        assert w.groups[2] == ["e", "f", "g"]
+        w.release(2)
+        await asyncio.gather(e, *rest)
+    run(main())
+
+
 def test_the_fast_path_takes_a_free_worker_only_and_is_sent_again_if_its_worker_dies():
     async def main():
         w, s = worker_and_scheduler(slots=1)

@@ -172,8 +172,8 @@ class FairScheduler:
         return True
 
     def _linger_over(self) -> None:
+        # the wait it was set for may have been replaced by a later one since: _lingering judges, again
         self._timer = None
-        self._want = 0
         self._pump()
 
     def _peek(self) -> Optional[Unit]:
