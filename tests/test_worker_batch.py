@@ -18,6 +18,7 @@ from reranker_ops.serving.schema import (
     Failed,
     pack_answers,
     part_head,
+    read_answers,
     split_answers,
     split_envelope,
 )
@@ -96,6 +97,7 @@ def test_envelope_framing_round_trips_and_refuses_what_it_cannot_frame():
             split_envelope(bad)
     answers = [b'{"scores":[0.5]}', Failed(422, "too long").encode(), b""]
     assert split_answers(pack_answers(answers), 3) == answers
+    assert read_answers(pack_answers(answers), 3) == [(200, answers[0]), (422, b"too long"), (200, b"")]
     for bad, n in ((pack_answers(answers), 2), (pack_answers(answers), 4), (pack_answers(answers)[:-2] + b"9\n", 3)):
         with pytest.raises(EnvelopeError):
             split_answers(bad, n)

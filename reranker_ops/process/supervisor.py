@@ -52,7 +52,7 @@ from ..serving.manifest import read_variant_manifest
 from ..serving.frontdoor import FrontDoor
 from ..serving.gate import Gate, Upstream
 from ..serving.heartbeat import forget_worker, read_worker_dir
-from ..serving.schema import ROUTE_TAGS, Failed, part_head, split_answers
+from ..serving.schema import ROUTE_TAGS, part_head, read_answers
 from . import roles
 from .child import Generation, child_environment
 from .runstate import (
@@ -719,10 +719,7 @@ class Supervisor:
                         status, raw = resp.status, await resp.read()
                         try:
                             if status == 200:
-                                raw = split_answers(raw, 1)[0]
-                                failed = Failed.decode(raw)
-                                if failed is not None:
-                                    status, raw = failed.status, failed.message.encode("utf-8")
+                                [(status, raw)] = read_answers(raw, 1)
                             answer: object = json.loads(raw)
                         except ValueError:  # EnvelopeError is one
                             answer = raw.decode("utf-8", "replace")

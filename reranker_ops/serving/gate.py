@@ -43,14 +43,13 @@ from .schema import (
     ROUTE_TAGS,
     ROUTES,
     EnvelopeError,
-    Failed,
     Job,
     Limits,
     RequestError,
     build_response,
     parse_job,
     part_head,
-    split_answers,
+    read_answers,
 )
 from .upstream import UpstreamClient, UpstreamError
 
@@ -387,16 +386,11 @@ class Gate:
         if status != 200:
             return [(status, data, up.model_name)] * len(parts)  # MOSEC's own error: the whole envelope's
         try:
-            answers = split_answers(data, len(parts))
+            answers = read_answers(data, len(parts))  # a request that failed its checks fails alone
         except EnvelopeError as exc:
             self.log.error("an envelope's answer could not be read: %s", exc)
             return [(502, b"unreadable answer from the score worker", up.model_name)] * len(parts)
-        out = []
-        for answer in answers:
-            failed = Failed.decode(answer)  # this request failed its checks; the others did not
-            out.append((200, answer, up.model_name) if failed is None
-                       else (failed.status, failed.message.encode("utf-8"), up.model_name))
-        return out
+        return [(st, answer, up.model_name) for st, answer in answers]
 
     async def _wait_units(self, request: web.Request, units: list[Unit], deadline_at: float) -> list | web.Response:
         futures = [self.scheduler.submit(u) for u in units]

@@ -67,6 +67,16 @@ def split_envelope(data: bytes) -> list[tuple[bytes, bytes, bytes]]:
     return parts
 
 
+def read_answers(data: bytes, count: int) -> list[tuple[int, bytes]]:
+    """Each part's status and body, from the answer to an envelope of ``count`` parts that MOSEC answered 200:
+    200 and the route's JSON, or a failed request's own status and message (``Failed``)."""
+    out = []
+    for answer in split_answers(data, count):
+        failed = Failed.decode(answer)
+        out.append((200, answer) if failed is None else (failed.status, failed.message.encode("utf-8")))
+    return out
+
+
 def pack_answers(answers: Sequence[bytes]) -> bytes:
     return b"".join(b"%d\n%s" % (len(a), a) for a in answers)
 
