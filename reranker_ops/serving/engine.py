@@ -203,8 +203,9 @@ class Scorer:
         model = core.read_model(str(model_file))
         gather_before_dequantize(model)
         self.compiled = core.compile_model(model, "CPU", config)
-        got = str(self.compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
-        if self.inference_precision == "bf16" and "bf16" not in got:
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type: str() is "<Type: 'bfloat16'>"
+        got = (hint.to_string() if hasattr(hint, "to_string") else str(hint)).lower()
+        if self.inference_precision == "bf16" and got not in ("bf16", "bfloat16"):
             # OpenVINO falls back to f32 without a word on a CPU without bf16: refuse rather than pretend
             raise RuntimeError(f"this CPU cannot compute in bf16 (OpenVINO compiled {got}); serve fp32 or int8")
         self.request = self.compiled.create_infer_request()
