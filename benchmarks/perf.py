@@ -32,10 +32,19 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Never the same port twice in one run: two binds in a row can get the same ephemeral port."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free loopback port that was not handed out already")
 
 
 def cli(args: list[str], env: dict, timeout: float = 3600) -> subprocess.CompletedProcess:
