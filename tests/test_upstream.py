@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import time
 
 import pytest
 
@@ -24,8 +26,8 @@ class Peer:
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
 
-    async def start(self) -> "Peer":
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> "Peer":
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", port)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
@@ -159,4 +161,43 @@ def test_a_new_port_closes_the_idle_connections_to_the_old_one():
             await client.close()
             await old.stop()
             await new.stop()
+    run(main())
+
+
+def test_requests_waiting_for_a_port_go_on_the_moment_it_listens_with_one_watcher():
+    """MOSEC's controller binds its port only once its workers are ready: a request (the first canary, or
+    any during a restart) that finds it refused waits for it, and goes on when it listens, not at the
+    next step of a back-off."""
+    async def main():
+        with socket.socket() as s:  # a port nothing listens on (yet)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        client = UpstreamClient()
+        peer = Peer()
+        try:
+            with pytest.raises(UpstreamError, match="cannot connect"):
+                await client.post(port, "/score", b"a", 5)
+            assert not await client.wait_listening(port, 0.05)  # nothing listens: False at the timeout
+            waiters = [asyncio.ensure_future(client.wait_listening(port, 10)) for _ in range(50)]
+            await asyncio.sleep(0.6)  # refused for a while, as during a model's compile
+            assert len(client._watchers) == 1 and not any(w.done() for w in waiters)
+            await peer.start(port)
+            listening = time.monotonic()
+            assert all(await asyncio.gather(*waiters))
+            assert time.monotonic() - listening < 0.2  # PORT_POLL_S is 0.01: not a back-off of 0.25 s
+            assert await client.post(port, "/score", b"b", 5) == (200, b"echo:b")
+            assert peer.connections == 1  # the watcher's connection was the one used
+            # nobody waits: the watcher of a port that refuses ends on its own
+            await peer.stop()
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                gone = s.getsockname()[1]
+            assert not await client.wait_listening(gone, 0.05)
+            task = client._watchers[gone]
+            t_end = time.monotonic() + 2
+            while not task.done() and time.monotonic() < t_end:
+                await asyncio.sleep(0.01)
+            assert task.done() and task.result() is False
+        finally:
+            await client.close()
     run(main())

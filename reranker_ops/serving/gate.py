@@ -51,7 +51,7 @@ from .schema import (
     part_head,
     read_answers,
 )
-from .upstream import UpstreamClient, UpstreamError
+from .upstream import Refused, UpstreamClient, UpstreamError
 
 JSON = "application/json"
 PROBE_HEADER = "X-Reranker-Probe"
@@ -111,8 +111,9 @@ class Upstream:
 
 
 RESTART_POLL_S = 0.05
-RETRY_PAUSE_S = 0.05  # then 0.1, 0.15, ... up to RETRY_PAUSE_MAX_S
+RETRY_PAUSE_S = 0.05  # after a cut connection: then 0.1, 0.15, ... up to RETRY_PAUSE_MAX_S
 RETRY_PAUSE_MAX_S = 0.25
+PORT_WAIT_S = 0.25  # a refused port is waited for this long, then the current generation is asked again
 
 
 class Gate:
@@ -347,8 +348,8 @@ class Gate:
     async def _post(self, parts: list[tuple[bytearray, str]], deadline_at: float) -> list[tuple[int, bytes, str]]:
         """POST one envelope (each part: its body behind a part head's room, and its route) to the current
         generation, decided at each try (a reload or a restart may have replaced it); each part's status,
-        answer and model, in order. A refused or broken connection is tried again, a few times within the
-        deadline: a generation that just died is replaced by the supervisor, and scoring is idempotent."""
+        answer and model, in order. A refused or broken connection is tried again within the deadline: a
+        generation that just died is replaced by the supervisor, and scoring is idempotent."""
         tries = 0
         while True:
             up = await self._upstream_by(deadline_at)
@@ -356,10 +357,17 @@ class Gate:
                 raise UpstreamError("no MOSEC generation")
             try:
                 return await self._post_to(up, parts, deadline_at)
+            except Refused:
+                # nothing listens: MOSEC is booting (its controller binds once its workers are ready) or being
+                # restarted. Go on the moment the port listens, or ask for the current generation again.
+                left = deadline_at - time.monotonic()
+                if self.draining or left <= 0:
+                    raise
+                self.metrics.count_resend("connection")
+                await self.client.wait_listening(up.port, min(PORT_WAIT_S, left))
             except UpstreamError:
-                # refused or cut: MOSEC is being restarted (or a new generation is still binding its port).
-                # Try again until the deadline: a restart takes seconds, the deadline is what the client
-                # agreed to wait, and a balancer already sees /ready fail.
+                # cut: MOSEC died mid-answer (or resets connections). Try again, pausing longer each time,
+                # until the deadline: the deadline is what the client agreed to wait.
                 tries += 1
                 pause = min(RETRY_PAUSE_S * tries, RETRY_PAUSE_MAX_S)
                 if self.draining or time.monotonic() + pause >= deadline_at:

@@ -15,9 +15,13 @@ time is taken from the model. This client does only what that one exchange needs
 - a connection that is not in a known state after an exchange (an error, a deadline, ``Connection:
   close``) is closed, never reused;
 - a kept-alive connection the peer closed while it sat idle fails before any byte of the answer: that one
-  exchange is tried once more on a new connection, as any HTTP client does with stale connections.
+  exchange is tried once more on a new connection, as any HTTP client does with stale connections;
+- a port that refuses (MOSEC still booting, or restarting) is watched by one task that tries to connect
+  every ``PORT_POLL_S`` for as long as somebody waits (``wait_listening``): every waiting request goes
+  on the moment the port listens, and a hundred waiting requests still cost one connect attempt a poll.
 
-Failures are ``UpstreamError`` (nothing answered: refused, reset, cut mid-answer) or ``TimeoutError``.
+Failures are ``UpstreamError`` (nothing answered: refused, reset, cut mid-answer; ``Refused`` when nothing
+listens on the port) or ``TimeoutError``.
 """
 
 from __future__ import annotations
@@ -29,10 +33,15 @@ from typing import Optional
 HEAD_LIMIT = 64 * 1024  # an answer's status line and headers: MOSEC's are ~150 bytes
 COALESCE_BYTES = 64 * 1024  # bodies up to this size go out in the same write as the head
 IDLE_PER_PORT = 64
+PORT_POLL_S = 0.01  # a refused loopback connect costs ~0.1 ms of CPU: 1 % of a core while somebody waits
 
 
 class UpstreamError(ConnectionError):
     """MOSEC did not answer: the connection was refused, reset or cut before a whole answer came."""
+
+
+class Refused(UpstreamError):
+    """Nothing listens on the port (yet, or any more): nothing was sent."""
 
 
 if sys.version_info >= (3, 11):
@@ -60,6 +69,43 @@ class UpstreamClient:
         self.host = host
         self._idle: dict[int, list[_Conn]] = {}
         self._closed = False
+        self._watchers: dict[int, asyncio.Task] = {}  # port -> the task that waits for it to listen
+        self._waiting: dict[int, int] = {}  # port -> how many wait for it
+
+    async def wait_listening(self, port: int, timeout: float) -> bool:
+        """Whether ``port`` accepts connections within ``timeout`` seconds: True the moment it does."""
+        task = self._watchers.get(port)
+        if task is None or task.done():
+            task = self._watchers[port] = asyncio.ensure_future(self._watch(port))
+        self._waiting[port] = self._waiting.get(port, 0) + 1
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), max(0.0, timeout))
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            left = self._waiting[port] - 1
+            if left:
+                self._waiting[port] = left
+            else:
+                del self._waiting[port]
+
+    async def _watch(self, port: int) -> bool:
+        """Try to connect every PORT_POLL_S while somebody waits; the first connection that succeeds
+        goes to the port's idle pool, for the first request that goes on."""
+        while not self._closed:
+            try:
+                reader, writer = await asyncio.open_connection(self.host, port, limit=HEAD_LIMIT)
+            except OSError:
+                await asyncio.sleep(PORT_POLL_S)
+                if not self._waiting.get(port):
+                    return False  # nobody waits any more (a deadline, or another generation)
+                continue
+            if port in self._idle:
+                self._release(port, _Conn(reader, writer))
+            else:
+                writer.close()
+            return True
+        return False
 
     async def post(self, port: int, path: str, body: bytes | bytearray, timeout: float) -> tuple[int, bytes]:
         """``POST path`` to ``host:port`` with ``body``; returns (status, body). Raises ``UpstreamError`` or
@@ -101,7 +147,7 @@ class UpstreamClient:
         try:
             reader, writer = await asyncio.open_connection(self.host, port, limit=HEAD_LIMIT)
         except OSError as exc:
-            raise UpstreamError(f"cannot connect to {self.host}:{port}: {exc}") from exc
+            raise Refused(f"cannot connect to {self.host}:{port}: {exc}") from exc
         return _Conn(reader, writer)
 
     def _release(self, port: int, conn: _Conn) -> None:
@@ -176,6 +222,9 @@ class UpstreamClient:
 
     async def close(self) -> None:
         self._closed = True
+        for task in self._watchers.values():
+            task.cancel()
+        self._watchers.clear()
         conns = [c for idle in self._idle.values() for c in idle]
         self._idle.clear()
         for c in conns:
