@@ -193,11 +193,16 @@ def test_requests_waiting_for_a_port_go_on_the_moment_it_listens_with_one_watche
                 s.bind(("127.0.0.1", 0))
                 gone = s.getsockname()[1]
             assert not await client.wait_listening(gone, 0.05)
-            task = client._watchers[gone]
+            given_up = client._watchers[gone]
             t_end = time.monotonic() + 2
-            while not task.done() and time.monotonic() < t_end:
+            while client._watch_tasks and time.monotonic() < t_end:
                 await asyncio.sleep(0.01)
-            assert task.done() and task.result() is False
+            assert not client._watch_tasks and given_up.result() is False
+            # closing the client answers whoever still waits with False, and cancels nobody
+            waiting = asyncio.ensure_future(client.wait_listening(gone, 10))
+            await asyncio.sleep(0.05)
+            await client.close()
+            assert await asyncio.wait_for(waiting, 2) is False
         finally:
             await client.close()
     run(main())

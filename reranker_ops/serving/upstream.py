@@ -69,17 +69,21 @@ class UpstreamClient:
         self.host = host
         self._idle: dict[int, list[_Conn]] = {}
         self._closed = False
-        self._watchers: dict[int, asyncio.Task] = {}  # port -> the task that waits for it to listen
+        self._watchers: dict[int, asyncio.Future] = {}  # port -> True once it listens, False when given up
+        self._watch_tasks: set[asyncio.Task] = set()
         self._waiting: dict[int, int] = {}  # port -> how many wait for it
 
     async def wait_listening(self, port: int, timeout: float) -> bool:
         """Whether ``port`` accepts connections within ``timeout`` seconds: True the moment it does."""
-        task = self._watchers.get(port)
-        if task is None or task.done():
-            task = self._watchers[port] = asyncio.ensure_future(self._watch(port))
+        listening = self._watchers.get(port)
+        if listening is None or listening.done():
+            listening = self._watchers[port] = asyncio.get_running_loop().create_future()
+            task = asyncio.ensure_future(self._watch(port, listening))
+            self._watch_tasks.add(task)
+            task.add_done_callback(self._watch_tasks.discard)
         self._waiting[port] = self._waiting.get(port, 0) + 1
         try:
-            return await asyncio.wait_for(asyncio.shield(task), max(0.0, timeout))
+            return await asyncio.wait_for(asyncio.shield(listening), max(0.0, timeout))
         except asyncio.TimeoutError:
             return False
         finally:
@@ -89,23 +93,28 @@ class UpstreamClient:
             else:
                 del self._waiting[port]
 
-    async def _watch(self, port: int) -> bool:
-        """Try to connect every PORT_POLL_S while somebody waits; the first connection that succeeds
-        goes to the port's idle pool, for the first request that goes on."""
-        while not self._closed:
-            try:
-                reader, writer = await asyncio.open_connection(self.host, port, limit=HEAD_LIMIT)
-            except OSError:
-                await asyncio.sleep(PORT_POLL_S)
-                if not self._waiting.get(port):
-                    return False  # nobody waits any more (a deadline, or another generation)
-                continue
-            if port in self._idle:
-                self._release(port, _Conn(reader, writer))
-            else:
-                writer.close()
-            return True
-        return False
+    async def _watch(self, port: int, listening: asyncio.Future) -> None:
+        """Try to connect every PORT_POLL_S while somebody waits; the first connection that succeeds goes
+        to the port's idle pool, for the first request that goes on. Never cancels a waiter: closing the
+        client resolves ``listening`` to False."""
+        try:
+            while not self._closed:
+                try:
+                    reader, writer = await asyncio.open_connection(self.host, port, limit=HEAD_LIMIT)
+                except OSError:
+                    await asyncio.sleep(PORT_POLL_S)
+                    if not self._waiting.get(port):
+                        break  # nobody waits any more (a deadline, or another generation)
+                    continue
+                if port in self._idle and not self._closed:
+                    self._release(port, _Conn(reader, writer))
+                else:
+                    writer.close()
+                listening.set_result(True)
+                return
+        finally:
+            if not listening.done():
+                listening.set_result(False)
 
     async def post(self, port: int, path: str, body: bytes | bytearray, timeout: float) -> tuple[int, bytes]:
         """``POST path`` to ``host:port`` with ``body``; returns (status, body). Raises ``UpstreamError`` or
@@ -222,9 +231,8 @@ class UpstreamClient:
 
     async def close(self) -> None:
         self._closed = True
-        for task in self._watchers.values():
-            task.cancel()
-        self._watchers.clear()
+        for task in list(self._watch_tasks):
+            task.cancel()  # its waiters get False, not a cancel
         conns = [c for idle in self._idle.values() for c in idle]
         self._idle.clear()
         for c in conns:
