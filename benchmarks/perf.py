@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,19 +31,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """Never the same port twice in one run: two binds in a row can get the same ephemeral port."""
-    for _ in range(1000):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
-    raise RuntimeError("no free loopback port that was not handed out already")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import free_port  # noqa: E402  (never the same port twice in one run)
 
 
 def cli(args: list[str], env: dict, timeout: float = 3600) -> subprocess.CompletedProcess:
