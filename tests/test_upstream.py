@@ -197,7 +197,7 @@ def test_requests_waiting_for_a_port_go_on_the_moment_it_listens_with_one_watche
             t_end = time.monotonic() + 2
             while client._watch_tasks and time.monotonic() < t_end:
                 await asyncio.sleep(0.01)
-            assert not client._watch_tasks and given_up.result() is False
+            assert not client._watch_tasks and given_up.result() is False and not client._watchers
             # closing the client answers whoever still waits with False, and cancels nobody
             waiting = asyncio.ensure_future(client.wait_listening(gone, 10))
             await asyncio.sleep(0.05)

@@ -115,6 +115,8 @@ class UpstreamClient:
         finally:
             if not listening.done():
                 listening.set_result(False)
+            if self._watchers.get(port) is listening:
+                del self._watchers[port]  # one entry per port being waited for, not per port ever seen
 
     async def post(self, port: int, path: str, body: bytes | bytearray, timeout: float) -> tuple[int, bytes]:
         """``POST path`` to ``host:port`` with ``body``; returns (status, body). Raises ``UpstreamError`` or
