@@ -39,14 +39,14 @@ def test_auto_serves_the_fastest_reduced_precision_that_keeps_the_ranking_and_li
     record = result["auto"]
     fp32, int8 = record["candidates"]["fp32"], record["candidates"]["int8"]
     assert fp32["status"] == int8["status"] == "passed"
-    assert int8["top1_agreement"] >= 0.8 and int8["mean_spearman"] >= 0.9 and int8["ndcg_vs_reference"] >= 0.95
     assert len(int8["pairs_per_s_rounds"]) == 3 and fp32["speedup"] == 1.0
     bf16 = record["candidates"]["bf16"]
     if cpu_can("bf16"):  # its own fidelity record, judged like int8's
         assert bf16["status"] == "passed", bf16
-        assert bf16["top1_agreement"] >= 0.8 and bf16["mean_spearman"] >= 0.9 and bf16["ndcg_vs_reference"] >= 0.95
     else:
         assert bf16["status"] == "unavailable"
+    for e in (int8, bf16) if cpu_can("bf16") else (int8,):
+        assert e["top1_agreement"] >= 0.8 and e["mean_spearman"] >= 0.9 and e["ndcg_vs_reference"] >= 0.95, e
     reduced = {p: e for p, e in record["candidates"].items() if p != "fp32" and e["status"] == "passed"}
     chosen = max(reduced, key=lambda p: reduced[p]["speedup"])  # int8 alone where the CPU has no bf16
     assert record["chosen"] == chosen and "within the fidelity limits" in record["reason"]

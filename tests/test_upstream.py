@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 
 import pytest
 
+from conftest import free_port
 from reranker_ops.serving.upstream import UpstreamClient, UpstreamError
 
 pytestmark = pytest.mark.timeout(30)
@@ -169,9 +169,7 @@ def test_requests_waiting_for_a_port_go_on_the_moment_it_listens_with_one_watche
     any during a restart) that finds it refused waits for it, and goes on when it listens, not at the
     next step of a back-off."""
     async def main():
-        with socket.socket() as s:  # a port nothing listens on (yet)
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()  # nothing listens on it (yet)
         client = UpstreamClient()
         peer = Peer()
         try:
@@ -189,9 +187,7 @@ def test_requests_waiting_for_a_port_go_on_the_moment_it_listens_with_one_watche
             assert peer.connections == 1  # the watcher's connection was the one used
             # nobody waits: the watcher of a port that refuses ends on its own
             await peer.stop()
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                gone = s.getsockname()[1]
+            gone = free_port()
             assert not await client.wait_listening(gone, 0.05)
             given_up = client._watchers[gone]
             t_end = time.monotonic() + 2

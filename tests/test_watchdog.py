@@ -236,8 +236,9 @@ def test_sd_notify_contract(tiny_fp32, tmp_path):
         wait_until(resumed, 60, 0.1, what="degraded, healed, and pings again")
         t_bad, t_good = outage()
         pings = notify.times("WATCHDOG=1")
-        # no ping while the status said degraded or restarting: systemd would see the unit hang. (The probe
-        # that heals it pings a moment before the status says 'running' again.)
+        # a ping follows a successful probe only: with its one worker stopped, then replaced, no probe can
+        # succeed, so no ping while the status said degraded or restarting (systemd sees the unit hang). The
+        # probe that heals it pings a moment before the status says 'running' again.
         t_last_bad = max(t for t, m in notify.messages if t < t_good and m.startswith("STATUS=") and m != "STATUS=running")
         assert not [t for t in pings if t_bad < t <= t_last_bad], (t_bad, t_last_bad, pings)
         last_before = max(t for t in pings if t <= t_bad)

@@ -106,10 +106,10 @@ class UpstreamClient:
                     if not self._waiting.get(port):
                         break  # nobody waits any more (a deadline, or another generation)
                     continue
-                if port in self._idle and not self._closed:
-                    self._release(port, _Conn(reader, writer))
-                else:
+                if self._closed:
                     writer.close()
+                else:
+                    self._release(port, _Conn(reader, writer))  # closes it if the port has no pool any more
                 listening.set_result(True)
                 return
         finally:
