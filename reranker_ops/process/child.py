@@ -42,6 +42,9 @@ def child_environment(base: dict[str, str], instance_env: str, instance: str, ho
     env[instance_env] = instance
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # numpy's OpenBLAS starts a thread pool when imported; MOSEC's main process imports numpy and must stay
+    # single-threaded to fork its workers (serving.app._worker_start_method). Our numpy work is small.
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
     # Test-only fault injection travels in PYTHONPATH + RERANKER_TEST_*; keep those.
     env.update({k: v for k, v in base.items() if k.startswith("RERANKER_TEST_")})
     return env
