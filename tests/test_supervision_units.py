@@ -303,6 +303,7 @@ def test_metrics_survive_a_mosec_that_does_not_answer(tmp_path):
 
     async def main() -> tuple[int, float, str]:
         sup = Supervisor(Settings(run_dir=tmp_path / "run"), tmp_path, "m", Notifier(None))
+        sup._open_front()
         await sup.gate.start()
         sup.mosec_metrics_url = lambda: f"http://127.0.0.1:{silent.getsockname()[1]}/metrics"  # type: ignore
         app = web.Application()

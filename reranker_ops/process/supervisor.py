@@ -35,24 +35,22 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import aiohttp
 import psutil
 
 from .. import __version__
 from ..config import Settings
 from ..errors import AlreadyRunning, PortInUse, ServerStartError
 from ..health.probe import CANARY, PROBE_HEADER, ProbeResult, judge
-from ..health.server import Health
 from ..health.watchdog import GONE_STATUSES, STOPPED_STATUSES, Kill, WatchdogPolicy, WorkerView
 from ..metrics import Metrics
 from ..models.store import write_json_atomic
 from ..serving.manifest import read_variant_manifest
-from ..serving.frontdoor import FrontDoor
-from ..serving.gate import Gate, Upstream
 from ..serving.heartbeat import forget_worker, read_worker_dir
 from ..serving.schema import ROUTE_TAGS, part_head, read_answers
+from ..serving.upstream import Upstream
+from ..startup import frozen_imports
 from . import roles
 from .child import Generation, child_environment
 from .runstate import (
@@ -69,6 +67,13 @@ from .runstate import (
 )
 from .sdnotify import Notifier
 from .states import State, StateMachine, Transition
+
+if TYPE_CHECKING:  # the HTTP side is imported by _open_front, once MOSEC is on its way
+    import aiohttp
+
+    from ..health.server import Health
+    from ..serving.frontdoor import FrontDoor
+    from ..serving.gate import Gate
 
 TICK_S = 0.25
 STARTUP_PROBE_INTERVAL = 0.05
@@ -182,8 +187,8 @@ class Supervisor:
         )
         self.sm = StateMachine(State.STARTING, "loading the model")
         self.sm.subscribe(self._on_transition)
-        self.health = Health(settings, self)
-        self.gate = Gate(settings, self.metrics, self.log, self.upstream, self.probe_token, self._index)
+        self.health: Health = None  # type: ignore[assignment]  # built by _open_front
+        self.gate: Gate = None  # type: ignore[assignment]
         self.started_at = time.time()
         self.started_mono = time.monotonic()
         self.loop_tick = time.monotonic()
@@ -344,9 +349,13 @@ class Supervisor:
             self._reap_previous()
             self._prepare_dirs()
             self._hold(self.variant_dir)
+            self._install_signals()
+            # MOSEC first: its interpreters start and the model compiles on the other core while this
+            # process imports its HTTP side (aiohttp, the gate: ~0.16 s) and binds its ports
+            await self._start_generation()
+            self._open_front()
             await self._bind()
             self._write_pidfile()
-            self._install_signals()
             self._publish()
             try:
                 await self._main_loop()
@@ -386,8 +395,19 @@ class Supervisor:
                 if f.is_file() or f.is_socket():
                     f.unlink(missing_ok=True)
 
+    def _open_front(self) -> None:
+        """The gate and the health server, and aiohttp under them: imported here rather than with this
+        module, so that a start pays for them while MOSEC boots, not before it is spawned."""
+        with frozen_imports():  # they live as long as the supervisor
+            from ..health.server import Health
+            from ..serving.gate import Gate
+        self.health = Health(self.settings, self)
+        self.gate = Gate(self.settings, self.metrics, self.log, self.upstream, self.probe_token, self._index)
+
     async def _bind(self) -> None:
         from aiohttp import web
+
+        from ..serving.frontdoor import FrontDoor
 
         s = self.settings
         await self.gate.start()
@@ -693,6 +713,8 @@ class Supervisor:
 
     async def _boot_and_probe(self, gen: Generation) -> tuple[bool, str]:
         """Wait until every worker of ``gen`` is ready and it answers the canary correctly, directly."""
+        import aiohttp
+
         loop = asyncio.get_running_loop()
         canary = json.dumps(CANARY, ensure_ascii=False).encode("utf-8")
         body = part_head(gen.secret, ROUTE_TAGS["/rerank"], len(canary)) + canary  # an envelope of one
@@ -749,7 +771,6 @@ class Supervisor:
 
     # --- the loop ----------------------------------------------------------------------------------------
     async def _main_loop(self) -> None:
-        await self._start_generation()
         while True:
             now = time.monotonic()
             self.loop_tick = now
@@ -976,6 +997,8 @@ class Supervisor:
         self._next_probe = time.monotonic() + (STARTUP_PROBE_INTERVAL if fast else self.settings.probe_interval_s)
 
     async def probe(self) -> ProbeResult:
+        import aiohttp
+
         s = self.settings
         url = f"{roles.base_url(s.host, s.port)}/rerank"
         headers = {PROBE_HEADER: self.probe_token}
@@ -1125,7 +1148,8 @@ class Supervisor:
                 await runner.cleanup()
             except Exception:  # noqa: BLE001
                 pass
-        await self.gate.close()
+        if self.gate is not None:  # None when the start failed before the front was opened
+            await self.gate.close()
         s = self.settings
         if self.fatal:
             if not self.sm.terminal:
@@ -1151,8 +1175,8 @@ class Supervisor:
             "instance": self.instance,
             "state": self.sm.state.value,
             "reason": self.sm.reason,
-            "healthy": self.health.verdict()[0] if self.sm.live else False,
-            "serving": self.health.serving()[0] if self.sm.live else False,
+            "healthy": self.health.verdict()[0] if self.sm.live and self.health else False,
+            "serving": self.health.serving()[0] if self.sm.live and self.health else False,
             "model": self.model_name,
             "precision": self.precision,
             "variant_dir": str(self.variant_dir),

@@ -27,7 +27,6 @@ import hmac
 import json
 import logging
 import time
-from dataclasses import dataclass
 from typing import Awaitable, Callable, Optional
 
 import aiohttp
@@ -51,7 +50,7 @@ from .schema import (
     part_head,
     read_answers,
 )
-from .upstream import Refused, UpstreamClient, UpstreamError
+from .upstream import Refused, Upstream, UpstreamClient, UpstreamError
 
 JSON = "application/json"
 PROBE_HEADER = "X-Reranker-Probe"
@@ -98,16 +97,6 @@ def _clean_mosec_message(text: str) -> str:
         if text.startswith(prefix):
             return text[len(prefix):]
     return text
-
-
-@dataclass(frozen=True)
-class Upstream:
-    """Where the current MOSEC generation listens (a loopback port), and the secret its worker expects."""
-
-    port: int
-    secret: bytes
-    generation: int = 0
-    model_name: str = ""
 
 
 RESTART_POLL_S = 0.05

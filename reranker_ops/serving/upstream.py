@@ -28,12 +28,23 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from dataclasses import dataclass
 from typing import Optional
 
 HEAD_LIMIT = 64 * 1024  # an answer's status line and headers: MOSEC's are ~150 bytes
 COALESCE_BYTES = 64 * 1024  # bodies up to this size go out in the same write as the head
 IDLE_PER_PORT = 64
 PORT_POLL_S = 0.01  # a refused loopback connect costs ~0.1 ms of CPU: 1 % of a core while somebody waits
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where the current MOSEC generation listens (a loopback port), and the secret its worker expects."""
+
+    port: int
+    secret: bytes
+    generation: int = 0
+    model_name: str = ""
 
 
 class UpstreamError(ConnectionError):
