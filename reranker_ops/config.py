@@ -2,19 +2,25 @@
 
 Every path the tool uses is derived here (from ``models_dir`` and ``run_dir``), and the settings object is
 passed down explicitly: nothing below the CLI reads the environment.
+
+Built on the standard library alone. Every rerankctl command loads its settings first, ``serve`` before it
+can start anything: pydantic and pydantic-settings took 0.17 s of each command's start to import (AMD EPYC,
+measured in the commit that replaced them), more than the rest of the CLI together. A setting is a typed
+class attribute made by :func:`setting`; values come from the arguments, else ``RERANKER_<NAME>`` in the
+environment, else the same in ``./.env``, else the default. Every bad value is reported, not just the first.
 """
 
 from __future__ import annotations
 
 import os
+import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
-
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Any, Callable, Literal, Optional
 
 DEFAULT_MODEL = "DiTy/cross-encoder-russian-msmarco"
 Precision = Literal["auto", "fp32", "fp16", "int8", "int8-weights", "bf16"]
+ENV_PREFIX = "RERANKER_"
+ENV_FILE = ".env"
 
 
 def default_run_dir() -> Path:
@@ -33,99 +39,313 @@ def default_run_dir() -> Path:
         return Path(tempfile.gettempdir()) / f"rerankctl-{os.geteuid()}"
 
 
-class Settings(BaseSettings):
+class Secret:
+    """A value that never shows in a repr, a log line or a traceback: ``get_secret_value()`` reads it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get_secret_value(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('**********')" if self._value else "Secret('')"
+
+    def __str__(self) -> str:
+        return "**********" if self._value else ""
+
+
+class SettingsError(ValueError):
+    """Every bad setting at once: ``problems`` are lines ``name: what is wrong`` (a rule across settings
+    is its own sentence)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+_MISSING: Any = object()
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f"}
+
+
+class Setting:
+    """One setting's default, bounds and description; its type is the class attribute's annotation."""
+
+    def __init__(self, default: Any, description: str, factory: Optional[Callable[[], Any]],
+                 ge: Optional[float], gt: Optional[float], le: Optional[float]) -> None:
+        self.default = default
+        self.default_factory = factory
+        self.description = description
+        self.ge, self.gt, self.le = ge, gt, le
+        self.name = ""
+        self.kind: Any = str
+        self.optional = False
+        self.choices: tuple = ()
+
+    def bind(self, name: str, hint: Any) -> None:
+        self.name = name
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) is typing.Union and type(None) in args:
+            self.optional = True
+            hint = next(a for a in args if a is not type(None))
+        if typing.get_origin(hint) is Literal:
+            self.choices = typing.get_args(hint)
+            hint = str
+        self.kind = hint
+
+    def initial(self) -> Any:
+        return self.default_factory() if self.default_factory is not None else self.default
+
+    def convert(self, raw: Any) -> Any:
+        """``raw`` (typed, from an argument, or a string from the environment) as this setting's type."""
+        if raw is None:
+            if self.optional:
+                return None
+            raise ValueError("a value is required")
+        kind = self.kind
+        if kind is bool:
+            value = _to_bool(raw)
+        elif kind is int:
+            value = _to_int(raw)
+        elif kind is float:
+            value = _to_float(raw)
+        elif kind is Path:
+            if not isinstance(raw, (str, os.PathLike)):
+                raise ValueError(f"should be a path, not {raw!r}")
+            value = Path(os.path.abspath(os.path.expanduser(os.fspath(raw))))  # wherever a command runs from
+        elif kind is Secret:
+            value = raw if isinstance(raw, Secret) else Secret(str(raw))
+        else:
+            if not isinstance(raw, str):
+                raise ValueError(f"should be text, not {raw!r}")
+            value = raw
+        if self.choices and value not in self.choices:
+            raise ValueError(f"should be one of {', '.join(map(str, self.choices))}, not {value!r}")
+        if self.ge is not None and value < self.ge:
+            raise ValueError(f"should be at least {self.ge:g}, not {value!r}")
+        if self.gt is not None and value <= self.gt:
+            raise ValueError(f"should be more than {self.gt:g}, not {value!r}")
+        if self.le is not None and value > self.le:
+            raise ValueError(f"should be at most {self.le:g}, not {value!r}")
+        return value
+
+
+def _to_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"should be true or false, not {raw!r}")
+
+
+def _to_int(raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+        raise ValueError(f"should be a whole number, not {raw!r}")
+    try:
+        return int(raw.strip().replace("_", "") if isinstance(raw, str) else raw)
+    except ValueError:
+        raise ValueError(f"should be a whole number, not {raw!r}") from None
+
+
+def _to_float(raw: Any) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise ValueError(f"should be a number, not {raw!r}")
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"should be a number, not {raw!r}") from None
+
+
+def setting(default: Any = _MISSING, description: str = "", *, factory: Optional[Callable[[], Any]] = None,
+            ge: Optional[float] = None, gt: Optional[float] = None, le: Optional[float] = None) -> Any:
+    return Setting(None if default is _MISSING else default, description, factory, ge, gt, le)
+
+
+def _unquote(value: str) -> str:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    head, sep, _comment = value.partition(" #")
+    return head.rstrip() if sep else value
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """``KEY=value`` lines (``export`` allowed, ``#`` comments, quoted values) of a dotenv file; {} without one."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        return {}
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export "):].lstrip()
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key.strip()] = _unquote(value)
+    return out
+
+
+def _environment() -> dict[str, str]:
+    """``RERANKER_*`` values by setting name (names are not case-sensitive): the environment over ``./.env``."""
+    found: dict[str, str] = {}
+    for source in (read_env_file(Path(ENV_FILE)), os.environ):
+        for key, value in source.items():
+            if key.upper().startswith(ENV_PREFIX):
+                found[key[len(ENV_PREFIX):].lower()] = value
+    return found
+
+
+class Settings:
     """All of rerankctl's settings. Each field is documented in ``env.example``."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="RERANKER_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
-    )
-
     # --- model ---------------------------------------------------------------------------------------
-    model: str = Field(DEFAULT_MODEL, description="Repo id, name under models_dir, or path to a model folder.")
-    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) to download.")
-    models_dir: Path = Field(Path("models"), description="Where downloaded and converted models live.")
-    precision: Precision = Field("auto", description="Which converted variant serve loads; auto: the one `convert --precision auto` chose (fp32 until it has run).")
-    auto_min_speedup: float = Field(1.05, ge=0.0, description="auto serves a reduced precision that passed the fidelity check only when it is at least this many times fp32's speed (below 1: also when slower, e.g. for INT8's smaller memory).")
-    model_format: Literal["openvino", "onnx"] = Field("openvino", description="Which converted format serve loads.")
+    model: str = setting(DEFAULT_MODEL, description="Repo id, name under models_dir, or path to a model folder.")
+    revision: Optional[str] = setting(None, description="Hub revision (branch, tag or commit) to download.")
+    models_dir: Path = setting(Path("models"), description="Where downloaded and converted models live.")
+    precision: Precision = setting("auto", description="Which converted variant serve loads; auto: the one `convert --precision auto` chose (fp32 until it has run).")
+    auto_min_speedup: float = setting(1.05, ge=0.0, description="auto serves a reduced precision that passed the fidelity check only when it is at least this many times fp32's speed (below 1: also when slower, e.g. for INT8's smaller memory).")
+    model_format: Literal["openvino", "onnx"] = setting("openvino", description="Which converted format serve loads.")
 
     # --- network -------------------------------------------------------------------------------------
-    host: str = Field("127.0.0.1", description="Address of the API.")
-    port: int = Field(8080, ge=1, le=65535, description="Port of the API (rerank routes).")
-    health_port: int = Field(8081, ge=1, le=65535, description="Port of /health, /live, /ready, /metrics.")
-    api_key: Optional[SecretStr] = Field(None, description="If set, API routes need 'Authorization: Bearer <key>'.")
-    api_port_ops: Literal["open", "key", "off"] = Field("open", description="/health, /ready, /live and /metrics on the API port too: open; key = only with the API key; off = on the health port only.")
+    host: str = setting("127.0.0.1", description="Address of the API.")
+    port: int = setting(8080, ge=1, le=65535, description="Port of the API (rerank routes).")
+    health_port: int = setting(8081, ge=1, le=65535, description="Port of /health, /live, /ready, /metrics.")
+    api_key: Optional[Secret] = setting(None, description="If set, API routes need 'Authorization: Bearer <key>'.")
+    api_port_ops: Literal["open", "key", "off"] = setting("open", description="/health, /ready, /live and /metrics on the API port too: open; key = only with the API key; off = on the health port only.")
 
     # --- state ---------------------------------------------------------------------------------------
-    run_dir: Path = Field(default_factory=default_run_dir, description="Lock, pidfile, logs, MOSEC sockets.")
+    run_dir: Path = setting(factory=default_run_dir, description="Lock, pidfile, logs, MOSEC sockets.")
 
     # --- inference -----------------------------------------------------------------------------------
-    workers: int = Field(1, ge=1, le=64, description="Inference worker processes.")
-    threads: int = Field(0, ge=0, le=256, description="OpenVINO threads per worker; 0 = cores / workers.")
-    pin_threads: bool = Field(False, description="Let OpenVINO pin threads to cores (off: workers must not share a core).")
-    max_batch_requests: int = Field(32, ge=1, le=1024, description="Requests the gate batches into one scoring call (one envelope to a free worker).")
-    batch_wait_ms: int = Field(5, ge=0, le=1000, description="When a worker frees up with fewer requests waiting than it just answered, how long (ms) the gate waits for those clients to come back before it sends; 0 = send what waits at once.")
-    token_budget: int = Field(2048, ge=64, description="Padded tokens per OpenVINO call (micro-batch size); activation memory grows with it.")
-    attention_budget: int = Field(512 * 512, ge=0, description="Rows x padded length² per OpenVINO call (attention memory grows with the square of the length); 0 = no limit.")
-    max_length: int = Field(0, ge=0, description="Truncate pairs to this many tokens; 0 = the model's maximum.")
-    windows: int = Field(1, ge=1, le=64, description="Passages longer than the model's window: 1 = truncate; n > 1 = score up to n overlapping windows of the passage and keep the best score (a request can ask with \"windows\").")
-    max_windows: int = Field(8, ge=1, le=64, description="The most windows per passage a request may ask for.")
-    window_stride: int = Field(128, ge=0, description="Tokens each window shares with the one before (transformers' stride).")
+    workers: int = setting(1, ge=1, le=64, description="Inference worker processes.")
+    threads: int = setting(0, ge=0, le=256, description="OpenVINO threads per worker; 0 = cores / workers.")
+    pin_threads: bool = setting(False, description="Let OpenVINO pin threads to cores (off: workers must not share a core).")
+    max_batch_requests: int = setting(32, ge=1, le=1024, description="Requests the gate batches into one scoring call (one envelope to a free worker).")
+    batch_wait_ms: int = setting(5, ge=0, le=1000, description="When a worker frees up with fewer requests waiting than it just answered, how long (ms) the gate waits for those clients to come back before it sends; 0 = send what waits at once.")
+    token_budget: int = setting(2048, ge=64, description="Padded tokens per OpenVINO call (micro-batch size); activation memory grows with it.")
+    attention_budget: int = setting(512 * 512, ge=0, description="Rows x padded length² per OpenVINO call (attention memory grows with the square of the length); 0 = no limit.")
+    max_length: int = setting(0, ge=0, description="Truncate pairs to this many tokens; 0 = the model's maximum.")
+    windows: int = setting(1, ge=1, le=64, description="Passages longer than the model's window: 1 = truncate; n > 1 = score up to n overlapping windows of the passage and keep the best score (a request can ask with \"windows\").")
+    max_windows: int = setting(8, ge=1, le=64, description="The most windows per passage a request may ask for.")
+    window_stride: int = setting(128, ge=0, description="Tokens each window shares with the one before (transformers' stride).")
 
     # --- conversion parity (FP32 must agree within 1e-4; reduced precisions within these) -------------
-    parity_max_abs_diff: float = Field(0.25, gt=0, description="Max |score difference| allowed for fp16/int8 (catches a broken variant; the ranking limits below judge fidelity).")
-    parity_min_spearman: float = Field(0.9, ge=-1, le=1, description="Min mean (over queries) Spearman for fp16/int8.")
-    parity_min_top1: float = Field(0.8, ge=0, le=1, description="Min share of queries whose top-1 agrees (fp16/int8).")
-    parity_min_ndcg: float = Field(0.95, ge=0, le=1, description="Min NDCG@10 of the variant's ranking against the reference's scores (fp16/int8).")
+    parity_max_abs_diff: float = setting(0.25, gt=0, description="Max |score difference| allowed for fp16/int8 (catches a broken variant; the ranking limits below judge fidelity).")
+    parity_min_spearman: float = setting(0.9, ge=-1, le=1, description="Min mean (over queries) Spearman for fp16/int8.")
+    parity_min_top1: float = setting(0.8, ge=0, le=1, description="Min share of queries whose top-1 agrees (fp16/int8).")
+    parity_min_ndcg: float = setting(0.95, ge=0, le=1, description="Min NDCG@10 of the variant's ranking against the reference's scores (fp16/int8).")
 
     # --- limits --------------------------------------------------------------------------------------
-    max_documents: int = Field(1000, ge=1, description="Documents per request.")
-    max_document_chars: int = Field(50_000, ge=1, description="Characters per document (and per query).")
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Request body size.")
-    queue_capacity: int = Field(256, ge=2, description="Requests queued in MOSEC before 429.")
-    request_timeout_s: float = Field(30.0, gt=0, description="Deadline of one request (408/504 past it).")
+    max_documents: int = setting(1000, ge=1, description="Documents per request.")
+    max_document_chars: int = setting(50_000, ge=1, description="Characters per document (and per query).")
+    max_body_bytes: int = setting(4 * 1024 * 1024, ge=1024, description="Request body size.")
+    queue_capacity: int = setting(256, ge=2, description="Requests queued in MOSEC before 429.")
+    request_timeout_s: float = setting(30.0, gt=0, description="Deadline of one request (408/504 past it).")
 
     # --- fair scheduling: the unit of work is text, not a request ----------------------------------------
-    split_bytes: int = Field(4096, ge=0, description="Request bodies larger than this are split by the gate into chunks that interleave with other requests; 0 = never.")
-    chunk_chars: int = Field(3000, ge=100, description="Characters of query + passage text per chunk of a split request.")
-    schedule_budget_chars: int = Field(0, ge=0, description="Characters of work outstanding in MOSEC at once; 0 = 1.5 chunks per worker.")
+    split_bytes: int = setting(4096, ge=0, description="Request bodies larger than this are split by the gate into chunks that interleave with other requests; 0 = never.")
+    chunk_chars: int = setting(3000, ge=100, description="Characters of query + passage text per chunk of a split request.")
+    schedule_budget_chars: int = setting(0, ge=0, description="Characters of work outstanding in MOSEC at once; 0 = 1.5 chunks per worker.")
 
     # --- the front door: admission and connection deadlines ---------------------------------------------
-    max_in_flight: int = Field(0, ge=0, description="Requests admitted at once, beyond that 429; 0 = queue_capacity - 1 (one slot stays free for the canary).")
-    max_buffered_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="Request bodies held in memory at once, beyond that 429.")
-    max_connections: int = Field(1024, ge=8, description="Open client connections on the API port, beyond that 429 and close.")
-    header_timeout_s: float = Field(10.0, gt=0, description="A new connection must send its request headers within this, else 408 and close.")
-    body_timeout_s: float = Field(30.0, gt=0, description="Deadline for reading a request body, else 408 and close.")
-    keepalive_timeout_s: float = Field(15.0, gt=0, description="An idle keep-alive connection is closed after this.")
+    max_in_flight: int = setting(0, ge=0, description="Requests admitted at once, beyond that 429; 0 = queue_capacity - 1 (one slot stays free for the canary).")
+    max_buffered_bytes: int = setting(256 * 1024 * 1024, ge=1024, description="Request bodies held in memory at once, beyond that 429.")
+    max_connections: int = setting(1024, ge=8, description="Open client connections on the API port, beyond that 429 and close.")
+    header_timeout_s: float = setting(10.0, gt=0, description="A new connection must send its request headers within this, else 408 and close.")
+    body_timeout_s: float = setting(30.0, gt=0, description="Deadline for reading a request body, else 408 and close.")
+    keepalive_timeout_s: float = setting(15.0, gt=0, description="An idle keep-alive connection is closed after this.")
 
     # --- supervision ---------------------------------------------------------------------------------
-    probe_interval_s: float = Field(3.0, gt=0, description="Seconds between watchdog canary requests.")
-    probe_timeout_s: float = Field(5.0, gt=0, description="Deadline of one canary request.")
-    probe_failures: int = Field(2, ge=1, description="Consecutive failed probes before remediation.")
-    worker_hang_s: float = Field(30.0, gt=0, description="A worker inside a forward pass with no progress this long is hung.")
-    respawn_timeout_s: float = Field(30.0, gt=0, description="A killed worker must be replaced (heartbeat ready) within this, else MOSEC is restarted.")
-    start_attempts: int = Field(2, ge=1, description="Tries to boot MOSEC before giving up, if it was never healthy.")
-    startup_timeout_s: float = Field(300.0, gt=0, description="Time MOSEC has to answer its first probe.")
-    restart_budget: int = Field(5, ge=0, description="Restarts allowed within restart_window_s before giving up.")
-    restart_window_s: float = Field(600.0, gt=0, description="Window of the restart budget.")
-    stop_timeout_s: float = Field(20.0, gt=0, description="Drain deadline on stop before SIGKILL.")
-    log_max_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Rotate the daemon log at this size.")
-    log_backups: int = Field(3, ge=0, description="Rotated daemon logs kept.")
+    probe_interval_s: float = setting(3.0, gt=0, description="Seconds between watchdog canary requests.")
+    probe_timeout_s: float = setting(5.0, gt=0, description="Deadline of one canary request.")
+    probe_failures: int = setting(2, ge=1, description="Consecutive failed probes before remediation.")
+    worker_hang_s: float = setting(30.0, gt=0, description="A worker inside a forward pass with no progress this long is hung.")
+    respawn_timeout_s: float = setting(30.0, gt=0, description="A killed worker must be replaced (heartbeat ready) within this, else MOSEC is restarted.")
+    start_attempts: int = setting(2, ge=1, description="Tries to boot MOSEC before giving up, if it was never healthy.")
+    startup_timeout_s: float = setting(300.0, gt=0, description="Time MOSEC has to answer its first probe.")
+    restart_budget: int = setting(5, ge=0, description="Restarts allowed within restart_window_s before giving up.")
+    restart_window_s: float = setting(600.0, gt=0, description="Window of the restart budget.")
+    stop_timeout_s: float = setting(20.0, gt=0, description="Drain deadline on stop before SIGKILL.")
+    log_max_bytes: int = setting(10 * 1024 * 1024, ge=1024, description="Rotate the daemon log at this size.")
+    log_backups: int = setting(3, ge=0, description="Rotated daemon logs kept.")
 
-    debug: bool = Field(False, description="Show tracebacks and debug logs.")
+    debug: bool = setting(False, description="Show tracebacks and debug logs.")
 
-    @field_validator("models_dir", "run_dir", mode="after")
-    @classmethod
-    def _expand(cls, v: Path) -> Path:
-        # absolute: the pidfile, state and units record where things are, wherever a command runs from
-        return Path(os.path.abspath(os.path.expanduser(str(v))))
+    def __init__(self, **given: Any) -> None:
+        """Each setting from ``given`` (unknown names are ignored, as in a pidfile of an older version),
+        else the environment, else ``./.env``, else its default. Raises ``SettingsError`` with every
+        problem found."""
+        env: Optional[dict[str, str]] = None
+        problems: list[str] = []
+        for name, spec in _fields().items():
+            if name in given:
+                raw = given[name]
+            else:
+                if env is None:
+                    env = _environment()
+                raw = env[name] if name in env else spec.initial()
+            try:
+                value = spec.convert(raw)
+            except ValueError as exc:
+                problems.append(f"{name}: {exc}")
+                value = None
+            setattr(self, name, value)
+        if not problems:
+            problems = self._rules()
+        if problems:
+            raise SettingsError(problems)
 
-    @model_validator(mode="after")
-    def _distinct_ports(self) -> "Settings":
+    def _rules(self) -> list[str]:
+        out = []
         if self.port == self.health_port:
-            raise ValueError(f"port and health_port are both {self.port}; give them different ports")
+            out.append(f"port and health_port are both {self.port}; give them different ports")
         if self.api_port_ops == "key" and not self.api_key:
-            raise ValueError("api_port_ops=key needs an API key: set RERANKER_API_KEY, or choose open or off")
-        return self
+            out.append("api_port_ops=key needs an API key: set RERANKER_API_KEY, or choose open or off")
+        return out
+
+    @classmethod
+    def fields(cls) -> dict[str, Setting]:
+        return dict(_fields())
+
+    def values(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _fields()}
+
+    def as_json(self, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Every setting as JSON values (paths as text, a secret as stars), but those in ``exclude``."""
+        out: dict[str, Any] = {}
+        for name, value in self.values().items():
+            if name in exclude:
+                continue
+            out[name] = str(value) if isinstance(value, (Path, Secret)) else value
+        return out
+
+    def replace(self, **update: Any) -> "Settings":
+        """A copy with ``update`` applied, checked like any other settings."""
+        return Settings(**{**self.values(), **update})
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Settings) and other.values() == self.values()
+
+    def __repr__(self) -> str:
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in self.values().items()) + ")"
 
     # --- derived paths -------------------------------------------------------------------------------
     @property
@@ -168,6 +388,20 @@ class Settings(BaseSettings):
         return max(1, (os.cpu_count() or 1) // self.workers)
 
 
+_FIELDS: dict[str, Setting] = {}
+
+
+def _fields() -> dict[str, Setting]:
+    """The settings in the order they are declared, each bound to its annotated type (once)."""
+    if not _FIELDS:
+        hints = typing.get_type_hints(Settings)
+        for name, spec in vars(Settings).items():
+            if isinstance(spec, Setting):
+                spec.bind(name, hints[name])
+                _FIELDS[name] = spec
+    return _FIELDS
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Settings from env / .env, with the options the user actually gave (not None) on top."""
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -181,7 +415,7 @@ def render_env_example() -> str:
         "# Command-line options override these; these override the defaults shown.",
         "",
     ]
-    for name, field in Settings.model_fields.items():
+    for name, field in Settings.fields().items():
         default = field.default
         if field.default_factory is not None:
             default = "$XDG_RUNTIME_DIR/rerankctl, else /run/rerankctl for root, else ~/.local/state/rerankctl/run"

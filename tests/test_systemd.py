@@ -62,7 +62,7 @@ def test_checked_in_units_and_env_example_match_the_generators():
         expected = render(unit, Settings(), rerankctl=Path("/opt/rerankctl/venv/bin/rerankctl"))
         assert (REPO / "systemd" / unit).read_text() == expected, f"systemd/{unit} is stale: regenerate it"
     assert (REPO / "env.example").read_text() == render_env_example(), "env.example is stale: regenerate it"
-    for name in Settings.model_fields:
+    for name in Settings.fields():
         assert f"RERANKER_{name.upper()}=" in render_env_example()
 
 

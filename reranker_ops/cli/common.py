@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..config import Settings, load_settings
+from ..config import Settings, SettingsError, load_settings
 from ..errors import RerankerError
 
 console = Console()
@@ -47,16 +47,10 @@ def set_debug(on: bool) -> None:
 def settings_from(**options: Any) -> Settings:
     try:
         return load_settings(**options)
-    except Exception as exc:  # pydantic ValidationError: one line per bad field
-        errors = getattr(exc, "errors", None)
-        if callable(errors):
-            # a field's error names the field; a rule across fields (empty loc) is its own sentence
-            parts = [(f"{'.'.join(str(x) for x in e['loc'])}: " if e["loc"] else "")
-                     + e["msg"].removeprefix("Value error, ") for e in errors()]
-            raise RerankerError(
-                "invalid setting: " + "; ".join(parts), "fix the option or its RERANKER_* variable"
-            ) from exc
-        raise
+    except SettingsError as exc:  # every bad setting, on one line
+        raise RerankerError(
+            "invalid setting: " + "; ".join(exc.problems), "fix the option or its RERANKER_* variable"
+        ) from exc
 
 
 def report_error(exc: BaseException) -> int:

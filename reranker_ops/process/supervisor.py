@@ -464,7 +464,7 @@ class Supervisor:
                 "started_at": self.started_at,
                 "under_systemd": self.notifier.enabled,
                 # what `restart` starts again (secrets excluded: they come from the environment)
-                "settings": s.model_dump(mode="json", exclude={"api_key"}),
+                "settings": s.as_json(exclude=("api_key",)),
             },
         )
 
@@ -663,7 +663,7 @@ class Supervisor:
         from ..models.store import find_variant, resolve_model
 
         update = {k: request[k] for k in ("model", "precision", "model_format") if request.get(k)}
-        settings = self.settings.model_copy(update=update)
+        settings = self.settings.replace(**update)
         variant = find_variant(settings)
         return variant.resolve(), resolve_model(settings).name, served_precision(variant, settings.precision)
 
