@@ -115,9 +115,9 @@ def _serve(settings, *, daemon: bool, prepare: bool, log_file: Optional[Path] = 
         from ..process.roles import url_host
         from .common import report_error
 
-        def run_daemon() -> int:
+        def run_daemon(ready_fd: int) -> int:
             log = _setup_logging(settings.log_path, settings)
-            sup = Supervisor(settings, variant, ref.name, Notifier(None), log)
+            sup = Supervisor(settings, variant, ref.name, Notifier(None, ready_fd=ready_fd), log)
             try:
                 asyncio.run(sup.run())
                 return 0

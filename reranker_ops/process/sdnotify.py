@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections import deque
 from typing import Optional
@@ -10,8 +11,9 @@ from typing import Optional
 class Notifier:
     """Silent when there is no socket (not under systemd). Never raises: a lost datagram is not fatal."""
 
-    def __init__(self, address: Optional[str]) -> None:
+    def __init__(self, address: Optional[str], ready_fd: Optional[int] = None) -> None:
         self.address = address or None
+        self.ready_fd = ready_fd  # `serve --daemon`'s caller waits on this pipe (process.control.start_daemon)
         self.sent: deque[str] = deque(maxlen=32)  # the last few, for debugging; bounded
 
     @property
@@ -35,6 +37,13 @@ class Notifier:
         return True
 
     def ready(self, status: str) -> bool:
+        if self.ready_fd is not None:
+            fd, self.ready_fd = self.ready_fd, None
+            try:
+                os.write(fd, b"R")
+                os.close(fd)
+            except OSError:  # the caller is gone: nobody to tell
+                pass
         return self.notify("READY=1", f"STATUS={status}")
 
     def watchdog(self) -> bool:
