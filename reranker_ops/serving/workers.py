@@ -110,16 +110,17 @@ class Score(Worker):
             self.scorer.score(cfg.get("warmup_query", "проверка"), ["прогрев модели", "warm-up"])
         self.tokenizer = self.scorer.tokenizer
         self.model_name = cfg["model_name"]
-        released = self.scorer.release_mapped_weights()
-        self.hb.publish_info(heavy_modules=_loaded_heavy_modules(), released_mapping_bytes=released)
+        self.hb.publish_info(heavy_modules=_loaded_heavy_modules())
         self.hb.write(ready=1, progress_at=time.monotonic())
         threading.Thread(target=self._trim_loop, name="trim", daemon=True).start()
 
     def _trim_loop(self) -> None:
-        """Every TRIM_INTERVAL_S after batches ran: hand back heap pages that freed activations and request
-        objects left behind, and the embedding rows those batches touched in the mapped weights (they stay
-        in the page cache, shared by every worker). ~5 ms of madvise and malloc_trim, off the request path:
-        both are C calls that do not hold the GIL."""
+        """First the weight file's mapping, which compiling and the warm-up no longer need (~35 ms of
+        reading /proc/self/maps: off the path to ready). Then every TRIM_INTERVAL_S after batches ran: hand
+        back heap pages that freed activations and request objects left behind, and the embedding rows
+        those batches touched in the mapped weights (they stay in the page cache, shared by every worker).
+        ~5 ms of madvise and malloc_trim, off the request path: both are C calls that do not hold the GIL."""
+        self.scorer.release_mapped_weights()
         seen = -1
         while True:
             time.sleep(TRIM_INTERVAL_S)
