@@ -120,8 +120,11 @@ class Score(Worker):
                 attention_budget=cfg["attention_budget"],
                 max_length=cfg["max_length"],
             )
-            # Warm up so the first real request does not pay for the first inference.
-            self.scorer.score(cfg.get("warmup_query", "проверка"), ["прогрев модели", "warm-up"])
+            # Warm up so the first real request does not pay for the first inference (~0.08 s, whatever its
+            # shape: a request of another shape right after is as fast as a warm one), with the smallest
+            # input: one short pair (DiTy's shape, AVX-512: warm-up and canary 0.15-0.19 s, 0.19-0.23 s with
+            # two pairs)
+            self.scorer.score(cfg.get("warmup_query", "проверка"), ["прогрев"])
         self.tokenizer = self.scorer.tokenizer
         self.model_name = cfg["model_name"]
         self.hb.publish_info(heavy_modules=_loaded_heavy_modules())
