@@ -10,7 +10,8 @@ only), converts it to OpenVINO FP32 and INT8, then, in each of --repeats (≥ 3)
     the server's cost is the median of those paired differences (`rerankctl bench --paired`), sent with the
     standard library's kept-alive client (the target); the same with httpx is reported beside it, what a
     client built on httpx (like ours) adds on top;
-  * start time: `serve --daemon` to healthy beside OpenVINO alone reading and compiling the model;
+  * start time: `serve --daemon` to healthy beside OpenVINO alone reading and compiling the model, three
+    times a round (each start beside its own compile: the ratio is per pair);
   * memory (PSS) of the whole process tree after real traffic, FP32 and INT8, per process.
 Every figure is the median of the rounds with its spread (min–max). The targets (TARGETS) are checked in
 code on the medians: the exit status is 1 when one is missed, and the report names it. Then, once, two
@@ -29,6 +30,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+PACKAGE = HERE.parent / "reranker_ops"
+STARTS_PER_ROUND = 3
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -170,6 +173,10 @@ def main() -> int:
     if args.repeats < 3:
         ap.error("--repeats must be at least 3 (a median of fewer is one run)")
     args.out.mkdir(parents=True, exist_ok=True)
+    # As installed: pip byte-compiles a package it installs, and an editable install writes its bytecode on
+    # first use, unless PYTHONDONTWRITEBYTECODE is set (it is on the machine these figures come from). Then
+    # every start would compile rerankctl's modules from source again, in each of its three processes.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(PACKAGE)], check=True, timeout=300)
     model = dity_model(args.out, int8=not args.skip_int8)
     variant = model / "openvino-fp32"
     cores = os.cpu_count() or 1
@@ -178,6 +185,10 @@ def main() -> int:
 
     for i in range(args.repeats):
         print(f"repeat {i + 1}/{args.repeats}: start time, served workloads beside the ceiling, memory ...", flush=True)
+        for _ in range(STARTS_PER_ROUND - 1):
+            raw["compile_s"].append(ov_compile_seconds(variant, cores))
+            with Server(model, args.out / f"run-{i}") as srv:
+                raw["start_s"].append(srv.start_seconds)
         raw["compile_s"].append(ov_compile_seconds(variant, cores))
         with Server(model, args.out / f"run-{i}") as srv:
             raw["start_s"].append(srv.start_seconds)
@@ -271,7 +282,8 @@ def render(r: dict) -> str:
     lines = [
         f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, {r['machine']['flags']}; "
         f"{r['seconds']:.0f} s per measurement; median (min–max) of {r['repeats']} repeats, each a served run "
-        "and its in-process ceiling side by side. FP32, one worker with all cores, random model of DiTy's exact shape.",
+        "and its in-process ceiling side by side. FP32, one worker with all cores, random model of DiTy's exact shape; "
+        "rerankctl byte-compiled first, as an install does.",
         "",
         "| measure | served | in-process | ratio | target |",
         "|---|---|---|---|---|",
@@ -285,7 +297,8 @@ def render(r: dict) -> str:
         f"| tiny, c=1, the same with an httpx client (not a target: the client library's cost on top) | "
         f"{_fmt(r['tiny_c1_httpx_p50_ms'], '.1f', ' ms')} | {_fmt(r['tiny_c1_httpx_inprocess_p50_ms'], '.1f', ' ms')} | "
         f"+{_fmt(r['tiny_c1_httpx_p50_over_ms'], '.1f', ' ms')} | |",
-        f"| start: serve --daemon to healthy | {_fmt(r['start_s'], '.2f', ' s')} | OpenVINO read+compile "
+        f"| start: serve --daemon to healthy ({STARTS_PER_ROUND} a round, each beside its own compile) | "
+        f"{_fmt(r['start_s'], '.2f', ' s')} | OpenVINO read+compile "
         f"{_fmt(r['compile_s'], '.2f', ' s')} | {_fmt(r['start_ratio'])} | ≤ {t['start_ratio_max']} |",
     ]
     for prec in ("fp32", "int8"):
