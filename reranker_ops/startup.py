@@ -1,6 +1,6 @@
 """Start-up without the cyclic garbage collector's overhead.
 
-Importing rerankctl's dependencies (typer, rich, pydantic, aiohttp) allocates a few hundred thousand objects,
+Importing rerankctl's dependencies (typer, rich, aiohttp; pydantic then) allocates a few hundred thousand objects,
 and Python runs a collection every 700 allocations: those collections find nothing to free (modules,
 classes and functions live as long as the process) but took ~0.15 s of `rerankctl serve --daemon`'s
 imports, and a last full collection at exit took another ~0.19 s (AMD EPYC, measured in the commit that

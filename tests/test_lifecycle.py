@@ -162,6 +162,11 @@ def test_port_taken_by_another_program(make_server):
         assert not (server.run_dir / "rerankctl.pid.json").exists()
         marked = [p for p in psutil.process_iter() if proc_env(p).get("RERANKER_RUN_DIR") == str(server.run_dir)]
         assert marked == []
+        # MOSEC is spawned before the ports are bound, and its processes carry no RERANKER_* setting: they
+        # are known by the run dir in their command lines (its config; the controller's under mosec/)
+        mosec = [p for p in psutil.process_iter() if str(server.run_dir) in " ".join(_cmd(p))]
+        assert mosec == [], [(p.pid, _cmd(p)) for p in mosec]
+        assert "started MOSEC generation 1" in (server.run_dir / "rerankctl.log").read_text()
     finally:
         blocker.close()
 
