@@ -177,9 +177,13 @@ def setting(default: Any = _MISSING, description: str = "", *, factory: Optional
 
 
 def _unquote(value: str) -> str:
+    """A dotenv value: quoted (what follows the closing quote, a comment, is dropped), or bare up to a
+    `` #`` comment."""
     value = value.strip()
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return value[1:-1]
+    if value[:1] in ("'", '"'):
+        end = value.find(value[0], 1)
+        if end > 0:
+            return value[1:end]
     head, sep, _comment = value.partition(" #")
     return head.rstrip() if sep else value
 

@@ -49,7 +49,7 @@ def test_dotenv_lines_names_and_secrets(monkeypatch, tmp_path):
             monkeypatch.delenv(k)
     (tmp_path / ".env").write_text(
         "# settings\n\nexport RERANKER_PORT=9300\nRERANKER_HOST=\"10.0.0.1\"\nRERANKER_WORKERS=3  # three\n"
-        "RERANKER_API_KEY='s3cret key'\nOTHER_TOOL=1\nRERANKER_PIN_THREADS=yes\n")
+        "RERANKER_API_KEY='s3cret key'  # the key\nOTHER_TOOL=1\nRERANKER_PIN_THREADS=yes\n")
     monkeypatch.setenv("reranker_threads", "3")
     s = load_settings()
     assert (s.port, s.host, s.workers, s.threads, s.pin_threads) == (9300, "10.0.0.1", 3, 3, True)
