@@ -53,12 +53,6 @@ class Secret:
     def __bool__(self) -> bool:
         return bool(self._value)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
     def __repr__(self) -> str:
         return "Secret('**********')" if self._value else "Secret('')"
 
@@ -75,7 +69,6 @@ class SettingsError(ValueError):
         self.problems = problems
 
 
-_MISSING: Any = object()
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f"}
 
@@ -89,13 +82,11 @@ class Setting:
         self.default_factory = factory
         self.description = description
         self.ge, self.gt, self.le = ge, gt, le
-        self.name = ""
         self.kind: Any = str
         self.optional = False
         self.choices: tuple = ()
 
-    def bind(self, name: str, hint: Any) -> None:
-        self.name = name
+    def bind(self, hint: Any) -> None:
         args = typing.get_args(hint)
         if typing.get_origin(hint) is typing.Union and type(None) in args:
             self.optional = True
@@ -171,9 +162,9 @@ def _to_float(raw: Any) -> float:
         raise ValueError(f"should be a number, not {raw!r}") from None
 
 
-def setting(default: Any = _MISSING, description: str = "", *, factory: Optional[Callable[[], Any]] = None,
+def setting(default: Any = None, description: str = "", *, factory: Optional[Callable[[], Any]] = None,
             ge: Optional[float] = None, gt: Optional[float] = None, le: Optional[float] = None) -> Any:
-    return Setting(None if default is _MISSING else default, description, factory, ge, gt, le)
+    return Setting(default, description, factory, ge, gt, le)
 
 
 def _unquote(value: str) -> str:
@@ -345,9 +336,6 @@ class Settings:
         """A copy with ``update`` applied, checked like any other settings."""
         return Settings(**{**self.values(), **update})
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Settings) and other.values() == self.values()
-
     def __repr__(self) -> str:
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in self.values().items()) + ")"
 
@@ -401,7 +389,7 @@ def _fields() -> dict[str, Setting]:
         hints = typing.get_type_hints(Settings)
         for name, spec in vars(Settings).items():
             if isinstance(spec, Setting):
-                spec.bind(name, hints[name])
+                spec.bind(hints[name])
                 _FIELDS[name] = spec
     return _FIELDS
 
