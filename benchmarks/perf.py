@@ -4,8 +4,10 @@
 
 Builds (once) a randomly initialised model with DiTy's exact shape (speed and memory depend on shape
 only), converts it to OpenVINO FP32 and INT8, then, in each of --repeats (≥ 3) rounds:
-  * rag at concurrency 4 and tiny at concurrency 10: served, then the in-process ceiling (the best
-    batching measured with the same model), so every ratio is between figures of the same round;
+  * rag at concurrency 4 and tiny at concurrency 10: served, and the in-process ceiling (the best batching
+    measured with the same model), in three alternating pairs of blocks (`rerankctl bench --ceiling`), so
+    every ratio is between figures measured side by side; the load comes from the standard library's
+    client, the lightest (the load generator's CPU is taken from the server's on this machine);
   * tiny at concurrency 1: each request served and also scored in-process right before or after it, and
     the server's cost is the median of those paired differences (`rerankctl bench --paired`), sent with the
     standard library's kept-alive client (the target); the same with httpx is reported beside it, what a

@@ -50,8 +50,75 @@ def test_bench_ceiling_and_ratios(shared_server):
     assert str(out["ceiling"]["batched"]["requests_per_call"]) in selection["by_group"]
     assert selection["pairs_per_s_without_memory_budgets"] > 0
     assert 0 < out["ratios"]["served_pairs_per_s_over_batched_ceiling"]
+    # served and in-process side by side: three pairs of blocks, their order alternating, and the figures
+    # reported are the sums of their blocks
+    blocks = out["blocks"]
+    assert [b["first"] for b in blocks] == ["served", "ceiling", "served"]
+    for b in blocks:
+        assert b["ratio"] == pytest.approx(b["served_pairs_per_s"] / b["ceiling_pairs_per_s"], abs=0.002)
+    lo, hi = (f([b["ceiling_pairs_per_s"] for b in blocks]) for f in (min, max))
+    assert lo * 0.999 <= out["ceiling"]["batched"]["pairs_per_s"] <= hi * 1.001
+    lo, hi = (f([b["served_pairs_per_s"] for b in blocks]) for f in (min, max))
+    assert lo * 0.999 <= out["served"]["pairs_per_s"] <= hi * 1.001
+    assert out["served"]["codes"] == {"200": out["served"]["requests"]}
+    # --blocks 1: served, then the ceiling, as one window each
+    res = shared_server.cli("bench", "--url", shared_server.base, "-z", "1", "-c", "2", "--ceiling", "--blocks", "1",
+                            "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert "blocks" not in out and out["ratios"]["served_pairs_per_s_over_batched_ceiling"] > 0
     res = shared_server.cli("bench", "--url", shared_server.base, "-n", "2", "--workload", "nope")
     assert res.returncode != 0 and "unknown workload" in res.stderr
+
+
+def test_bench_load_with_either_client(shared_server):
+    for client in ("stdlib", "httpx"):
+        res = shared_server.cli("bench", "--url", shared_server.base, "-c", "3", "-n", "6", "--client", client, "--json")
+        assert res.returncode == 0, res.stderr
+        out = json.loads(res.stdout)["served"]
+        assert out["codes"] == {"200": 6} and out["errors"] == {} and out["tokens_per_s"] > 0
+
+
+def test_the_lean_client_sends_a_request_that_timed_out_once():
+    """It opens a kept-alive connection again once when the server had closed it; a request that got no
+    answer in time is not sent a second time (a load generator would double the work it measures)."""
+    import socket
+    import threading
+
+    from reranker_ops.bench import LeanClient
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    srv.settimeout(0.1)
+    seen: list[bytes] = []
+    conns: list[socket.socket] = []
+    done = threading.Event()
+
+    def accept() -> None:
+        while not done.wait(0):  # bounded: the test sets it, and joins with a deadline
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            conns.append(conn)
+            conn.settimeout(5)
+            seen.append(conn.recv(65536))  # read the request, never answer
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    lean = LeanClient(f"http://127.0.0.1:{srv.getsockname()[1]}/rerank", {}, timeout=0.5)
+    try:
+        with pytest.raises(ConnectionError):
+            lean.post({"query": "q", "documents": ["d"]})
+    finally:
+        lean.close()
+        done.set()
+        t.join(timeout=10)
+        srv.close()
+        for c in conns:
+            c.close()
+    assert len(seen) == 1 and seen[0].startswith(b"POST /rerank")
 
 
 def test_bench_counts_errors_instead_of_hanging(shared_server):

@@ -33,12 +33,15 @@ def bench(
         bool, typer.Option("--ceiling", help="Also score the same kind of pairs in-process: served / ceiling.")
     ] = False,
     ceiling_only: Annotated[bool, typer.Option("--ceiling-only", help="Only the in-process ceiling.")] = False,
+    blocks: Annotated[int, typer.Option(
+        "--blocks", help="With --ceiling and --duration: served and in-process measured in this many alternating "
+                         "pairs of blocks, so both meet the same machine (1: served, then the ceiling).")] = 3,
     paired: Annotated[bool, typer.Option(
         "--paired", help="One client; each request is also scored in-process right before or after it: what the "
                          "server adds to a lone request, as the median of paired differences (a model on disk is needed).")] = False,
     client: Annotated[str, typer.Option(
-        "--client", help="--paired's HTTP client: stdlib (kept-alive http.client, the server's own cost) or httpx "
-                         "(what an httpx-based client sees on top).")] = "stdlib",
+        "--client", help="The HTTP client: stdlib (each client a kept-alive http.client connection: the lightest, so "
+                         "the figures are the server's) or httpx (what an httpx-based client sees on top).")] = "stdlib",
     mixed: Annotated[bool, typer.Option(
         "--mixed", help="Fairness: short requests (c=2) alone, long ones (100 x 1000 chars, c=2) alone, then both; "
                         "--duration is each phase's length. Exit 1 if a target is missed.")] = False,
@@ -88,6 +91,25 @@ def bench(
                           f"(p25 {report['added_ms']['p25']}, p75 {report['added_ms']['p75']}); "
                           f"{report['failed']} failed; scores differ by at most {report['max_score_difference']:.2g}")
         raise typer.Exit(1 if report["failed"] or not report["pairs_measured"] else 0)
+    if blocks < 1:
+        raise ConfigError("--blocks must be at least 1", "give a positive number of blocks")
+    if ceiling and not ceiling_only and not requests and blocks > 1:
+        from ..bench import run_interleaved
+        from ..models.store import find_variant
+
+        variant = find_variant(settings)
+        with err_console.status(f"{workload} c={concurrency}: served by {target} and in-process, {blocks} blocks each"):
+            out = run_interleaved(target, variant, workload=workload, concurrency=concurrency,
+                                  seconds=duration or 10.0, blocks=blocks, seed=seed, threads=settings.threads,
+                                  token_budget=settings.token_budget, attention_budget=settings.attention_budget,
+                                  batch_requests=settings.max_batch_requests, timeout=timeout, warmup=warmup,
+                                  model_name=model_name, api_key=key, client=client)
+        out["served"]["url"] = target
+        if as_json:
+            print(json.dumps(out, indent=2))
+            return
+        _bench_table(out)
+        return
     out: dict = {}
     if not ceiling_only:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -95,7 +117,7 @@ def bench(
             task = bar.add_task(f"{workload} c={concurrency} → {target}", total=requests)
             res = run_load(target, workload=workload, concurrency=concurrency, duration=None if requests else duration,
                            requests=requests, seed=seed, timeout=timeout, warmup=warmup, model_name=model_name,
-                           api_key=key, on_progress=lambda n: bar.update(task, completed=n))
+                           api_key=key, on_progress=lambda n: bar.update(task, completed=n), client=client)
         out["served"] = res.summary()
         out["served"]["url"] = target
     if ceiling or ceiling_only:
@@ -161,6 +183,9 @@ def _bench_table(out: dict) -> None:
         t.add_row("served / ceiling (pairs/s)", f"{r['served_pairs_per_s_over_batched_ceiling']:.2f}")
         t.add_row("served / ceiling (requests/s)", f"{r['served_requests_per_s_over_batched_ceiling']:.2f}")
         t.add_row("served p50 − in-process p50", f"{r['served_p50_minus_inprocess_ms']:+.1f} ms")
+    for i, b in enumerate(out.get("blocks", []), 1):
+        t.add_row(f"block {i} ({b['first']} first): pairs/s served / ceiling",
+                  f"{b['served_pairs_per_s']:.2f} / {b['ceiling_pairs_per_s']:.2f} = {b['ratio']:.2f}")
     console.print(t)
 
 
