@@ -225,6 +225,10 @@ def test_mosec_main_process_does_not_hold_the_api_viewer_bundle(shared_server):
     good (issue 14): that process stays near a bare interpreter with mosec and numpy imported."""
     mosec_main = next(p for p in shared_server.status()["processes"] if p["role"] == "mosec")
     assert mosec_main["pss_bytes"] < 48 * 2**20, mosec_main
+    # nor does it import what MOSEC describes its routes with (mosec.openapi: defspec, msgspec, http.server,
+    # ssl), 0.04 s on the way to every worker's fork; msgspec and ssl are native libraries, seen in its maps
+    maps = Path(f"/proc/{mosec_main['pid']}/maps").read_text()
+    assert "msgspec" not in maps and "/_ssl." not in maps
 
 
 def test_over_capacity_burst_gets_429_then_recovers(make_server):

@@ -26,25 +26,51 @@ def _die_with_parent() -> None:
         pass
 
 
-def _light_openapi_assets() -> None:
-    """Keep MOSEC's main process small: MOSEC (0.9.8) writes its API viewer pages through ``offapi``, which
-    loads ~9 MB of bundled JavaScript into a string that lives as long as the process (36 MiB of PSS, half
-    of MOSEC's main process). Those pages are on the internal port, which only the gate reaches, and the
-    gate serves none of them: write the spec and a page that links to it instead."""
+# What MOSEC's controller serves on its own port for its API viewer (mosec 0.9.8's mosec.openapi names).
+OPENAPI_METADATA_FILE = "openapi-metadata.json"
+OPENAPI_SWAGGER_FILE = "openapi-swagger.html"
+OPENAPI_METADATA_URL = "/openapi/metadata.json"
+
+
+def _openapi_stand_in() -> None:
+    """Keep MOSEC's main process light and its start short: MOSEC (0.9.8) describes its routes for an API
+    viewer, with ``mosec.openapi``. Importing it loads defspec, msgspec, ``http.server``, ssl and
+    ``importlib.metadata`` (0.041 s of the 0.082 s MOSEC's import takes, AMD EPYC: on the path to the
+    workers' fork, so to every start); building the description inspects the workers' types; writing the
+    viewer loads ~9 MB of bundled JavaScript into a string that lives as long as the process (36 MiB of PSS).
+    All for pages on the internal port, which only the gate reaches and which the gate never asks for.
+    So MOSEC's server gets this module's two functions instead: a description with no routes, and a page
+    that links to it. Only in this process, and only when ``mosec.openapi`` is not imported yet (a MOSEC
+    that wants other names from it would fail to import: then it gets its own module back)."""
+    if "mosec.openapi" in sys.modules:
+        return
+    import types
+
+    def generate_openapi(routes) -> dict:
+        return {"openapi": "3.1.0", "info": {"title": "rerankctl score workers (internal)", "version": "0"},
+                "paths": {}}
+
+    def write_openapi_assets(spec, output_dir: Path) -> None:
+        (output_dir / OPENAPI_METADATA_FILE).write_text(json.dumps(spec), encoding="utf-8")
+        (output_dir / OPENAPI_SWAGGER_FILE).write_text(
+            f'<!doctype html><a href="{OPENAPI_METADATA_URL}">OpenAPI</a>\n', encoding="utf-8")
+
+    stand_in = types.ModuleType("mosec.openapi", _openapi_stand_in.__doc__)
+    stand_in.generate_openapi = generate_openapi  # type: ignore[attr-defined]
+    stand_in.write_openapi_assets = write_openapi_assets  # type: ignore[attr-defined]
+    sys.modules["mosec.openapi"] = stand_in
+
+
+def _import_mosec():
+    """MOSEC's ``Runtime`` and ``Server``, with the stand-in for its API description (see above)."""
+    _openapi_stand_in()
     try:
-        import mosec.openapi as mosec_openapi
-        import mosec.server as mosec_server
+        from mosec import Runtime, Server
     except ImportError:
-        return
-    if not hasattr(mosec_server, "write_openapi_assets"):
-        return
-
-    def write_assets(spec, output_dir: Path) -> None:
-        (output_dir / mosec_openapi.OPENAPI_METADATA_FILE).write_text(json.dumps(spec), encoding="utf-8")
-        (output_dir / mosec_openapi.OPENAPI_SWAGGER_FILE).write_text(
-            f'<!doctype html><a href="{mosec_openapi.OPENAPI_METADATA_URL}">OpenAPI</a>\n', encoding="utf-8")
-
-    mosec_server.write_openapi_assets = write_assets
+        for name in [m for m in sys.modules if m == "mosec" or m.startswith("mosec.")]:
+            del sys.modules[name]
+        from mosec import Runtime, Server
+    return Runtime, Server
 
 
 def _worker_start_method() -> str:
@@ -68,7 +94,7 @@ def main(argv: list[str]) -> int:
     if parent is not None and os.getppid() != parent:
         return 1  # the supervisor died before we could ask to die with it
     with frozen_imports():  # MOSEC, numpy and the workers' module live as long as this process
-        from mosec import Runtime, Server
+        Runtime, Server = _import_mosec()
 
         from .workers import CONFIG_ENV, Score
     cfg = json.loads(config_path.read_text(encoding="utf-8"))
@@ -87,7 +113,6 @@ def main(argv: list[str]) -> int:
         "--namespace", "mosec_service",
         "--log-level", m["log_level"],
     ]
-    _light_openapi_assets()
     server = Server()
     timeout_s = m["timeout_ms"] / 1000.0
     # One envelope at a time per worker: the gate batches (see schema's envelope). MOSEC's batcher would add a
