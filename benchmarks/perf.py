@@ -5,7 +5,8 @@
 Builds (once) a randomly initialised model with DiTy's exact shape (speed and memory depend on shape
 only), converts it to OpenVINO FP32 and INT8, then, in each of --repeats (≥ 3) rounds:
   * rag at concurrency 4 and tiny at concurrency 10: served, and the in-process ceiling (the best batching
-    measured with the same model), in three alternating pairs of blocks (`rerankctl bench --ceiling`), so
+    measured with the same model, of at most c requests a call: c clients never have more in the server),
+    in three alternating pairs of blocks (`rerankctl bench --ceiling`), so
     every ratio is between figures measured side by side; the load comes from the standard library's
     client, the lightest (the load generator's CPU is taken from the server's on this machine);
   * tiny at concurrency 1: each request served and also scored in-process right before or after it, and

@@ -49,6 +49,8 @@ def test_bench_ceiling_and_ratios(shared_server):
     selection = out["ceiling"]["selection"]
     assert str(out["ceiling"]["batched"]["requests_per_call"]) in selection["by_group"]
     assert selection["pairs_per_s_without_memory_budgets"] > 0
+    # at most as many requests a call as the two clients can have in the server
+    assert selection["max_group"] == 2 and sorted(selection["by_group"]) == ["1", "2"]
     assert 0 < out["ratios"]["served_pairs_per_s_over_batched_ceiling"]
     # served and in-process side by side: three pairs of blocks, their order alternating, and the figures
     # reported are the sums of their blocks
@@ -67,6 +69,7 @@ def test_bench_ceiling_and_ratios(shared_server):
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert "blocks" not in out and out["ratios"]["served_pairs_per_s_over_batched_ceiling"] > 0
+    assert out["ceiling"]["selection"]["max_group"] == 2
     res = shared_server.cli("bench", "--url", shared_server.base, "-n", "2", "--workload", "nope")
     assert res.returncode != 0 and "unknown workload" in res.stderr
 

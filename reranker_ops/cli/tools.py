@@ -30,7 +30,8 @@ def bench(
         Optional[str], typer.Option("--model-name", help="Send this 'model' field (infinity_emb needs it).")
     ] = None,
     ceiling: Annotated[
-        bool, typer.Option("--ceiling", help="Also score the same kind of pairs in-process: served / ceiling.")
+        bool, typer.Option("--ceiling", help="Also score the same kind of pairs in-process, at most --concurrency "
+                                             "requests a call: served / ceiling.")
     ] = False,
     ceiling_only: Annotated[bool, typer.Option("--ceiling-only", help="Only the in-process ceiling.")] = False,
     blocks: Annotated[int, typer.Option(
@@ -128,7 +129,8 @@ def bench(
             out["ceiling"] = run_ceiling(variant, workload=workload, seconds=max(4.0, min(30.0, duration or 10.0)),
                                          seed=seed + 1, threads=settings.threads, token_budget=settings.token_budget,
                                          attention_budget=settings.attention_budget,
-                                         batch_requests=settings.max_batch_requests)
+                                         batch_requests=settings.max_batch_requests if ceiling_only
+                                         else max(1, min(settings.max_batch_requests, concurrency)))
         if "served" in out:
             s, c = out["served"], out["ceiling"]
             out["ratios"] = {
