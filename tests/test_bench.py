@@ -193,3 +193,34 @@ def test_the_lean_client_opens_again_a_connection_the_server_closed_while_idle()
         srv.close()
     t.join(5)
     assert served == [{"n": 0}, {"n": 1}, {"n": 2}]
+
+
+def test_ceiling_trials_alternate_their_candidates_in_slices():
+    """The selection's candidates share the machine: round-robin slices, the order reversed every pass, their
+    figures summed; one pass when a call is longer than a slice. (The scoring itself is replaced here by a
+    recorder: what is tested is the order and the sums.)"""
+    from reranker_ops.bench import Ceiling
+
+    c = Ceiling.__new__(Ceiling)
+    c.budgets = (2048, 512 * 512)
+    seen: list[tuple[int, float]] = []
+
+    class _Scorer:
+        token_budget, attention_budget = c.budgets
+
+    c.scorer = _Scorer()
+    call_s = {1: 0.1, 2: 0.1, 4: 0.1}
+
+    def run(group: int, seconds: float):
+        seen.append((group, round(seconds, 3)))
+        return group, 2 * group, max(seconds, call_s[group]), [0.01]
+
+    c._run = run
+    out = c._trials([(1, c.budgets), (2, c.budgets), (4, c.budgets)], 3.0)
+    assert [g for g, _s in seen] == [1, 2, 4, 4, 2, 1, 1, 2, 4]
+    assert {s for _g, s in seen} == {1.0}
+    assert out[(2, c.budgets)] == (6, 12, 3.0, [0.01] * 3)
+    seen.clear()
+    call_s[4] = 13.0  # one call far longer than a slice: a single pass
+    c._trials([(1, c.budgets), (4, c.budgets)], 3.0)
+    assert [g for g, _s in seen] == [1, 4]
