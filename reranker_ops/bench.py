@@ -426,13 +426,17 @@ def run_interleaved(url: str, variant_dir: Path, *, workload: str = "tiny", conc
                      "ceiling_pairs_per_s": round(c_pps, 3), "ratio": round(s_pps / c_pps, 3)})
     total = BenchResult.merged(served)
     out = {"served": total.summary(), "ceiling": c.report(ceiled), "blocks": rows}
-    s, ce = out["served"], out["ceiling"]
-    out["ratios"] = {
+    out["ratios"] = served_over_ceiling(out["served"], out["ceiling"])
+    return out
+
+
+def served_over_ceiling(s: dict, ce: dict) -> dict:
+    """A served summary against a ceiling report."""
+    return {
         "served_pairs_per_s_over_batched_ceiling": round(s["pairs_per_s"] / ce["batched"]["pairs_per_s"], 3),
         "served_requests_per_s_over_batched_ceiling": round(s["requests_per_s"] / ce["batched"]["requests_per_s"], 3),
         "served_p50_minus_inprocess_ms": round(s["latency_ms"]["p50"] - ce["single"]["latency_ms_p50"], 2),
     }
-    return out
 
 
 class LeanClient:

@@ -132,13 +132,9 @@ def bench(
                                          batch_requests=settings.max_batch_requests if ceiling_only
                                          else max(1, min(settings.max_batch_requests, concurrency)))
         if "served" in out:
-            s, c = out["served"], out["ceiling"]
-            out["ratios"] = {
-                "served_pairs_per_s_over_batched_ceiling": round(s["pairs_per_s"] / c["batched"]["pairs_per_s"], 3),
-                "served_requests_per_s_over_batched_ceiling": round(
-                    s["requests_per_s"] / c["batched"]["requests_per_s"], 3),
-                "served_p50_minus_inprocess_ms": round(s["latency_ms"]["p50"] - c["single"]["latency_ms_p50"], 2),
-            }
+            from ..bench import served_over_ceiling
+
+            out["ratios"] = served_over_ceiling(out["served"], out["ceiling"])
     if as_json:
         print(json.dumps(out, indent=2))
         return
