@@ -195,6 +195,82 @@ def test_the_lean_client_opens_again_a_connection_the_server_closed_while_idle()
     assert served == [{"n": 0}, {"n": 1}, {"n": 2}]
 
 
+def test_the_lean_client_reads_every_way_an_answer_can_be_framed():
+    """It writes and reads HTTP/1.1 itself: answers by Content-Length (sent a byte at a time), chunked (with an
+    extension and a trailer), up to the connection's end, and with Connection: close (the next request goes on
+    a new connection). An answer it cannot read is an error, never a guess."""
+    import socket
+    import threading
+
+    from reranker_ops.bench import LeanClient
+
+    answers = [
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\ncontent-length: 8\r\n\r\n{\"a\": 1}",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4;x=y\r\n{\"b\"\r\n4\r\n: 2}\r\n0\r\nT: 1\r\n\r\n",
+        b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+        b"HTTP/1.0 200 OK\r\n\r\nuntil the end",
+        b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+    ]
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(10)
+    port = srv.getsockname()[1]
+    connections: list[int] = []  # how many requests each connection carried
+
+    def read_request(conn: socket.socket, data: bytes) -> tuple[bytes, bytes]:
+        while b"\r\n\r\n" not in data:
+            more = conn.recv(65536)
+            if not more:
+                raise EOFError
+            data += more
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(next(v for k, _, v in (ln.partition(b":") for ln in head.split(b"\r\n"))
+                          if k.lower() == b"content-length"))
+        while len(rest) < length:
+            rest += conn.recv(65536)
+        return head, rest[length:]
+
+    def serve() -> None:
+        left = list(answers)
+        while left:
+            conn, _ = srv.accept()
+            conn.settimeout(10)
+            connections.append(0)
+            with conn:
+                data = b""
+                while left:
+                    try:
+                        _head, data = read_request(conn, data)
+                    except EOFError:
+                        break
+                    connections[-1] += 1
+                    answer = left.pop(0)
+                    if connections[-1] == 1 and len(connections) == 1:
+                        for i in range(len(answer)):  # the first answer, a byte at a time
+                            conn.sendall(answer[i:i + 1])
+                    else:
+                        conn.sendall(answer)
+                    if b"Connection: close" in answer or answer.startswith(b"HTTP/1.0") or b": x" in answer:
+                        break
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    client = LeanClient(f"http://127.0.0.1:{port}/rerank", {"Authorization": "Bearer k"}, timeout=5)
+    try:
+        assert client.post({"n": 0}) == (200, b'{"a": 1}')
+        assert client.post({"n": 1}) == (200, b'{"b": 2}')
+        assert client.post({"n": 2}) == (429, b"{}")
+        assert client.post({"n": 3}) == (200, b"until the end")
+        with pytest.raises(ConnectionError, match="unreadable"):
+            client.post({"n": 4})
+    finally:
+        client.close()
+        t.join(10)
+        srv.close()
+    assert not t.is_alive()
+    # three on the first connection (closed by its third answer), then one each
+    assert connections == [3, 1, 1]
+
+
 def test_ceiling_trials_alternate_their_candidates_in_slices():
     """The selection's candidates share the machine: round-robin slices, the order reversed every pass, their
     figures summed; one pass when a call is longer than a slice. (The scoring itself is replaced here by a

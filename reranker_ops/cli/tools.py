@@ -41,8 +41,8 @@ def bench(
         "--paired", help="One client; each request is also scored in-process right before or after it: what the "
                          "server adds to a lone request, as the median of paired differences (a model on disk is needed).")] = False,
     client: Annotated[str, typer.Option(
-        "--client", help="The HTTP client: stdlib (each client a kept-alive http.client connection: the lightest, so "
-                         "the figures are the server's) or httpx (what an httpx-based client sees on top).")] = "stdlib",
+        "--client", help="The HTTP client: stdlib (each client one kept-alive connection, HTTP/1.1 over the "
+                         "standard library's socket: the lightest, so the figures are the server's) or httpx (what an httpx-based client sees on top).")] = "stdlib",
     mixed: Annotated[bool, typer.Option(
         "--mixed", help="Fairness: short requests (c=2) alone, long ones (100 x 1000 chars, c=2) alone, then both; "
                         "--duration is each phase's length. Exit 1 if a target is missed.")] = False,
