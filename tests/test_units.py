@@ -177,6 +177,8 @@ def test_canary_judge():
     assert judge(200, {"scores": [0.9, float("nan")], "results": ok["results"]})
     assert judge(200, {"scores": [1.5, 0.1], "results": ok["results"]})
     assert len(CANARY["documents"]) == 2
+    # every start waits for it and every probe runs it: the smallest real rerank of two documents
+    assert len(CANARY["query"]) + sum(len(d) for d in CANARY["documents"]) <= 24
 
 
 # --- micro-batching -----------------------------------------------------------------------------------------
