@@ -105,3 +105,36 @@ def test_microbatches_respect_the_attention_budget():
     assert [sorted(lengths[i] for i in b) for b in batches] == [[40] * 3, [256], [256] * 4, [512], [512], [512]]
     # without the attention budget only the token budget splits them
     assert max(len(b) for b in plan_microbatches(lengths, token_budget=4096)) > 4
+
+
+def test_the_tokenizer_loads_beside_the_compile_and_either_failure_is_reported(tiny_fp32, tmp_path):
+    """The tokenizer is read in a thread while OpenVINO compiles. A broken tokenizer fails the load with its own
+    error, a broken model with the compile's, and in both cases no loading thread is left behind."""
+    import shutil
+    import threading
+
+    from reranker_ops.serving.engine import Scorer
+
+    def loading_threads() -> list:
+        return [t for t in threading.enumerate() if t.name == "loading"]
+
+    scorer = Scorer(tiny_fp32)
+    assert scorer.tokenizer.encode_pairs("q", ["d"]) and not loading_threads()
+    bad_tok = tmp_path / "bad-tokenizer"
+    shutil.copytree(tiny_fp32, bad_tok)
+    (bad_tok / "tokenizer.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(Exception) as err:
+        Scorer(bad_tok)
+    assert "line 1 column" in str(err.value), err.value  # the JSON parser's words, not OpenVINO's
+    assert not loading_threads()
+    bad_model = tmp_path / "bad-model"
+    shutil.copytree(tiny_fp32, bad_model)
+    (bad_model / "openvino_model.xml").write_text("<net>", encoding="utf-8")
+    with pytest.raises(RuntimeError):
+        Scorer(bad_model)
+    assert not loading_threads()
+    missing = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_fp32, missing)
+    (missing / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        Scorer(missing)
