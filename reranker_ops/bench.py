@@ -510,36 +510,32 @@ class LeanClient:
         self._sock = sock
         self._buf = b""
 
-    def _more(self, started: bool) -> None:
+    def _more(self) -> None:
         assert self._sock is not None
         chunk = self._sock.recv(1 << 16)
         if not chunk:
-            raise ConnectionError("the server closed the connection mid-answer") if started else _NoAnswer(
+            raise ConnectionError("the server closed the connection mid-answer") if self._answered else _NoAnswer(
                 "the server closed the connection without an answer")
         self._answered = True
         self._buf += chunk
 
-    def _line(self) -> bytes:
-        while b"\r\n" not in self._buf:
+    def _until(self, mark: bytes, what: str) -> bytes:
+        """What comes before ``mark`` (read as needed, at most 64 KiB), consumed with it."""
+        while mark not in self._buf:
             if len(self._buf) > 1 << 16:
-                raise ConnectionError("an answer's line is over 64 KiB")
-            self._more(True)
-        line, _, self._buf = self._buf.partition(b"\r\n")
-        return line
+                raise ConnectionError(f"an answer's {what} is over 64 KiB")
+            self._more()
+        out, _, self._buf = self._buf.partition(mark)
+        return out
 
     def _exactly(self, n: int) -> bytes:
         while len(self._buf) < n:
-            self._more(True)
+            self._more()
         out, self._buf = self._buf[:n], self._buf[n:]
         return out
 
     def _answer(self) -> tuple[int, bytes]:
-        while b"\r\n\r\n" not in self._buf:
-            if len(self._buf) > 1 << 16:
-                raise ConnectionError("an answer's head is over 64 KiB")
-            self._more(bool(self._buf))
-        head, _, self._buf = self._buf.partition(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
+        lines = self._until(b"\r\n\r\n", "head").split(b"\r\n")
         first = lines[0].split(None, 2)
         if len(first) < 2 or not first[0].startswith(b"HTTP/1.") or not first[1].isdigit():
             raise ConnectionError(f"not an HTTP/1.x answer: {lines[0][:80]!r}")
@@ -559,9 +555,9 @@ class LeanClient:
         if chunked:
             parts = []
             while True:
-                size = int(self._line().split(b";")[0], 16)
+                size = int(self._until(b"\r\n", "line").split(b";")[0], 16)
                 if size == 0:
-                    while self._line():  # trailers, up to the empty line
+                    while self._until(b"\r\n", "line"):  # trailers, up to the empty line
                         pass
                     break
                 parts.append(self._exactly(size))
@@ -574,7 +570,6 @@ class LeanClient:
         else:  # delimited by the end of the connection
             assert self._sock is not None
             while chunk := self._sock.recv(1 << 16):
-                self._answered = True
                 self._buf += chunk
             body, self._buf, close = self._buf, b"", True
         if close:

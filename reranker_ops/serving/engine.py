@@ -160,33 +160,6 @@ def _round_up(n: int) -> int:
     return max(PAD_MULTIPLE, -(-n // PAD_MULTIPLE) * PAD_MULTIPLE)
 
 
-class _Loading:
-    """``make()`` run in a thread of its own; ``result()`` waits for it and returns it, or raises what it raised."""
-
-    def __init__(self, make) -> None:
-        import threading
-
-        self._out: list = []
-        self._thread = threading.Thread(target=self._run, args=(make,), name="loading", daemon=True)
-        self._thread.start()
-
-    def _run(self, make) -> None:
-        try:
-            self._out.append((True, make()))
-        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
-            self._out.append((False, exc))
-
-    def wait(self) -> None:
-        self._thread.join()
-
-    def result(self):
-        self._thread.join()
-        ok, value = self._out[0]
-        if not ok:
-            raise value
-        return value
-
-
 class Scorer:
     """A compiled model plus its tokenizer. ``score`` returns raw logits (one per pair)."""
 
@@ -217,12 +190,12 @@ class Scorer:
         tokenizer_json = self.variant_dir / "tokenizer.json"
         if not tokenizer_json.is_file():
             raise FileNotFoundError(f"no tokenizer.json in {self.variant_dir}")
-        loading = _Loading(lambda: Tokenizer(tokenizer_json, self.max_length))
-        try:
+        from concurrent.futures import ThreadPoolExecutor  # imported by openvino anyway
+
+        # leaving the block joins the thread, also when the compile fails (its error is then the one raised)
+        with ThreadPoolExecutor(1, thread_name_prefix="loading") as pool:
+            loading = pool.submit(Tokenizer, tokenizer_json, self.max_length)
             self._compile(model_file, manifest, threads, pin_threads)
-        except BaseException:
-            loading.wait()  # no thread outlives a failed init; the compile's error is the one to report
-            raise
         self.tokenizer: Tokenizer = loading.result()
 
     def _compile(self, model_file: Path, manifest: dict, threads: int, pin_threads: bool) -> None:
