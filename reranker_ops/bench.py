@@ -127,6 +127,31 @@ def _endpoint(url: str, api_key: Optional[str]) -> tuple[str, dict]:
     return endpoint, ({"Authorization": f"Bearer {api_key}"} if api_key else {})
 
 
+def check_reachable(url: str, timeout: float = 5.0) -> None:
+    """Raise ``Unreachable`` (one line, with what to do) unless something accepts a connection at ``url``'s host
+    and port: a closed loop aimed at nothing would otherwise count thousands of refusals a second for its whole
+    duration and report them as a measurement."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from .errors import Unreachable
+
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    hint = "start the server with 'rerankctl serve --daemon' (see 'rerankctl status'), or pass --url"
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except socket.gaierror as exc:
+        raise Unreachable(f"cannot resolve {host!r}: {exc.strerror or exc}", "check the host in --url") from exc
+    except (socket.timeout, TimeoutError) as exc:
+        raise Unreachable(f"{host}:{port} did not accept a connection within {timeout:g}s", hint) from exc
+    except ConnectionRefusedError as exc:
+        raise Unreachable(f"nothing listens at {host}:{port} (connection refused)", hint) from exc
+    except OSError as exc:
+        raise Unreachable(f"cannot connect to {host}:{port}: {exc.strerror or exc}", hint) from exc
+
+
 def run_load(
     url: str,
     *,

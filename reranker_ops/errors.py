@@ -61,6 +61,12 @@ class ReloadError(RerankerError):
     exit_code = 13
 
 
+class Unreachable(RerankerError):
+    """Nothing answers at the address a command was pointed at."""
+
+    exit_code = 14
+
+
 def missing_extra(extra: str, exc: BaseException) -> MissingExtra:
     return MissingExtra(
         f"this needs the optional '{extra}' dependencies ({exc.__class__.__name__}: {exc})",

@@ -124,13 +124,58 @@ def test_the_lean_client_sends_a_request_that_timed_out_once():
     assert len(seen) == 1 and seen[0].startswith(b"POST /rerank")
 
 
-def test_bench_counts_errors_instead_of_hanging(shared_server):
+def test_bench_refuses_at_once_when_nothing_listens(shared_server):
+    """Aimed at a port where nothing listens, bench says so in one line with what to do, before any load: a
+    closed loop would otherwise count refusals for the whole duration and print them as a result."""
     from conftest import free_port
 
-    res = shared_server.cli("bench", "--url", f"http://127.0.0.1:{free_port()}", "-n", "3", "--json", "--timeout", "2")
-    assert res.returncode == 0
+    port = free_port()
+    for args in (["-z", "600"], ["--paired", "-z", "600"], ["--mixed", "-z", "600"], ["-z", "600", "--ceiling"]):
+        res = shared_server.cli("bench", "--url", f"http://127.0.0.1:{port}", *args, timeout=60)
+        assert res.returncode == 14, (args, res.stdout, res.stderr)
+        assert f"nothing listens at 127.0.0.1:{port}" in res.stderr and "rerankctl serve --daemon" in res.stderr
+        assert "Traceback" not in res.stderr and res.stdout == ""
+
+
+def test_bench_counts_errors_instead_of_hanging(shared_server):
+    """A server that accepts connections and closes them unanswered: every request is counted as failed, and the
+    run ends after the requests asked for."""
+    import socket
+    import threading
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(1.0)
+    port = srv.getsockname()[1]
+    stop = threading.Event()
+    accepted = [0]
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            accepted[0] += 1
+            conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        res = shared_server.cli("bench", "--url", f"http://127.0.0.1:{port}", "-n", "3", "--json", "--timeout", "2")
+        # and a server that does not answer is not measured as fast
+        paired = shared_server.cli("bench", "--url", f"http://127.0.0.1:{port}", "--paired", "-z", "1",
+                                   "--timeout", "2")
+    finally:
+        stop.set()
+        t.join(timeout=10)
+        srv.close()
+    assert not t.is_alive()
+    assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)["served"]
     assert out["ok"] == 0 and sum(out["errors"].values()) == 3
+    assert accepted[0] >= 4  # the reachability check, then a connection for each request (none is kept)
+    assert paired.returncode == 1 and "0 requests" in paired.stdout and "failed" in paired.stdout, \
+        paired.stdout + paired.stderr
 
 
 def test_bench_paired_measures_what_the_server_adds_beside_the_same_request_in_process(shared_server):
@@ -148,12 +193,6 @@ def test_bench_paired_measures_what_the_server_adds_beside_the_same_request_in_p
                             "--client", "httpx")
     out = json.loads(res.stdout)["paired"]
     assert out["client"] == "httpx" and out["pairs_measured"] >= 3 and out["failed"] == 0
-    # a server that is down is not measured as fast
-    from conftest import free_port
-
-    res = shared_server.cli("bench", "--url", f"http://127.0.0.1:{free_port()}", "--paired", "-z", "1",
-                            "--timeout", "2")
-    assert res.returncode == 1 and "0 requests" in res.stdout and "failed" in res.stdout, res.stdout + res.stderr
 
 
 def test_the_lean_client_opens_again_a_connection_the_server_closed_while_idle():

@@ -68,6 +68,10 @@ def bench(
 
     target = url or base_url(settings.host, settings.port)
     key = api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
+    if not ceiling_only:
+        from ..bench import check_reachable
+
+        check_reachable(target, min(timeout, 5.0))
     if mixed:
         from ..bench import run_mixed
         with err_console.status(f"mixed load on {target}: three phases of {duration:g}s"):
