@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -339,3 +340,42 @@ def test_ceiling_trials_alternate_their_candidates_in_slices():
     call_s[4] = 13.0  # one call far longer than a slice: a single pass
     c._trials([(1, c.budgets), (4, c.budgets)], 3.0)
     assert [g for g, _s in seen] == [1, 4]
+
+
+def test_perf_checks_every_target_on_its_median_and_names_what_it_did_not_measure():
+    """benchmarks/perf.py's verdict: a figure at its target passes, one just past it is named as missed (and
+    only that one), and a target the run did not measure is said to be unmeasured, never "met"."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("perf_under_test", Path(__file__).parents[1] / "benchmarks" / "perf.py")
+    perf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(perf)
+    t = perf.TARGETS
+
+    def run(**override: float) -> dict:
+        figures = {"rag_c4_ratio": t["rag_c4_ratio_min"], "tiny_c10_ratio": t["tiny_c10_ratio_min"],
+                   "tiny_c1_p50_over_ms": t["tiny_c1_p50_over_ms_max"], "start_ratio": t["start_ratio_max"],
+                   "fp32": t["fp32_tree_pss_mib_max"], "int8": t["int8_tree_pss_mib_max"], **override}
+        r = {k: {"median": v} for k, v in figures.items() if k not in ("fp32", "int8")}
+        for prec in ("fp32", "int8"):
+            if figures[prec] is not None:
+                r[f"{prec}_memory"] = {"total_mib": {"median": figures[prec]}}
+        r["misses"] = perf.check(r)
+        r["unmeasured"] = perf.unmeasured(r)
+        return r
+
+    at_target = run()
+    assert at_target["misses"] == [] and at_target["unmeasured"] == []
+    assert perf.verdict(at_target) == "All targets met."
+    past = {"rag_c4_ratio": ("rag c=4", -0.001), "tiny_c10_ratio": ("tiny c=10", -0.001),
+            "tiny_c1_p50_over_ms": ("tiny c=1", 0.05), "start_ratio": ("start", 0.01),
+            "fp32": ("fp32 tree PSS", 1), "int8": ("int8 tree PSS", 1)}
+    for key, (named, step) in past.items():
+        base = run()
+        value = base[key]["median"] if key in base else base[f"{key}_memory"]["total_mib"]["median"]
+        r = run(**{key: value + step})
+        assert len(r["misses"]) == 1 and r["misses"][0].startswith(named), (key, r["misses"])
+        assert perf.verdict(r).startswith("Missed: " + named)
+    no_int8 = run(int8=None)
+    assert no_int8["misses"] == [] and no_int8["unmeasured"] == ["INT8 memory"]
+    assert perf.verdict(no_int8) == "Every measured target met; not measured: INT8 memory."
