@@ -127,24 +127,30 @@ def _endpoint(url: str, api_key: Optional[str]) -> tuple[str, dict]:
     return endpoint, ({"Authorization": f"Bearer {api_key}"} if api_key else {})
 
 
+def _address(url: str):
+    """``url`` split, and whether it is TLS, its host and its port (the scheme's default when it names none)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    tls = parts.scheme == "https"
+    return parts, tls, parts.hostname or "127.0.0.1", parts.port or (443 if tls else 80)
+
+
 def check_reachable(url: str, timeout: float = 5.0) -> None:
     """Raise ``Unreachable`` (one line, with what to do) unless something accepts a connection at ``url``'s host
     and port: a closed loop aimed at nothing would otherwise count thousands of refusals a second for its whole
     duration and report them as a measurement."""
     import socket
-    from urllib.parse import urlsplit
 
     from .errors import Unreachable
 
-    parts = urlsplit(url)
-    host = parts.hostname or "127.0.0.1"
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    _parts, _tls, host, port = _address(url)
     hint = "start the server with 'rerankctl serve --daemon' (see 'rerankctl status'), or pass --url"
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except socket.gaierror as exc:
         raise Unreachable(f"cannot resolve {host!r}: {exc.strerror or exc}", "check the host in --url") from exc
-    except (socket.timeout, TimeoutError) as exc:
+    except TimeoutError as exc:  # socket.timeout is TimeoutError since Python 3.10
         raise Unreachable(f"{host}:{port} did not accept a connection within {timeout:g}s", hint) from exc
     except ConnectionRefusedError as exc:
         raise Unreachable(f"nothing listens at {host}:{port} (connection refused)", hint) from exc
@@ -480,12 +486,7 @@ class LeanClient:
     work a load generator measures."""
 
     def __init__(self, endpoint: str, headers: dict, timeout: float) -> None:
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(endpoint)
-        self._tls = parts.scheme == "https"
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or (443 if self._tls else 80)
+        parts, self._tls, self._host, self._port = _address(endpoint)
         self._timeout = timeout
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         fields = {"Host": parts.netloc or self._host, "Content-Type": "application/json", **headers}
