@@ -37,7 +37,14 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 class Tokenizer:
-    """A ``tokenizers`` tokenizer set up like transformers' ``tokenizer(q, p, truncation=True)``."""
+    """A ``tokenizers`` tokenizer that splits pairs exactly like transformers' ``tokenizer(q, p, truncation=True)``,
+    with every input bounded before the tokenizer's native code sees it.
+
+    Each query and each passage is tokenized alone, once (a request's query once for all its documents, not
+    once per pair), then joined by the tokenizer's own ``post_process``: truncation (``longest_first``, as
+    transformers' ``truncation=True``) and the post-processor's special tokens and segment ids. That is the
+    very pipeline ``encode(q, p)`` runs, without tokenizing the query again for every document.
+    """
 
     def __init__(self, tokenizer_json: Path, max_length: int) -> None:
         from tokenizers import Tokenizer as _Tok
@@ -47,57 +54,83 @@ class Tokenizer:
         self.max_length = max_length
         # longest_first is what transformers uses for truncation=True on a pair.
         self._tok.enable_truncation(max_length=max_length, strategy="longest_first", direction="right")
-        self._windowed = None
+        self._plain = _Tok.from_str(self._tok.to_str())  # sequences alone, whole; windows joined untruncated
+        self._plain.no_truncation()
+        self._plain.no_padding()
+        self.pair_specials = self._plain.num_special_tokens_to_add(True)
         pad_id = self._tok.token_to_id("[PAD]")
         self.pad_id = 0 if pad_id is None else int(pad_id)
 
-    def encode_windows(self, pairs: Sequence[tuple[str, str]], windows: int, stride: int
-                       ) -> tuple[list[Encoded], list[int]]:
-        """Up to ``windows`` overlapping windows of each pair's passage, each with the whole query, exactly
-        as transformers makes them: ``tokenizer(q, p, truncation="only_second", max_length=L, stride=S,
-        return_overflowing_tokens=True)``. Returns the windows and, for each, the index of its pair. A
-        window's ``truncated`` says the passage went on past the last window kept. A query too long to
-        leave room for the passage gets one window truncated like ``encode_items``.
-        """
-        if self._windowed is None or self._windowed[0] != stride:
-            from tokenizers import Tokenizer as _Tok
+    def _alone(self, texts: Sequence[str]) -> list:
+        return self._plain.encode_batch(list(texts), add_special_tokens=False)
 
-            tok = _Tok.from_str(self._tok.to_str())
-            tok.no_padding()
-            tok.enable_truncation(max_length=self.max_length, stride=stride, strategy="only_second",
-                                  direction="right")
-            self._windowed = (stride, tok)
-        tok = self._windowed[1]
-        encs: list[Encoded] = []
-        owners: list[int] = []
-        for i, (q, p) in enumerate(pairs):
-            try:
-                first = tok.encode(q, p)
-            except Exception:  # the query alone fills the window: only_second cannot apply
-                encs.extend(self.encode_items([(q, p)]))
-                owners.append(i)
-                continue
-            parts = [first, *first.overflowing][:windows]
-            more = len(first.overflowing) + 1 > windows
-            for k, e in enumerate(parts):
-                encs.append(Encoded(np.asarray(e.ids, dtype=np.int64), np.asarray(e.type_ids, dtype=np.int64),
-                                    more and k == len(parts) - 1))
-                owners.append(i)
-        return encs, owners
+    def _queries(self, queries: Sequence[str]) -> list:
+        """Each query's tokens, tokenizing each distinct query once."""
+        distinct = list(dict.fromkeys(queries))
+        by_text = dict(zip(distinct, self._alone(distinct)))
+        return [by_text[q] for q in queries]
+
+    def _joined(self, tok, q, p, truncated: bool) -> Encoded:
+        e = tok.post_process(q, p)
+        return Encoded(np.asarray(e.ids, dtype=np.int64), np.asarray(e.type_ids, dtype=np.int64), truncated)
+
+    def encode_items(self, pairs: Iterable[tuple[str, str]]) -> list[Encoded]:
+        pairs = list(pairs)
+        queries = self._queries([q for q, _ in pairs])
+        passages = self._alone([p for _, p in pairs])
+        limit = self.max_length - self.pair_specials
+        return [self._joined(self._tok, q, p, len(q) + len(p) > limit) for q, p in zip(queries, passages)]
 
     def encode_pairs(self, query: str, passages: Sequence[str]) -> list[Encoded]:
         return self.encode_items([(query, p) for p in passages])
 
-    def encode_items(self, pairs: Iterable[tuple[str, str]]) -> list[Encoded]:
-        encs = self._tok.encode_batch(list(pairs))
-        return [
-            Encoded(
-                np.asarray(e.ids, dtype=np.int64),
-                np.asarray(e.type_ids, dtype=np.int64),
-                bool(e.overflowing),
-            )
-            for e in encs
-        ]
+    def window_plan(self, query_tokens: int, windows: int, stride: int) -> tuple[int, int, int]:
+        """(room, stride, passage tokens used) of ``windows`` windows beside a query of ``query_tokens``: room is
+        the passage's share of a window; 0 when the query alone fills it (then one truncated window)."""
+        room = self.max_length - query_tokens - self.pair_specials
+        if room <= 0 or windows <= 1:
+            return max(0, room), 0, max(0, room)
+        # tokenizers asserts stride < room (a Rust panic, not an exception, and transformers stops the same
+        # way): a query that leaves less room than the stride gets windows overlapping by half their room
+        if stride >= room:
+            stride = room // 2
+        return room, stride, room + (windows - 1) * (room - stride)
+
+    def encode_windows(self, pairs: Sequence[tuple[str, str]], windows: int, stride: int
+                       ) -> tuple[list[Encoded], list[int]]:
+        """Up to ``windows`` overlapping windows of each pair's passage, each with the whole query, exactly as
+        transformers makes them: ``tokenizer(q, p, truncation="only_second", max_length=L, stride=S,
+        return_overflowing_tokens=True)``, first ``windows`` of them. Returns the windows and, for each, the index
+        of its pair. A window's ``truncated`` says the passage went on past the last window kept.
+
+        Bounded before the tokenizer builds anything: the passage is cut to the tokens ``windows`` windows can
+        hold first (tokenizers would otherwise build every window of it, one per stride step, and keep them
+        all), and a query that leaves less room than the stride shrinks the stride (``window_plan``). A query
+        too long to leave any room for the passage gets one window truncated like ``encode_items``.
+        """
+        queries = self._queries([q for q, _ in pairs])
+        passages = self._alone([p for _, p in pairs])
+        encs: list[Encoded] = []
+        owners: list[int] = []
+        limit = self.max_length - self.pair_specials
+        for i, (q, p) in enumerate(zip(queries, passages)):
+            room, step_overlap, used = self.window_plan(len(q), windows, stride)
+            if room <= 0:
+                encs.append(self._joined(self._tok, q, p, len(q) + len(p) > limit))
+                owners.append(i)
+                continue
+            more = len(p) > used
+            if more:
+                p.truncate(used)  # the tokens no window uses go to p.overflowing, never looked at
+            if len(p) > room:
+                p.truncate(room, stride=step_overlap)  # p.overflowing: now the windows after the first
+                parts = [p, *p.overflowing]
+            else:
+                parts = [p]
+            for k, part in enumerate(parts):
+                encs.append(self._joined(self._plain, q, part, more and k == len(parts) - 1))
+                owners.append(i)
+        return encs, owners
 
 
 # The cost of one OpenVINO call of ``rows`` pairs padded to ``width`` tokens, in units of one token's dense
