@@ -250,7 +250,8 @@ class Settings:
 
     # --- limits --------------------------------------------------------------------------------------
     max_documents: int = setting(1000, ge=1, description="Documents per request.")
-    max_document_chars: int = setting(50_000, ge=1, description="Characters per document (and per query).")
+    max_document_chars: int = setting(50_000, ge=1, description="Characters per document.")
+    max_query_chars: int = setting(8192, ge=1, description="Characters per query (a query is paired with every document: its limit is lower).")
     max_body_bytes: int = setting(4 * 1024 * 1024, ge=1024, description="Request body size.")
     queue_capacity: int = setting(256, ge=2, description="Requests queued in MOSEC before 429.")
     request_timeout_s: float = setting(30.0, gt=0, description="Deadline of one request (408/504 past it).")
@@ -263,10 +264,12 @@ class Settings:
     # --- the front door: admission and connection deadlines ---------------------------------------------
     max_in_flight: int = setting(0, ge=0, description="Requests admitted at once, beyond that 429; 0 = queue_capacity - 1 (one slot stays free for the canary).")
     max_buffered_bytes: int = setting(256 * 1024 * 1024, ge=1024, description="Request bodies held in memory at once, beyond that 429.")
-    max_connections: int = setting(1024, ge=8, description="Open client connections on the API port, beyond that 429 and close.")
+    max_connections: int = setting(1024, ge=8, description="Open client connections on the API port; when full, the longest idle one is closed for a new one, else 429 and close. The last 32 are kept for loopback clients (the canary, a local balancer).")
+    max_connections_per_peer: int = setting(256, ge=1, description="Open API connections from one address other than loopback.")
     header_timeout_s: float = setting(10.0, gt=0, description="A new connection must send its request headers within this, else 408 and close.")
     body_timeout_s: float = setting(30.0, gt=0, description="Deadline for reading a request body, else 408 and close.")
     keepalive_timeout_s: float = setting(15.0, gt=0, description="An idle keep-alive connection is closed after this.")
+    send_timeout_s: float = setting(10.0, gt=0, description="A client that reads nothing of its answer for this long is cut (nginx's send_timeout).")
 
     # --- supervision ---------------------------------------------------------------------------------
     probe_interval_s: float = setting(3.0, gt=0, description="Seconds between watchdog canary requests.")

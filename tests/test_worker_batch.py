@@ -16,11 +16,15 @@ from reranker_ops.serving.schema import (
     ROUTE_TAGS,
     EnvelopeError,
     Failed,
+    Untrusted,
+    open_answer,
+    open_envelope,
     pack_answers,
     part_head,
     read_answers,
+    seal,
+    seal_answer,
     split_answers,
-    split_envelope,
 )
 from reranker_ops.serving.workers import CONFIG_ENV, Score
 
@@ -43,14 +47,23 @@ def worker(tiny_fp32, tmp_path, monkeypatch) -> Score:
     return Score()
 
 
-def sent(route: str, body: bytes | dict, secret: str = SECRET) -> bytes:
+def sent(route: str, body: bytes | dict) -> bytes:
     """One part of an envelope, framed as the gate frames it."""
     raw = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode()
-    return part_head(secret.encode(), ROUTE_TAGS.get(route, route), len(raw)) + raw
+    return part_head(ROUTE_TAGS.get(route, route), len(raw)) + raw
+
+
+ENVELOPE_ID = 0x1234
+
+
+def envelope(parts: list[bytes], secret: str = SECRET, envelope_id: int = ENVELOPE_ID) -> bytes:
+    """Parts sealed into an envelope, as the gate seals them."""
+    return seal(secret.encode(), envelope_id, parts) + b"".join(parts)
 
 
 def answers_of(worker: Score, parts: list[bytes]) -> list[bytes]:
-    return split_answers(worker.serialize(worker.forward(b"".join(parts))), len(parts))
+    answer = worker.serialize(worker.forward(envelope(parts)))
+    return split_answers(open_answer(SECRET.encode(), ENVELOPE_ID, answer), len(parts))
 
 
 def test_a_request_that_fails_its_checks_fails_alone_in_its_envelope(worker, reference_scorer):
@@ -78,25 +91,43 @@ def test_a_request_that_fails_its_checks_fails_alone_in_its_envelope(worker, ref
     assert d["requests"] == 6 and d["errors"] == 3 and d["batches"] == 2
 
 
-def test_an_envelope_with_a_part_not_from_the_gate_is_refused_whole_before_any_work(worker):
+def test_an_envelope_not_sealed_by_the_gate_is_refused_whole_before_any_work(worker):
     good = sent("/rerank", {"query": QUERY, "documents": DOCS})
     body = json.dumps({"query": "q", "documents": ["d"]}).encode()
-    for stranger in (b"0\n" + body, body, sent("/rerank", body, "f" * 32), good[:-3]):
+    sealed = envelope([good])
+    for stranger in (
+        envelope([good], secret="f" * 32),  # sealed with another secret
+        sealed + sent("/rerank", body),  # a part added after the seal
+        sealed[:-3],  # cut short
+        sealed[:-5] + bytes([sealed[-5] ^ 1]) + sealed[-4:],  # one bit of a body changed after the seal
+        body,  # a bare request
+        good,  # a part without an envelope
+        b"",
+    ):
         with pytest.raises(ClientError, match=REFUSED):
-            worker.forward(good + stranger)
+            worker.forward(stranger)
     assert worker.hb.data["pairs"] == 0  # nothing was scored
     assert Failed.decode(answers_of(worker, [good])[0]) is None
 
 
 def test_envelope_framing_round_trips_and_refuses_what_it_cannot_frame():
     parts = [sent("/rerank", b'{"a": 1}'), sent("chunk", "б".encode() * 5), sent("/inference", b"")]
-    assert split_envelope(b"".join(parts)) == [
-        (SECRET.encode(), b"0", b'{"a": 1}'), (SECRET.encode(), b"C", "б".encode() * 5), (SECRET.encode(), b"3", b"")]
-    for bad in (b"", parts[0][:-1], parts[0] + b"x", b"x" * 60):
+    secret = SECRET.encode()
+    assert open_envelope(secret, envelope(parts)) == (ENVELOPE_ID, [(b"0", b'{"a": 1}'), (b"C", "б".encode() * 5),
+                                                                    (b"3", b"")])
+    for bad in (b"", envelope([parts[0][:-1]]), envelope([parts[0] + b"x"]), b"x" * 120, envelope([])):
         with pytest.raises(EnvelopeError):
-            split_envelope(bad)
+            open_envelope(secret, bad)
+    with pytest.raises(Untrusted):
+        open_envelope(secret, envelope(parts, secret="e" * 32))
     answers = [b'{"scores":[0.5]}', Failed(422, "too long").encode(), b""]
-    assert split_answers(pack_answers(answers), 3) == answers
+    sealed = seal_answer(secret, 7, pack_answers(answers))
+    assert split_answers(open_answer(secret, 7, sealed), 3) == answers
+    for other_secret, other_id in ((b"e" * 32, 7), (secret, 8)):  # another generation's, another envelope's
+        with pytest.raises(Untrusted):
+            open_answer(other_secret, other_id, sealed)
+    with pytest.raises(Untrusted):
+        open_answer(secret, 7, sealed[:-1] + b"x")  # a changed answer
     assert read_answers(pack_answers(answers), 3) == [(200, answers[0]), (422, b"too long"), (200, b"")]
     for bad, n in ((pack_answers(answers), 2), (pack_answers(answers), 4), (pack_answers(answers)[:-2] + b"9\n", 3)):
         with pytest.raises(EnvelopeError):

@@ -73,6 +73,66 @@ def _import_mosec():
     return Runtime, Server
 
 
+def mosec_version() -> str:
+    """The installed MOSEC's version, from its dist-info folder beside the package, without importing it
+    (the supervisor asks too; importlib.metadata, the general way, costs ~12 ms of import)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mosec")
+    if spec is not None and spec.origin:
+        site = Path(spec.origin).resolve().parent.parent
+        found = [p.name[len("mosec-"):-len(".dist-info")] for p in site.glob("mosec-*.dist-info")]
+        if len(found) == 1:
+            return found[0]
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mosec")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# MOSEC versions whose Runtime._check was read and tested with KeepsLastWorker (tests/test_watchdog.py kills
+# the lone worker with it on and off).
+KEEP_LAST_WORKER_VERIFIED = ("0.9.8",)
+_CHECK_PARAMS = ["self", "work_path", "shutdown", "shutdown_notify", "init"]
+
+
+def keeps_last_worker(version: str) -> bool:
+    """Whether MOSEC ``version`` gets ``KeepsLastWorker`` (the supervisor decides it and writes it in the
+    generation's config, so both sides agree on what the death of a stage's last worker does)."""
+    return version in KEEP_LAST_WORKER_VERIFIED
+
+
+def _runtime_class(Runtime, keep: bool):
+    """MOSEC's ``Runtime``, or one that keeps a stage alive when its last worker dies.
+
+    MOSEC respawns a dead worker only while a sibling of its stage lives (``Runtime._check`` with
+    ``init=False``); when the last one dies it ends the whole server. With one score worker (the default),
+    a worker killed by the OOM killer, by the watchdog (hung or stopped) or by a request that crashes native
+    code took the controller and every queued request with it, and spent the restart budget: a new
+    generation. This subclass asks ``_check`` to start missing workers as it does at the first start,
+    always, so MOSEC replaces the last worker like any other. What MOSEC's rule protected against, a worker
+    that can never start, is the supervisor's to judge: a worker that fails to load says so in its heartbeat,
+    and capacity that does not come back within RERANKER_RESPAWN_TIMEOUT_S replaces the generation.
+
+    ``_check`` is MOSEC's private method: only on versions it was verified on (``keep``), and only while its
+    signature is the one verified; otherwise MOSEC's own Runtime, and a line in the log says so."""
+    import inspect
+
+    if not keep or list(inspect.signature(Runtime._check).parameters) != _CHECK_PARAMS:
+        print(f"rerankctl: MOSEC {mosec_version()} is not a version the last-worker respawn was verified on"
+              f" ({', '.join(KEEP_LAST_WORKER_VERIFIED)}): when a stage's last worker dies, MOSEC ends and the"
+              " supervisor starts a new generation", file=sys.stderr, flush=True)
+        return Runtime
+
+    class KeepsLastWorker(Runtime):
+        def _check(self, work_path, shutdown, shutdown_notify, init):
+            return super()._check(work_path, shutdown, shutdown_notify, True)
+
+    return KeepsLastWorker
+
+
 def _worker_start_method() -> str:
     """How MOSEC starts the score workers. ``fork``: a worker begins with MOSEC, numpy and our modules
     already imported (this process imported them), ~0.25 s sooner than a new interpreter that imports
@@ -117,7 +177,8 @@ def main(argv: list[str]) -> int:
     timeout_s = m["timeout_ms"] / 1000.0
     # One envelope at a time per worker: the gate batches (see schema's envelope). MOSEC's batcher would add a
     # timer tick to every request and split the gate's envelopes into separate calls again.
-    score = Runtime(Score, num=cfg["workers"], max_batch_size=1, timeout=timeout_s, start_method=_worker_start_method())
+    runtime = _runtime_class(Runtime, bool(cfg.get("keep_last_worker")))
+    score = runtime(Score, num=cfg["workers"], max_batch_size=1, timeout=timeout_s, start_method=_worker_start_method())
     server.register_runtime({"/score": [score]})
     server.run()
     return 0

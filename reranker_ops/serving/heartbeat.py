@@ -57,8 +57,9 @@ class Heartbeat:
         os.replace(tmp, self.info_path)
 
 
-FIELDS = ("busy_since", "progress_at", "ready", "batches", "requests", "pairs", "tokens", "errors")
-RECORD = struct.Struct("<Q d d q q q q q q")
+# envelope: the id of the envelope being scored (0 when none), so a worker that dies names what it held
+FIELDS = ("busy_since", "progress_at", "ready", "batches", "requests", "pairs", "tokens", "errors", "envelope")
+RECORD = struct.Struct("<Q d d q q q q q q q")
 SEQ = struct.Struct("<Q")
 
 

@@ -6,12 +6,17 @@ with the status to send (400 undecodable, 422 invalid) and a message that names 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
+
+Buffer = Union[bytes, bytearray, memoryview]
 
 ROUTES = ("/rerank", "/v1/rerank", "/v2/rerank", "/inference")
 ROUTE_TAGS = {route: str(i) for i, route in enumerate(ROUTES)}
@@ -31,13 +36,22 @@ class RequestError(Exception):
 # The gate batches, not MOSEC: the requests that wait for a free worker go to MOSEC as ONE request, an
 # envelope, and MOSEC hands each worker one envelope at a time (its own batcher is off: it would close a
 # batch one timer tick after its first request, ~2 ms at c=1, and split what the gate gathered).
-# An envelope is parts back to back, each ``<secret> <tag> <length:010d>\n<body>``: the secret is the
-# generation's (only the gate knows it, so a request sent straight to MOSEC's port is refused whole), the tag
-# names the route. The worker answers each part in order, ``<length>\n<data>``, where data is the route's
-# JSON answer or, for a request that failed its checks, ``!<status> <message>`` (``Failed``): one bad request
-# never fails the others of its envelope.
+#
+# An envelope is a head, ``RKE1 <id:016x> <mac>\n``, then parts back to back, each ``<tag> <length:010d>\n<body>``.
+# The id names the envelope (the worker writes it into its heartbeat while it scores it, so a worker that dies
+# tells the supervisor which envelope it took with it); the tag names the route. ``mac`` is HMAC-SHA256 of the
+# id and every part under the generation's secret: only the gate knows the secret, so a request sent straight
+# to MOSEC's port is refused whole, and the secret itself never travels (a listener that took the internal
+# port first learns nothing it could answer with). The worker answers ``<mac>\n`` and each part in order,
+# ``<length>\n<data>``, where data is the route's JSON answer or, for a request that failed its checks,
+# ``!<status> <message>`` (``Failed``); the answer's mac covers the envelope's id and the answers, so the gate
+# takes scores only from the generation it started. One bad request never fails the others of its envelope.
 SECRET_LEN = 32  # hex characters of a generation's secret
-PART_HEAD_LEN = SECRET_LEN + 1 + 1 + 1 + 10 + 1  # "<secret> <tag> <length:010d>\n": a fixed length
+MAGIC = b"RKE1"
+MAC_LEN = 64  # hex characters of an HMAC-SHA256
+ENVELOPE_HEAD_LEN = len(MAGIC) + 1 + 16 + 1 + MAC_LEN + 1  # "RKE1 <id:016x> <mac>\n": a fixed length
+PART_HEAD_LEN = 1 + 1 + 10 + 1  # "<tag> <length:010d>\n": a fixed length
+ANSWER_HEAD_LEN = MAC_LEN + 1
 REFUSED = "requests must go through the API port"
 
 
@@ -45,26 +59,80 @@ class EnvelopeError(ValueError):
     """An envelope (or an answer to one) that is not framed as the gate and the worker frame them."""
 
 
-def part_head(secret: bytes, tag: str, length: int) -> bytes:
-    return b"%s %s %010d\n" % (secret, tag.encode("ascii"), length)
+class Untrusted(EnvelopeError):
+    """An envelope or an answer whose mac does not prove the generation's secret."""
 
 
-def split_envelope(data: bytes) -> list[tuple[bytes, bytes, bytes]]:
-    """(secret, tag, body) of each part of an envelope."""
+def part_head(tag: str, length: int) -> bytes:
+    """The same bytes for every copy of a part: the gate writes it in place into the room reserved in front of
+    a body, and a copy sent again (to a new generation) never changes bytes an earlier send may still hold."""
+    return b"%s %010d\n" % (tag.encode("ascii"), length)
+
+
+def _mac(secret: bytes, label: bytes, envelope_id: int, parts: Sequence[Buffer]) -> bytes:
+    mac = hmac.new(secret, label + b"%016x" % envelope_id, hashlib.sha256)
+    for part in parts:
+        mac.update(part)
+    return mac.hexdigest().encode("ascii")
+
+
+def seal(secret: bytes, envelope_id: int, parts: Sequence[Buffer]) -> bytes:
+    """The head of an envelope of ``parts`` (each a part head and its body): its id and its mac."""
+    return b"%s %016x %s\n" % (MAGIC, envelope_id, _mac(secret, b"E", envelope_id, parts))
+
+
+def open_envelope(secret: bytes, data: Buffer) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """The id and the (tag, body) of each part of an envelope sealed with ``secret``; ``Untrusted`` if the mac
+    does not match (it was not sent by the gate), ``EnvelopeError`` if it is not an envelope at all."""
+    view = memoryview(data)
+    head = bytes(view[:ENVELOPE_HEAD_LEN])
+    fields = head[:-1].split(b" ")
+    if (len(head) != ENVELOPE_HEAD_LEN or head[-1:] != b"\n" or len(fields) != 3 or fields[0] != MAGIC
+            or not _is_hex(fields[1]) or not _is_hex(fields[2])):
+        raise EnvelopeError("not an envelope's head")
+    envelope_id = int(fields[1], 16)
+    body = view[ENVELOPE_HEAD_LEN:]
+    if not hmac.compare_digest(fields[2], _mac(secret, b"E", envelope_id, [body])):
+        raise Untrusted("the envelope's mac does not match")
+    return envelope_id, split_parts(body)
+
+
+def split_parts(data: Buffer) -> list[tuple[bytes, bytes]]:
+    """(tag, body) of each part of an envelope's body."""
+    data = memoryview(data)
     parts, pos, end = [], 0, len(data)
     while pos < end:
-        head = data[pos : pos + PART_HEAD_LEN]
+        head = bytes(data[pos : pos + PART_HEAD_LEN])
         fields = head[:-1].split(b" ")
-        if len(head) != PART_HEAD_LEN or head[-1:] != b"\n" or len(fields) != 3 or not fields[2].isdigit():
+        if len(head) != PART_HEAD_LEN or head[-1:] != b"\n" or len(fields) != 2 or not fields[1].isdigit():
             raise EnvelopeError("not an envelope part's head")
         start = pos + PART_HEAD_LEN
-        pos = start + int(fields[2])
+        pos = start + int(fields[1])
         if pos > end:
             raise EnvelopeError("a part longer than the envelope")
-        parts.append((fields[0], fields[1], data[start:pos]))
+        parts.append((fields[0], bytes(data[start:pos])))
     if not parts:
         raise EnvelopeError("an empty envelope")
     return parts
+
+
+def seal_answer(secret: bytes, envelope_id: int, packed: bytes) -> bytes:
+    """A worker's answer to envelope ``envelope_id``: its mac, then the packed answers."""
+    return _mac(secret, b"A", envelope_id, [packed]) + b"\n" + packed
+
+
+def open_answer(secret: bytes, envelope_id: int, data: bytes) -> bytes:
+    """The packed answers of a sealed answer, or ``Untrusted`` when it was not sealed with ``secret`` for
+    this envelope (another process answered on the internal port, or an answer to another envelope)."""
+    mac, packed = data[:MAC_LEN], data[ANSWER_HEAD_LEN:]
+    if len(data) < ANSWER_HEAD_LEN or data[MAC_LEN:ANSWER_HEAD_LEN] != b"\n" or not hmac.compare_digest(
+            mac, _mac(secret, b"A", envelope_id, [packed])):
+        raise Untrusted("the answer does not prove the generation's secret")
+    return packed
+
+
+def _is_hex(field: bytes) -> bool:
+    return bool(field) and all(c in b"0123456789abcdef" for c in field)
 
 
 def read_answers(data: bytes, count: int) -> list[tuple[int, bytes]]:
@@ -123,11 +191,13 @@ class Limits:
     max_document_chars: int = 50_000
     windows: int = 1  # the server's default: windows scored per passage (1 = truncate at the model's window)
     max_windows: int = 8  # the most a request may ask for
+    max_query_chars: int = 8192
 
     @classmethod
     def from_mapping(cls, m: dict) -> "Limits":
         return cls(max_documents=int(m["max_documents"]), max_document_chars=int(m["max_document_chars"]),
-                   windows=int(m["windows"]), max_windows=int(m["max_windows"]))
+                   windows=int(m["windows"]), max_windows=int(m["max_windows"]),
+                   max_query_chars=int(m.get("max_query_chars", cls.max_query_chars)))
 
     @property
     def default_windows(self) -> int:
@@ -154,11 +224,11 @@ class Job:
 # --------------------------------------------------------------------------------------------------------
 # decoding
 # --------------------------------------------------------------------------------------------------------
-def decode_body(data: bytes) -> Any:
-    if not data:
+def decode_body(data: Buffer) -> Any:
+    if not len(data):
         raise RequestError(400, "empty body: send a JSON object")
     try:
-        text = data.decode("utf-8")
+        text = str(data, "utf-8")  # bytes, bytearray or a memoryview of the gate's buffer: no copy before this
     except UnicodeDecodeError as exc:
         raise RequestError(400, f"body is not valid UTF-8 (byte {exc.start})") from None
     try:
@@ -169,19 +239,26 @@ def decode_body(data: bytes) -> Any:
         raise RequestError(400, f"malformed JSON: {exc}") from None
 
 
-def _check_text(name: str, value: Any, limits: Limits, *, allow_empty: bool = False) -> str:
+# A lone UTF-16 surrogate: JSON can spell one ("\\ud800"), Python keeps it in a str, and no UTF-8 encoder
+# (the tokenizer's, the answer's) can write it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(name: str, value: Any, limits: Limits, *, allow_empty: bool = False, query: bool = False) -> str:
     if not isinstance(value, str):
         raise RequestError(422, f"{name} must be a string, got {_type(value)}")
     if not allow_empty and not value.strip():
         raise RequestError(422, f"{name} must not be empty")
     if "\x00" in value:
         raise RequestError(422, f"{name} contains a NUL character")
-    if len(value) > limits.max_document_chars:
-        raise RequestError(
-            422,
-            f"{name} has {len(value)} characters, over the limit of {limits.max_document_chars}"
-            " (RERANKER_MAX_DOCUMENT_CHARS)",
-        )
+    limit, setting = ((limits.max_query_chars, "RERANKER_MAX_QUERY_CHARS") if query else
+                      (limits.max_document_chars, "RERANKER_MAX_DOCUMENT_CHARS"))
+    if len(value) > limit:
+        raise RequestError(422, f"{name} has {len(value)} characters, over the limit of {limit} ({setting})")
+    bad = _SURROGATE.search(value)
+    if bad is not None:
+        raise RequestError(422, f"{name} contains a lone UTF-16 surrogate (\\u{ord(bad.group()):04x} at character"
+                                f" {bad.start()}), which is not text; send valid Unicode")
     return value
 
 
@@ -195,6 +272,8 @@ def _opt_int(body: dict, *names: str) -> Optional[int]:
     for name in names:
         if name in body and body[name] is not None:
             v = body[name]
+            if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+                v = int(v)  # JSON Schema's integer: 3.0 is one (a client's JSON may write it so)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise RequestError(422, f"{name} must be an integer, got {_type(v)}")
             if v < 1:
@@ -235,19 +314,31 @@ def _documents(body: dict, limits: Limits, *, allow_objects: bool) -> list[str]:
     return out
 
 
-def parse_chunk(data: bytes) -> Job:
-    """A chunk the gate made from a request it validated: ``{"q": [...], "p": [...], "truncate", "offset"}``."""
+def parse_chunk(data: Buffer) -> Job:
+    """A chunk the gate made from a request it validated: ``{"q": query or [queries], "p": [...], "truncate",
+    "windows", "offset"}``. A request's one query is sent once per chunk, not once per pair."""
     body = decode_body(data)
     try:
         queries, passages = body["q"], body["p"]
+        if isinstance(queries, str) and isinstance(passages, list):
+            queries = [queries] * len(passages)  # the same str object: no copy of the query per pair
         ok = (isinstance(queries, list) and isinstance(passages, list) and len(queries) == len(passages)
               and all(isinstance(x, str) for x in queries + passages))
-    except (TypeError, KeyError):
+        windows, offset = int(body.get("windows", 1)), int(body.get("offset", 0))
+    except (TypeError, KeyError, ValueError, AttributeError):
         ok = False
     if not ok:
         raise RequestError(400, "malformed chunk")
     return Job(route=CHUNK, queries=queries, passages=passages, truncate=bool(body.get("truncate", True)),
-               windows=int(body.get("windows", 1)), extra={"offset": int(body.get("offset", 0))})
+               windows=windows, extra={"offset": offset})
+
+
+def chunk_body(job: Job, start: int, end: int) -> bytes:
+    """The body of the chunk of ``job``'s pairs ``start:end`` (see ``parse_chunk``), built when it is sent."""
+    same = job.extra.get("one_query", False)
+    queries: Any = job.queries[start] if same else job.queries[start:end]
+    return json.dumps({"q": queries, "p": job.passages[start:end], "truncate": job.truncate,
+                       "windows": job.windows, "offset": start}, ensure_ascii=False).encode("utf-8")
 
 
 def _windows(body: dict, limits: Limits) -> int:
@@ -261,7 +352,7 @@ def _windows(body: dict, limits: Limits) -> int:
     return n
 
 
-def parse_job(route: str, data: bytes, limits: Limits) -> Job:
+def parse_job(route: str, data: Buffer, limits: Limits) -> Job:
     if route == CHUNK:
         return parse_chunk(data)
     body = decode_body(data)
@@ -271,7 +362,7 @@ def parse_job(route: str, data: bytes, limits: Limits) -> Job:
         raise RequestError(422, f"body must be a JSON object, got {_type(body)}")
     if "query" not in body:
         raise RequestError(422, "query is required (a string)")
-    query = _check_text("query", body["query"], limits)
+    query = _check_text("query", body["query"], limits, query=True)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError(422, f"model must be a string, got {_type(model)}")
@@ -287,6 +378,7 @@ def parse_job(route: str, data: bytes, limits: Limits) -> Job:
             truncate=_opt_bool(body, "truncate", True),
             model=model,
             windows=_windows(body, limits),
+            extra={"one_query": True},
         )
     docs = _documents(body, limits, allow_objects=True)
     return Job(
@@ -298,6 +390,7 @@ def parse_job(route: str, data: bytes, limits: Limits) -> Job:
         truncate=_opt_bool(body, "truncate", True),
         model=model,
         windows=_windows(body, limits),
+        extra={"one_query": True},
     )
 
 
@@ -317,7 +410,7 @@ def _parse_inference(body: Any, limits: Limits) -> Job:
         for key in ("query", "passage"):
             if key not in item:
                 raise RequestError(422, f"[{i}].{key} is required")
-        queries.append(_check_text(f"[{i}].query", item["query"], limits))
+        queries.append(_check_text(f"[{i}].query", item["query"], limits, query=True))
         passages.append(_check_text(f"[{i}].passage", item["passage"], limits))
     return Job(route="/inference", queries=queries, passages=passages, windows=limits.default_windows)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
-import hmac
 import json
 import os
 import signal
@@ -25,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 from mosec import ClientError, Worker
 
 from ..startup import frozen_imports
@@ -43,9 +43,10 @@ from .schema import (
     Limits,
     RequestError,
     build_response,
+    open_envelope,
     pack_answers,
     parse_job,
-    split_envelope,
+    seal_answer,
 )
 
 CONFIG_ENV = "RERANKER_WORKER_CONFIG"
@@ -95,6 +96,12 @@ def _enable_stack_dumps() -> None:
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
 
 
+# What no request may swallow: the interpreter's own ends. Everything else a request triggers, a native panic
+# included (tokenizers raises its Rust panics as pyo3_runtime.PanicException, a BaseException), fails that
+# request alone.
+_FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
 class Score(Worker):
     """Check, parse and tokenize every request of the batch, score all their pairs together, split the answers."""
 
@@ -127,7 +134,7 @@ class Score(Worker):
             self.scorer.score(cfg.get("warmup_query", "проверка"), ["прогрев"])
         self.tokenizer = self.scorer.tokenizer
         self.model_name = cfg["model_name"]
-        self.hb.publish_info(heavy_modules=_loaded_heavy_modules())
+        self.hb.publish_info(heavy_modules=_loaded_heavy_modules(), generation=cfg.get("generation"))
         self.hb.write(ready=1, progress_at=time.monotonic())
         threading.Thread(target=self._trim_loop, name="trim", daemon=True).start()
 
@@ -154,61 +161,89 @@ class Score(Worker):
         return data  # an envelope: opened in forward
 
     def forward(self, data: bytes) -> bytes:
-        """One envelope in (MOSEC's max_batch_size is 1: the gate batches), its parts' answers out."""
-        out = self._forward(self._gated(data))
-        return pack_answers([o.encode() if isinstance(o, Failed) else self._json(o) for o in out])
+        """One envelope in (MOSEC's max_batch_size is 1: the gate batches), its parts' answers out, sealed."""
+        envelope_id, bodies = self._gated(data)
+        out = self._forward(envelope_id, bodies)
+        packed = pack_answers([o.encode() if isinstance(o, Failed) else self._json(o) for o in out])
+        return seal_answer(self._secret, envelope_id, packed)
 
-    def _forward(self, bodies: list[tuple[bytes, bytes]]) -> list:
+    def _forward(self, envelope_id: int, bodies: list[tuple[bytes, bytes]]) -> list:
         """(route tag, body) of each request -> each one's answer (a dict) or why it failed (``Failed``)."""
         now = time.monotonic()
-        self.hb.write(busy_since=now, progress_at=now)
+        # the envelope's id: if this process dies scoring it, the supervisor knows which envelope it took along
+        self.hb.write(busy_since=now, progress_at=now, envelope=envelope_id)
         items = [self._prepare_alone(tag, body) for tag, body in bodies]
         good = [it for it in items if not isinstance(it, Failed)]
-        encs = [e for it in good for e in it["encs"]]
-        logits = self.scorer.score_encoded(encs, on_progress=self._progress) if encs else None
-        out, start = [], 0
-        tokens_total = 0
+        scored = iter(self._score_alone(good))
+        out = []
+        tokens_total = pairs_total = 0
         for item in items:
-            if isinstance(item, Failed):
+            mine = item if isinstance(item, Failed) else next(scored)
+            if isinstance(mine, Failed):
                 # one line in the server's log, as MOSEC writes for a request its worker refuses
-                print(f"score worker: request refused ({item.status}): {(item.detail or item.message)[:300]}", file=sys.stderr, flush=True)
-                out.append(item)
+                print(f"score worker: request refused ({mine.status}): {(mine.detail or mine.message)[:300]}", file=sys.stderr, flush=True)
+                out.append(mine)
                 continue
             n = len(item["encs"])
             tokens = sum(len(e) for e in item["encs"])
             tokens_total += tokens
-            mine = logits[start : start + n]
+            pairs_total += n
             if item["owners"] is not None:  # windows: each pair keeps its best window
                 mine = best_of_windows(mine, item["owners"], max(item["owners"]) + 1)  # every pair has one
             out.append(build_response(item["job"], mine.tolist(), tokens, self.model_name, windows=n))
-            start += n
         d = self.hb.data
         d["batches"] += 1
         d["requests"] += len(bodies)
-        d["errors"] += len(items) - len(good)
-        d["pairs"] += len(encs)
+        d["errors"] += sum(1 for o in out if isinstance(o, Failed))
+        d["pairs"] += pairs_total
         d["tokens"] += tokens_total
-        self.hb.write(busy_since=None, progress_at=time.monotonic())
+        self.hb.write(busy_since=None, progress_at=time.monotonic(), envelope=0)
         return out
 
-    def _gated(self, envelope: bytes) -> list[tuple[bytes, bytes]]:
-        """(route tag, body) of each part; the whole envelope is refused if one part was not sent by the gate."""
+    def _score_alone(self, good: list[dict]) -> list:
+        """Each request's logits (or ``Failed``), its pairs scored together with every other request's; if that
+        fails, each request's pairs scored on their own, so a request whose pairs make the model fail is
+        answered with its own error and the others with their scores."""
+        sizes = [len(it["encs"]) for it in good]
+        encs = [e for it in good for e in it["encs"]]
         try:
-            parts = split_envelope(envelope)
+            logits = self.scorer.score_encoded(encs, on_progress=self._progress)
+        except _FATAL:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a native panic is a BaseException too
+            print(f"score worker: scoring {len(good)} request(s) together failed ({type(exc).__name__}: {exc});"
+                  " scoring each alone", file=sys.stderr, flush=True)
+        else:
+            bounds = np.cumsum([0, *sizes])
+            return [logits[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        out: list = []
+        for item in good:
+            try:
+                out.append(self.scorer.score_encoded(item["encs"], on_progress=self._progress))
+            except _FATAL:
+                raise
+            except BaseException as exc:  # noqa: BLE001
+                out.append(Failed(500, "the model failed on this request", detail=f"{type(exc).__name__}: {exc}"))
+        return out
+
+    def _gated(self, envelope: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """The envelope's id and the (route tag, body) of each part; the whole envelope is refused if its mac
+        does not prove the gate's secret (it was sent around the gate) or it is not an envelope."""
+        try:
+            return open_envelope(self._secret, envelope)
         except EnvelopeError:
-            parts = [(b"", b"", b"")]
-        for secret, _tag, _body in parts:
-            # Only the gate knows this instance's secret: a request sent straight to MOSEC's port stops here.
-            if not hmac.compare_digest(secret, self._secret):
-                self.hb.data["errors"] += 1
-                self.hb.write(progress_at=time.monotonic())
-                raise ClientError(REFUSED)
-        return [(tag, body) for _secret, tag, body in parts]
+            # Only the gate knows this generation's secret: a request sent straight to MOSEC's port stops here.
+            self.hb.data["errors"] += 1
+            self.hb.write(progress_at=time.monotonic())
+            raise ClientError(REFUSED) from None
 
     def _prepare_alone(self, tag: bytes, body: bytes) -> dict | Failed:
         try:
             return self._prepare(tag, body)
-        except Exception as exc:  # noqa: BLE001 - a bug one request triggers fails that request, not its batch
+        except _FATAL:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a bug (or a native panic, a BaseException) one request
+            # triggers fails that request, not its batch, and never the worker
             return Failed(500, type(exc).__name__, detail=f"{type(exc).__name__}: {exc}")  # the gate answers "the model server failed on this request (…)"
 
     def _prepare(self, tag: bytes, body: bytes) -> dict | Failed:
