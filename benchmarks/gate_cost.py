@@ -43,7 +43,7 @@ def main() -> int:
     args = ap.parse_args()
     from chaos import build_model
     from conftest import DOCS, QUERY, ServerHandle
-    from reranker_ops.serving.schema import part_head
+    from reranker_ops.serving.schema import part_head, seal
 
     model = build_model(Path(tempfile.gettempdir()) / "rerankctl-chaos-model")
     server = ServerHandle(model, Path(tempfile.mkdtemp(prefix="gate-cost-")))
@@ -51,10 +51,11 @@ def main() -> int:
     try:
         state = json.loads((server.run_dir / "state.json").read_text())
         gen = state["mosec"]["generation"]
-        cfg = json.loads((server.run_dir / f"mosec-config-{gen}.json").read_text())
+        cfg = json.loads(next((server.run_dir / "mosec").glob(f"*.g{gen}.json")).read_text())
         body = json.dumps({"query": QUERY, "documents": DOCS}).encode()
         direct_url = f"http://127.0.0.1:{state['mosec']['port']}/score"
-        direct_body = part_head(cfg["gate_secret"].encode(), "0", len(body)) + body  # an envelope of one
+        part = part_head("0", len(body)) + body
+        direct_body = seal(cfg["gate_secret"].encode(), 1, [part]) + part  # an envelope of one
         gate_url = server.base + "/rerank"
         gate_med, direct_med = [], []
         cpu = {"gate": [], "direct": []}

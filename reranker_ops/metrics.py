@@ -26,12 +26,15 @@ class Metrics:
         self.probes: dict[str, int] = defaultdict(int)
         self.last_probe_latency = float("nan")
         self.restarts: dict[str, int] = defaultdict(int)
+        self.worker_deaths = 0
         self.sched_counts: dict[tuple[str, str], list[int]] = {}
         self.sched_sum: dict[tuple[str, str], float] = defaultdict(float)
         self.sched_n: dict[tuple[str, str], int] = defaultdict(int)
         self.dropped_units: dict[str, int] = defaultdict(int)
         self.dropped_pairs = 0
         self.resent: dict[str, int] = defaultdict(int)
+        self.poisoned: dict[str, int] = defaultdict(int)
+        self.untrusted: dict[str, int] = defaultdict(int)
 
     def observe_request(self, route: str, code: int, seconds: float) -> None:
         with self._lock:
@@ -64,11 +67,23 @@ class Metrics:
         with self._lock:
             self.resent[reason] += n
 
+    def count_poisoned(self, reason: str) -> None:
+        with self._lock:
+            self.poisoned[reason] += 1
+
+    def count_untrusted(self, what: str) -> None:
+        with self._lock:
+            self.untrusted[what] += 1
+
     def observe_probe(self, ok: bool, latency: float | None) -> None:
         with self._lock:
             self.probes["success" if ok else "failure"] += 1
             if latency is not None:
                 self.last_probe_latency = latency
+
+    def count_worker_death(self) -> None:
+        with self._lock:
+            self.worker_deaths += 1
 
     def count_restart(self, kind: str) -> None:
         with self._lock:
@@ -117,6 +132,16 @@ class Metrics:
                     "# TYPE reranker_upstream_resent_total counter"]
             for reason in ("connection", "worker_lost"):
                 out.append(f"reranker_upstream_resent_total{_labels([('reason', reason)])} {self.resent[reason]}")
+            out += ["# HELP reranker_poisoned_requests_total Requests refused because they killed score workers: the"
+                    " second death, alone in an envelope (worker_died), or the same body again (quarantined).",
+                    "# TYPE reranker_poisoned_requests_total counter"]
+            for reason in ("worker_died", "quarantined"):
+                out.append(f"reranker_poisoned_requests_total{_labels([('reason', reason)])} {self.poisoned[reason]}")
+            out += ["# HELP reranker_upstream_untrusted_total What came from MOSEC's internal port without proof of the"
+                    " generation's secret (an answer), or a listener there that is not the generation's (listener).",
+                    "# TYPE reranker_upstream_untrusted_total counter"]
+            for what in ("answer", "listener"):
+                out.append(f"reranker_upstream_untrusted_total{_labels([('what', what)])} {self.untrusted[what]}")
             out += ["# HELP reranker_requests_in_flight Requests being answered now.",
                     "# TYPE reranker_requests_in_flight gauge", f"reranker_requests_in_flight {self.in_flight}"]
             out += ["# HELP reranker_pairs_scored_total Query/passage pairs scored by the model.",
@@ -134,6 +159,9 @@ class Metrics:
                     "# TYPE reranker_restarts_total counter"]
             for kind in ("worker", "server"):
                 out.append(f"reranker_restarts_total{_labels([('kind', kind)])} {self.restarts[kind]}")
+            out += ["# HELP reranker_worker_deaths_total Score workers that died without being killed by the"
+                    " watchdog (a crash, the OOM killer, a signal from outside); MOSEC replaces them.",
+                    "# TYPE reranker_worker_deaths_total counter", f"reranker_worker_deaths_total {self.worker_deaths}"]
         out += ["# HELP reranker_workers Live, ready MOSEC worker processes, by stage.", "# TYPE reranker_workers gauge"]
         for stage, n in sorted(workers.items()):
             out.append(f"reranker_workers{_labels([('stage', stage)])} {n}")

@@ -44,10 +44,13 @@ def image(tmp_path_factory):
     return IMAGE
 
 
-def run_container(image: str, model: Path, port: int, hport: int) -> str:
+def run_container(image: str, model: Path, port: int, hport: int, run_volume: Path | None = None) -> str:
+    """The image, detached; ``run_volume``: a host folder as /run/rerankctl (kept across restarts, as a
+    Kubernetes emptyDir outlives a container's restart), else a tmpfs."""
     name = f"rrk-img-{uuid.uuid4().hex[:8]}"
+    run = ["-v", f"{run_volume}:/run/rerankctl"] if run_volume else ["--tmpfs", "/run/rerankctl:mode=1777"]
     subprocess.run(sdbox.podman_args() + [
-        "run", "-d", "--name", name, "--network", "host", "--read-only", "--tmpfs", "/run/rerankctl:mode=1777",
+        "run", "-d", "--name", name, "--network", "host", "--read-only", *run,
         "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096",
         "-v", f"{model.parent}:/models:ro", "-e", f"RERANKER_MODEL=/models/{model.name}",
         "-e", f"RERANKER_PORT={port}", "-e", f"RERANKER_HEALTH_PORT={hport}", "-e", "RERANKER_HOST=127.0.0.1",
@@ -90,6 +93,44 @@ def test_the_image_serves_drains_and_exits_0_on_sigterm(image, tiny_fp32, tmp_pa
         assert took < 30, took
         logs = podman("logs", name)
         assert "state stopping -> stopped" in logs.stdout + logs.stderr
+    finally:
+        podman("rm", "-f", "-t", "1", name)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_kill_9_of_pid_1_leaves_nothing_that_blocks_the_restart(image, tiny_fp32, tmp_path):
+    """The run dir on a volume that outlives the container (an emptyDir, a host folder): MOSEC's main process
+    killed (healed: a new generation), then PID 1 killed with SIGKILL, which ends every process of the
+    container (an OOM kill, the runtime's kill), then the same container started again: healthy, twice."""
+    model = tmp_path / "models" / "tiny-model"
+    shutil.copytree(tiny_fp32.parent, model, symlinks=True, ignore=shutil.ignore_patterns("onnx-*", "*int8*", "*fp16*"))
+    for p in model.rglob("*"):
+        p.chmod(p.stat().st_mode | 0o044 | (0o011 if p.is_dir() else 0))
+    volume = tmp_path / "run-volume"
+    volume.mkdir()
+    volume.chmod(0o1777)
+    port, hport = free_port(), free_port()
+    name = run_container(image, model, port, hport, run_volume=volume)
+    try:
+        for attempt in range(2):
+            wait_until(lambda: _get(f"http://127.0.0.1:{hport}/health") == 200, 120, 0.3, what="healthy")
+            mosec = podman("exec", name, "sh", "-c",
+                           "ps -eo pid,args | grep 'serving.app' | grep -v grep").stdout.split()[0]
+            podman("exec", name, "kill", "-9", mosec)
+            wait_until(lambda: _get(f"http://127.0.0.1:{hport}/health") == 200, 120, 0.3, what="healed")
+            assert podman("kill", "-s", "KILL", name).returncode == 0
+            wait_until(lambda: podman("inspect", "--format", "{{.State.Running}}", name).stdout.strip() == "false",
+                       60, 0.3, what="the container dead")
+            left = sorted(p.name for p in (volume / "run" / "mosec").iterdir())
+            assert left, "the dead server left nothing: the test would prove nothing"
+            print(f"attempt {attempt + 1}: PID 1 killed, leaving {left} on the volume")
+            res = podman("start", name)
+            assert res.returncode == 0, res.stderr
+        wait_until(lambda: _get(f"http://127.0.0.1:{hport}/health") == 200, 120, 0.3, what="healthy after restarts")
+        r = httpx.post(f"http://127.0.0.1:{port}/rerank", json={"query": QUERY, "documents": DOCS}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["scores"]) == 3
     finally:
         podman("rm", "-f", "-t", "1", name)
 

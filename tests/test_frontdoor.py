@@ -4,6 +4,7 @@ to go around the gate, secrets in child environments, compressed bodies, unknown
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import gzip
 import json
 import os
@@ -17,7 +18,7 @@ import pytest
 
 from conftest import DOCS, QUERY, Clients, proc_env, wait_until
 
-from reranker_ops.serving.schema import part_head
+from reranker_ops.serving.schema import part_head, seal
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -118,7 +119,8 @@ def test_nothing_reaches_mosec_around_the_gate(make_server):
     internal = state["mosec"]["port"]
     body = json.dumps({"query": QUERY, "documents": DOCS}).encode()
     stranger = b"0123456789abcdef0123456789abcdef"  # a secret's shape, not this instance's
-    for payload in (b"0\n" + body, stranger + b" 0\n" + body, body, part_head(stranger, "0", len(body)) + body):
+    part = part_head("0", len(body)) + body
+    for payload in (b"0\n" + body, stranger + b" 0\n" + body, body, part, seal(stranger, 1, [part]) + part):
         r = httpx.post(f"http://127.0.0.1:{internal}/score", content=payload, timeout=10)
         assert r.status_code == 400 and "through the API port" in r.text, r.text
     assert httpx.post(server.base + "/rerank", json={"query": QUERY, "documents": DOCS}).status_code == 200
@@ -131,7 +133,8 @@ def test_requests_around_the_gate_are_refused_while_the_gates_own_are_served(mak
     state = json.loads((server.run_dir / "state.json").read_text())
     internal = f"http://127.0.0.1:{state['mosec']['port']}/score"
     body = json.dumps({"query": QUERY, "documents": DOCS}).encode()
-    stranger = part_head(b"f" * 32, "0", len(body)) + body
+    part = part_head("0", len(body)) + body
+    stranger = seal(b"f" * 32, 1, [part]) + part
 
     direct: list[tuple[int, str]] = []
     with Clients(server.base, 30.0, n=4) as clients, httpx.Client(timeout=30) as c:
@@ -167,7 +170,7 @@ def test_children_hold_no_secret_and_the_run_dir_is_private(make_server, tmp_pat
                   or k in ("RERANKER_API_KEY", "HF_TOKEN")]
         assert not leaked, (p.pid, leaked)
     assert stat.S_IMODE(os.stat(server.run_dir).st_mode) == 0o700
-    config = next(server.run_dir.glob("mosec-config-*.json"))
+    config = next((server.run_dir / "mosec").glob("*.json"))
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
 
 
@@ -207,26 +210,30 @@ def test_every_error_is_json(make_server):
 
 
 def test_in_flight_admission_answers_429_before_reading_the_body(make_server):
-    """With the in-flight bound reached, the next request is refused at once, from its headers alone."""
-    server = make_server(max_in_flight=2, request_timeout_s=30, body_timeout_s=20)
+    """With the in-flight bound reached, the next request is refused at once, from its headers alone. (In
+    flight are requests whose bodies arrived: a body that has not arrived takes no slot, so here the two slots
+    are held by two requests that are slow to score, each on a worker of its own; the third worker answers
+    the canary.)"""
+    server = make_server(start=False, workers=3, max_in_flight=2, request_timeout_s=30, body_timeout_s=20)
+    server.inject_faults()
+    server.env.update(RERANKER_TEST_SLOW_MARKER="slow-to-score", RERANKER_TEST_SLOW_S="8")
+    server.start()
     body = json.dumps({"query": QUERY, "documents": DOCS}).encode()
     head = (f"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n").encode()
-    held = []
-    for _ in range(2):  # two requests that send headers, then hold their bodies back: both slots taken
-        s = socket.create_connection(("127.0.0.1", server.port))
-        s.sendall(head)
-        held.append(s)
-    try:
+    with cf.ThreadPoolExecutor(2) as pool:
+        slow = [pool.submit(httpx.post, server.base + "/rerank", timeout=60,
+                            json={"query": QUERY, "documents": [f"slow-to-score {i}"]}) for i in range(2)]
         wait_until(lambda: "reranker_requests_in_flight 2" in httpx.get(server.health + "/metrics").text, 10,
                    what="two requests admitted")
         t0 = time.monotonic()
-        r = httpx.post(server.base + "/rerank", json={"query": QUERY, "documents": DOCS}, timeout=10)
-        assert r.status_code == 429 and r.headers.get("Retry-After") and "RERANKER_MAX_IN_FLIGHT" in r.text
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            s.sendall(head)  # the head alone: no body follows
+            answer = s.recv(65536)
         assert time.monotonic() - t0 < 2
+        assert answer.startswith(b"HTTP/1.1 429") and b"Retry-After" in answer and b"RERANKER_MAX_IN_FLIGHT" in answer
         # the canary has its own slot: health stays green while users are refused
         wait_until(lambda: httpx.get(server.health + "/health").status_code == 200, 10, what="health green")
-    finally:
-        for s in held:
-            s.close()
+        assert [f.result().status_code for f in slow] == [200, 200]
     wait_until(lambda: httpx.post(server.base + "/rerank", json={"query": QUERY, "documents": DOCS},
                                   timeout=10).status_code == 200, 10, what="served again")
+

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from reranker_ops.serving.scheduler import MAX_RESENDS, Dropped, FairScheduler, Unit
+from reranker_ops.serving.scheduler import MAX_RESENDS, POISON_STRIKES, Dropped, FairScheduler, Poisoned, Unit
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -18,11 +18,13 @@ class Worker:
 
     def __init__(self) -> None:
         self.groups: list[list[str]] = []
+        self.ids: list[int] = []  # each envelope's id, as the worker writes it in its heartbeat
         self.gates: list[asyncio.Future] = []
         self.cancelled: list[int] = []  # envelopes whose sender stopped waiting
 
-    async def send(self, group: list[Unit]) -> list:
+    async def send(self, group: list[Unit], envelope_id: int) -> list:
         self.groups.append([u.payload for u in group])
+        self.ids.append(envelope_id)
         gate = asyncio.get_running_loop().create_future()
         index = len(self.gates)
         self.gates.append(gate)
@@ -265,4 +267,96 @@ def test_a_failed_envelope_fails_each_of_its_units_and_a_gone_unit_is_never_sent
             with pytest.raises(ConnectionError):
                 await f
         assert s.busy == 0 and s.outstanding == 0
+    run(main())
+
+
+def test_an_envelope_lost_with_its_worker_is_taken_apart_and_a_unit_that_kills_alone_again_is_poison():
+    """The dead worker's heartbeat names the envelope it held (``worker_lost``): its units go back to the front
+    of the queue, each to be sent alone; the envelope on the other worker goes on untouched. The one that kills
+    its worker again, alone, is answered Poisoned and never sent again; the others are answered."""
+    async def main():
+        w, s = worker_and_scheduler(slots=2, max_group=8)
+        x, y = s.submit(unit("x")), s.submit(unit("y"))  # both workers busy
+        await w.sent(2)
+        others = [s.submit(unit(n)) for n in ("p", "a", "b")]  # they wait, and go together to a free worker
+        w.release(0)
+        await x
+        await w.sent(3)
+        busy = s.submit(unit("c"))
+        w.release(1)
+        await y
+        await w.sent(4)
+        assert w.groups[2:] == [["p", "a", "b"], ["c"]]
+        assert s.worker_lost({w.ids[2]}) == (3, 0)  # the worker with p, a, b died
+        await w.sent(5)
+        assert w.groups[4] == ["p"]  # alone, from the queue's front, on the slot the lost envelope gave back
+        assert 2 in w.cancelled  # the lost envelope's copy is not waited for
+        assert s.worker_lost({w.ids[4]}) == (0, 1)  # p killed the next worker too, alone: poison
+        with pytest.raises(Poisoned):
+            await others[0]
+        await w.sent(6)
+        assert w.groups[5] == ["a"]  # each alone from now on
+        w.release(3)  # c's worker answers: its envelope was never sent again
+        assert await busy == "answer c"
+        await w.sent(7)
+        assert w.groups[6] == ["b"]
+        w.release(5)
+        w.release(6)
+        assert [await f for f in others[1:]] == ["answer a", "answer b"]
+        assert len(w.groups) == 7 and s.busy == 0 and s.outstanding == 0
+    run(main())
+
+
+def test_a_lone_unit_on_a_dead_worker_is_sent_again_once_and_then_is_poison():
+    """An innocent request can be on a worker that is killed (the OOM killer, an operator): the first death
+    sends it again, alone; only a second death with it alone makes it poison (POISON_STRIKES)."""
+    assert POISON_STRIKES == 2
+
+    async def main():
+        w, s = worker_and_scheduler(slots=1)
+        ticket = s.enter_now(10)
+        lone = asyncio.ensure_future(s.send_now(unit("a"), ticket))
+        await w.sent(1)
+        assert s.worker_lost({w.ids[0]}) == (1, 0)
+        await w.sent(2)
+        assert w.ids[1] == w.ids[0] and w.groups[1] == ["a"] and s.busy == 1  # a copy, on the slot it had
+        w.release(1)
+        assert await lone == "answer a"
+        # the same again, but the copy's worker dies too
+        ticket = s.enter_now(10)
+        doomed = asyncio.ensure_future(s.send_now(unit("b"), ticket))
+        await w.sent(3)
+        s.worker_lost({w.ids[2]})
+        await w.sent(4)
+        assert s.worker_lost({w.ids[3]}) == (0, 1)
+        with pytest.raises(Poisoned):
+            await doomed
+        assert s.busy == 0 and s.outstanding == 0 and w.cancelled[-2:] == [2, 3]
+        assert s.worker_lost({12345}) == (0, 0)  # an envelope nobody has out any more: nothing happens
+    run(main())
+
+
+def test_cancel_drops_every_queued_unit_of_a_request_at_once():
+    async def main():
+        w, s = worker_and_scheduler(slots=1, budget=100)
+        head = s.submit(unit("head"))
+        await w.sent(1)
+        mine = [s.submit(unit(f"c{i}", lane="chunk", owner=7)) for i in range(5)]
+        theirs = [s.submit(unit("t", owner=8)), s.submit(unit("u", lane="chunk", owner=9))]
+        small_mine = s.submit(unit("s", owner=7))
+        dropped = []
+        s.on_drop = dropped.append
+        assert s.cancel(7) == 6 and s.queued == 2
+        for f in (*mine, small_mine):
+            with pytest.raises(Dropped):
+                await f
+        assert len(dropped) == 6
+        w.release(0)
+        await head
+        await w.sent(2)
+        w.release(1)
+        await w.sent(3)
+        w.release(2)
+        assert [await f for f in theirs] == ["answer t", "answer u"]
+        assert all("c" not in g[0] for g in w.groups)
     run(main())

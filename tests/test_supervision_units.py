@@ -407,7 +407,7 @@ def test_a_unit_dropped_at_its_deadline_is_a_504_not_a_503():
         request = Request()
         sent = []
 
-        async def send(group):
+        async def send(group, _envelope_id):
             sent.append(len(group))
             if len(sent) > 1:
                 raise AssertionError("a unit past its deadline was sent")

@@ -94,9 +94,9 @@ def test_connections_are_kept_alive_and_reused():
     async def main():
         async with peer_and_client() as (peer, client):
             for i in range(5):
-                assert await client.post(peer.port, "/score", b"x%d" % i, 5) == (200, b"echo:x%d" % i)
+                assert await client.post(peer.port, "/score", [b"x%d" % i], 5) == (200, b"echo:x%d" % i)
             big = bytes(200_000)  # past the size sent in one write with the head
-            assert await client.post(peer.port, "/score", bytearray(big), 5) == (200, b"echo:" + big)
+            assert await client.post(peer.port, "/score", [bytearray(big)], 5) == (200, b"echo:" + big)
             assert peer.connections == 1
     run(main())
 
@@ -104,10 +104,10 @@ def test_connections_are_kept_alive_and_reused():
 def test_an_idle_connection_the_peer_closed_is_replaced_without_an_error():
     async def main():
         async with peer_and_client() as (peer, client):
-            assert (await client.post(peer.port, "/score", b"a", 5))[0] == 200
+            assert (await client.post(peer.port, "/score", [b"a"], 5))[0] == 200
             peer.drop_idle()
             await asyncio.sleep(0)  # no wait for the close to arrive: the stale connection may still look open
-            assert await client.post(peer.port, "/score", b"b", 5) == (200, b"echo:b")
+            assert await client.post(peer.port, "/score", [b"b"], 5) == (200, b"echo:b")
             assert peer.connections == 2
     run(main())
 
@@ -116,11 +116,11 @@ def test_chunked_answers_and_connection_close_are_understood():
     async def main():
         async with peer_and_client() as (peer, client):
             peer.mode = "chunked"
-            assert await client.post(peer.port, "/score", b"hello", 5) == (422, b"echo:hello")
+            assert await client.post(peer.port, "/score", [b"hello"], 5) == (422, b"echo:hello")
             peer.mode = "close"
-            assert await client.post(peer.port, "/score", b"c", 5) == (200, b"echo:c")
+            assert await client.post(peer.port, "/score", [b"c"], 5) == (200, b"echo:c")
             peer.mode = "length"
-            assert await client.post(peer.port, "/score", b"d", 5) == (200, b"echo:d")
+            assert await client.post(peer.port, "/score", [b"d"], 5) == (200, b"echo:d")
             assert peer.connections == 2  # the one the peer closed was not reused
     run(main())
 
@@ -130,22 +130,22 @@ def test_failures_are_upstream_errors_or_deadlines_and_never_reused():
         async with peer_and_client() as (peer, client):
             peer.mode = "cut"  # a fresh connection cut mid-answer: an error, not tried again
             with pytest.raises(UpstreamError):
-                await client.post(peer.port, "/score", b"x", 5)
+                await client.post(peer.port, "/score", [b"x"], 5)
             assert len(peer.bodies) == 1
             peer.mode = "stall"
             loop = asyncio.get_running_loop()
             t0 = loop.time()
             with pytest.raises(asyncio.TimeoutError):
-                await client.post(peer.port, "/score", b"y", 0.3)
+                await client.post(peer.port, "/score", [b"y"], 0.3)
             assert loop.time() - t0 < 2
             peer.mode = "length"
-            assert await client.post(peer.port, "/score", b"z", 5) == (200, b"echo:z")
+            assert await client.post(peer.port, "/score", [b"z"], 5) == (200, b"echo:z")
             assert peer.connections == 3  # neither the cut nor the stalled connection was used again
             port = peer.port
         with pytest.raises(UpstreamError):  # closed client
-            await client.post(port, "/score", b"z", 5)
+            await client.post(port, "/score", [b"z"], 5)
         with pytest.raises(UpstreamError, match="cannot connect"):  # nothing listens any more
-            await UpstreamClient().post(port, "/score", b"z", 5)
+            await UpstreamClient().post(port, "/score", [b"z"], 5)
     run(main())
 
 
@@ -154,8 +154,8 @@ def test_a_new_port_closes_the_idle_connections_to_the_old_one():
         old, new = await Peer().start(), await Peer().start()
         client = UpstreamClient()
         try:
-            await client.post(old.port, "/score", b"a", 5)
-            await client.post(new.port, "/score", b"b", 5)
+            await client.post(old.port, "/score", [b"a"], 5)
+            await client.post(new.port, "/score", [b"b"], 5)
             assert old.port not in client._idle and len(client._idle[new.port]) == 1
         finally:
             await client.close()
@@ -174,7 +174,7 @@ def test_requests_waiting_for_a_port_go_on_the_moment_it_listens_with_one_watche
         peer = Peer()
         try:
             with pytest.raises(UpstreamError, match="cannot connect"):
-                await client.post(port, "/score", b"a", 5)
+                await client.post(port, "/score", [b"a"], 5)
             assert not await client.wait_listening(port, 0.05)  # nothing listens: False at the timeout
             waiters = [asyncio.ensure_future(client.wait_listening(port, 10)) for _ in range(50)]
             await asyncio.sleep(0.6)  # refused for a while, as during a model's compile
@@ -183,7 +183,7 @@ def test_requests_waiting_for_a_port_go_on_the_moment_it_listens_with_one_watche
             listening = time.monotonic()
             assert all(await asyncio.gather(*waiters))
             assert time.monotonic() - listening < 0.2  # PORT_POLL_S is 0.01: not a back-off of 0.25 s
-            assert await client.post(port, "/score", b"b", 5) == (200, b"echo:b")
+            assert await client.post(port, "/score", [b"b"], 5) == (200, b"echo:b")
             assert peer.connections == 1  # the watcher's connection was the one used
             # nobody waits: the watcher of a port that refuses ends on its own
             await peer.stop()

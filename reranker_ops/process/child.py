@@ -87,6 +87,7 @@ class Generation:
         self.secret = b""  # what the gate prefixes to every request; the score worker checks it
         self.variant_dir: Optional[Path] = None
         self.model_name = ""
+        self.max_length = 0  # tokens of the model's window, as the workers truncate
         self.log = log
         self.tail = tail
         self.stack_seen = 0.0  # monotonic time a worker's stack dump started to arrive

@@ -150,14 +150,18 @@ def start_daemon(settings: Settings, run: Callable[[int], int],
 
 def _start_failure(settings: Settings, code: int, boot: Path):
     lines = [l for l in tail_file(boot, 40) if l.strip()]
-    message = next((l.split("error:", 1)[1].strip() for l in reversed(lines) if "error:" in l), None)
+    at = next((i for i in range(len(lines) - 1, -1, -1) if "error:" in lines[i]), None)
+    message = lines[at].split("error:", 1)[1].strip() if at is not None else None
+    # the daemon printed the error as every command does: its line, then "→ what to do next"
+    hint = next((l.split("→", 1)[1].strip() for l in lines[at + 1:at + 2] if "→" in l), None) if at is not None else None
     if code == AlreadyRunning.exit_code:
-        return AlreadyRunning(message or "a server is already running", "see: rerankctl status")
+        return AlreadyRunning(message or "a server is already running", hint or "see: rerankctl status")
     tail = tail_file(settings.log_path, 15)
-    err = ServerStartError(
-        message or f"the server exited with code {code}",
-        "log tail:\n    " + "\n    ".join(tail[-10:] or lines[-10:]) if (tail or lines) else "see: rerankctl logs",
-    )
+    if hint is None or "rerankctl logs" in hint:  # a failure the log explains: its tail, here
+        shown = tail[-10:] or lines[-10:]
+        hint = (f"{hint + '; ' if hint else ''}log tail:\n    " + "\n    ".join(shown) if shown
+                else hint or "see: rerankctl logs")
+    err = ServerStartError(message or f"the server exited with code {code}", hint)
     err.exit_code = code if code > 0 else err.exit_code
     return err
 
@@ -346,6 +350,7 @@ def collect_status(settings: Settings) -> dict:
         version=info.data.get("version"),
         last_probe=state.get("last_probe"),
         restarts=state.get("restarts", {}),
+        worker_deaths=state.get("worker_deaths", 0),
         outages=state.get("outages", []),
         log=info.data.get("log"),
     )

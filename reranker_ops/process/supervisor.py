@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
@@ -48,7 +49,7 @@ from ..metrics import Metrics
 from ..models.store import write_json_atomic
 from ..serving.manifest import read_variant_manifest
 from ..serving.heartbeat import forget_worker, read_worker_dir
-from ..serving.schema import ROUTE_TAGS, part_head, read_answers
+from ..serving.schema import ROUTE_TAGS, open_answer, part_head, read_answers, seal
 from ..serving.upstream import Upstream
 from ..startup import frozen_imports
 from . import roles
@@ -81,6 +82,16 @@ CHILD_TERM_GRACE = 3.0
 KILL_CONFIRM_S = 5.0
 STACK_DUMP_WAIT_S = 1.0
 PUBLISH_EVERY_S = 1.0
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:][:1] not in (b"Z", b"X")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -131,7 +142,31 @@ def ensure_private_dir(path: Path) -> None:
         path.chmod(0o700)
 
 
-FD_RESERVE = 256  # descriptors kept for the health port, MOSEC's connections, logs, the canary
+UNIX_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path is 108, with its NUL)
+# What a server leaves in its run dir besides the worker and MOSEC folders (the log stays: it is the record)
+# (a pidfile is read first, to reap what its server left running, and then replaced; ``.*.json.*`` are the
+# temporary files of a write cut short)
+LEFTOVERS = ("state.json", "stop-request.json", "reload-request.json", "mosec-config-*.json", ".*.json.*")
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a file, a symlink (never what it points to) or a folder and all it holds; nothing if absent."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    except OSError:
+        pass
+
+
+# The health port: probes and scrapers, a few connections each
+HEALTH_CONNECTIONS = 256
+HEALTH_PER_PEER = 32
+HEALTH_IDLE_S = 300.0
+LOOPBACK_RESERVE = 32  # connections of each port that only loopback peers (the canary, a local balancer) get
+
+FD_RESERVE = 512  # descriptors kept for the health port, MOSEC's connections, logs, the canary
 
 
 def connection_budget(wanted: int) -> int:
@@ -197,6 +232,7 @@ class Supervisor:
         self.start_failures = 0
         self.boot_wrong_answers = 0
         self.restarts = {"worker": 0, "server": 0}
+        self.worker_deaths = 0  # score workers that died without being killed by the watchdog
         self.outages: deque[dict] = deque(maxlen=20)
         self._outage: Optional[dict] = None
         self.gen: Optional[Generation] = None
@@ -206,7 +242,6 @@ class Supervisor:
         self._pending: dict[int, PendingKill] = {}
         self._short_since: dict[str, float] = {}
         self._views: list[WorkerView] = []
-        self._worker_pids: tuple[int, set[int]] = (0, set())  # a generation's score workers at the last tick
         self._beats: dict[int, dict] = {}  # the heartbeats _views were built from (read once a tick)
         self._signals: deque[int] = deque()
         self._wake: Optional[asyncio.Event] = None
@@ -225,6 +260,10 @@ class Supervisor:
         self._reload_task: Optional[asyncio.Task] = None
         self._stop_deadline_s = settings.stop_timeout_s
         self.reload_status: Optional[dict] = None
+        from ..serving.app import keeps_last_worker, mosec_version  # neither imports MOSEC
+
+        # MOSEC replaces the last worker of a stage like any other (serving/app.py, on verified versions)
+        self.keep_last_worker = keeps_last_worker(mosec_version())
 
     # --- what the gate and the health server read ------------------------------------------------------
     @property
@@ -243,7 +282,7 @@ class Supervisor:
         gen = self.gen
         if gen is None or gen.exit_code is not None:
             return None
-        return Upstream(gen.port, gen.secret, gen.number, gen.model_name)
+        return Upstream(gen.port, gen.secret, gen.number, gen.model_name, gen.max_length, gen.pid)
 
     def mosec_metrics_url(self) -> Optional[str]:
         gen = self.gen
@@ -259,8 +298,11 @@ class Supervisor:
         return read_worker_dir(self.settings.worker_dir)
 
     def _observe(self, gen: Optional[Generation] = None) -> tuple[dict[int, dict], list[WorkerView]]:
-        """The heartbeats and the workers' views, from one read of the worker dir (run in a thread)."""
+        """The heartbeats (each marked ``alive`` or not) and the workers' views, from one read of the worker
+        dir (run in a thread)."""
         beats = self._heartbeats()
+        for pid, beat in beats.items():
+            beat["alive"] = _alive(pid)
         return beats, self.worker_views(gen, beats)
 
     @staticmethod
@@ -282,17 +324,22 @@ class Supervisor:
         return pairs, tokens
 
     def extra_metrics(self) -> str:
-        door = self._doors[0] if self._doors else None
-        lines = [
-            "# HELP reranker_connections_open Open client connections on the API port.",
-            "# TYPE reranker_connections_open gauge",
-            f"reranker_connections_open {door.open_connections if door else 0}",
-            "# HELP reranker_connections_rejected_total Connections refused over RERANKER_MAX_CONNECTIONS.",
-            "# TYPE reranker_connections_rejected_total counter",
-            f"reranker_connections_rejected_total {door.rejected_total if door else 0}",
-            "# HELP reranker_connections_timed_out_total Connections closed for not sending a request in time.",
-            "# TYPE reranker_connections_timed_out_total counter",
-            f"reranker_connections_timed_out_total {door.timed_out_total if door else 0}",
+        lines = []
+        for name, kind, what, attr in (
+            ("open", "gauge", "Open client connections, by port (door).", "open_connections"),
+            ("rejected_total", "counter", "Connections refused: the port full (nothing idle to close) or an"
+             " address over its share.", "rejected_total"),
+            ("timed_out_total", "counter", "Connections closed for not sending a request (or its body) in time.",
+             "timed_out_total"),
+            ("evicted_total", "counter", "Idle connections closed to make room for a new one on a full port.",
+             "evicted_total"),
+            ("send_timed_out_total", "counter", "Connections cut because the client read nothing of its answer"
+             " for RERANKER_SEND_TIMEOUT_S.", "send_timed_out_total"),
+        ):
+            lines += [f"# HELP reranker_connections_{name} {what}", f"# TYPE reranker_connections_{name} {kind}"]
+            for door in self._doors:
+                lines.append(f'reranker_connections_{name}{{door="{door.name}"}} {getattr(door, attr)}')
+        lines += [
             "# HELP reranker_in_flight_per_worker Requests in flight per live score worker (a scaling signal).",
             "# TYPE reranker_in_flight_per_worker gauge",
             f"reranker_in_flight_per_worker {self.gate.in_flight / max(1, self.capacity()['score']['live']):.3f}",
@@ -388,12 +435,32 @@ class Supervisor:
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _prepare_dirs(self) -> None:
-        """The run dir's folders, emptied of what a previous server left in them."""
+        """A start owns its run dir: under the lock, everything a previous server could have left there is
+        removed before anything binds. A server killed with SIGKILL (an OOM kill of its cgroup, a container
+        runtime's kill) leaves MOSEC's IPC sockets, which its controller refuses to bind over (AddrInUse),
+        its generations' configs, the workers' heartbeats, request files, its state. The log stays. And each
+        generation's paths carry this server's instance (``_generation_paths``): a dead server's can never be
+        taken for ours, even if one could not be removed."""
+        s = self.settings
+        ensure_private_dir(s.run_dir)
+        for d in (s.worker_dir, s.mosec_dir):
+            remove_tree(d)
+        for pattern in LEFTOVERS:
+            for path in s.run_dir.glob(pattern):
+                remove_tree(path)
         self._make_dirs()
-        for d in (self.settings.worker_dir, self.settings.mosec_dir):
-            for f in d.iterdir():
-                if f.is_file() or f.is_socket():
-                    f.unlink(missing_ok=True)
+
+    def _generation_paths(self, number: int) -> tuple[Path, Path]:
+        """(config file, MOSEC's folder) of generation ``number``: unique to this server and generation."""
+        tag = f"{self.instance[:12]}.g{number}"
+        folder = self.settings.mosec_dir / tag
+        # MOSEC puts its IPC sockets in the folder: a Unix socket's path has at most 107 bytes
+        socket = folder / "ipc_Score_1.socket"
+        if len(os.fsencode(socket)) > UNIX_PATH_MAX:
+            raise ServerStartError(f"the run dir {self.settings.run_dir} is too long a path for MOSEC's sockets"
+                                   f" ({len(os.fsencode(socket))} bytes, at most {UNIX_PATH_MAX})",
+                                   "choose a shorter --run-dir (RERANKER_RUN_DIR)")
+        return self.settings.mosec_dir / f"{tag}.json", folder
 
     def _open_front(self) -> None:
         """The gate and the health server, and aiohttp under them: imported here rather than with this
@@ -407,7 +474,7 @@ class Supervisor:
     async def _bind(self) -> None:
         from aiohttp import web
 
-        from ..serving.frontdoor import FrontDoor
+        from ..serving.frontdoor import FrontDoor, tracked
 
         s = self.settings
         await self.gate.start()
@@ -415,17 +482,24 @@ class Supervisor:
         if max_conns < s.max_connections:
             self.log.warning("RERANKER_MAX_CONNECTIONS=%d does not fit the descriptor limit: using %d",
                              s.max_connections, max_conns)
-        apps = (
-            (self.gate.app(self.gate.ops_routes(self.health.routes())), s.port, "API", max_conns),
-            (self.health.app(), s.health_port, "health", 64),
+        health_app = self.health.app()
+        health_app.middlewares.append(tracked(lambda: self._doors[1] if len(self._doors) > 1 else None))
+        doors = (
+            # (app, port, what, connections, per address, aiohttp's keep-alive, the door's idle deadline)
+            (self.gate.app(self.gate.ops_routes(self.health.routes())), s.port, "API", max_conns,
+             s.max_connections_per_peer, s.keepalive_timeout_s),
+            # probes and scrapers: few of them, each kept alive between scrapes (Prometheus scrapes each minute
+            # by default) rather than cut; idle ones are closed only to make room for a new connection
+            (health_app, s.health_port, "health", HEALTH_CONNECTIONS, HEALTH_PER_PEER, HEALTH_IDLE_S),
         )
-        for app, port, what, max_conns in apps:
+        for app, port, what, conns, per_peer, idle_s in doors:
             # auto_decompress off: a compressed body is never inflated, not even by aiohttp's parser
             runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False,
-                                   keepalive_timeout=s.keepalive_timeout_s + 5)
+                                   keepalive_timeout=idle_s + 5)
             await runner.setup()
-            door = FrontDoor(runner.server, max_connections=max_conns, header_timeout_s=s.header_timeout_s,
-                             idle_timeout_s=s.keepalive_timeout_s, name=what)
+            door = FrontDoor(runner.server, max_connections=conns, header_timeout_s=s.header_timeout_s,
+                             idle_timeout_s=idle_s, send_timeout_s=s.send_timeout_s, per_peer=per_peer,
+                             reserve=LOOPBACK_RESERVE, name="api" if what == "API" else "health")
             try:
                 await door.listen(s.host, port)
             except OSError as exc:
@@ -493,6 +567,7 @@ class Supervisor:
     # --- generations -------------------------------------------------------------------------------------
     def _child_config(self, number: int, port: int, secret: bytes, variant_dir: Path, model_name: str) -> Path:
         s = self.settings
+        path, folder = self._generation_paths(number)
         manifest = read_variant_manifest(variant_dir)
         cfg = {
             "variant_dir": str(variant_dir),
@@ -504,12 +579,13 @@ class Supervisor:
             "max_length": s.max_length,
             "model_max_length": manifest.get("max_length"),
             "limits": {"max_documents": s.max_documents, "max_document_chars": s.max_document_chars,
-                       "windows": s.windows, "max_windows": s.max_windows},
+                       "windows": s.windows, "max_windows": s.max_windows, "max_query_chars": s.max_query_chars},
             "window_stride": s.window_stride,
             "worker_dir": str(s.worker_dir),
             "generation": number,
             "workers": s.workers,
             "gate_secret": secret.decode("ascii"),
+            "keep_last_worker": self.keep_last_worker,
             "mosec": {
                 "address": "127.0.0.1",
                 "port": port,
@@ -517,13 +593,12 @@ class Supervisor:
                 # whole batch); a hung worker is the watchdog's, not this timeout's
                 "timeout_ms": int((s.request_timeout_s + 10) * 1000),
                 "capacity": s.queue_capacity,
-                "path": str(s.mosec_dir / f"g{number}"),
+                "path": str(folder),
                 # The gate enforces the user's limit; MOSEC gets room for the secret and the route tag.
                 "max_request_size": s.max_body_bytes + 128,
                 "log_level": "debug" if s.debug else "info",
             },
         }
-        path = s.run_dir / f"mosec-config-{number}.json"
         write_json_atomic(path, cfg)
         path.chmod(0o600)
         return path
@@ -540,6 +615,8 @@ class Supervisor:
         gen = await Generation.spawn(number, cfg, port, env, self.settings.run_dir,
                                      self.settings.startup_timeout_s, self.log, self.tail)
         gen.secret, gen.variant_dir, gen.model_name = secret, variant_dir, model_name
+        model_max = int(read_variant_manifest(variant_dir).get("max_length") or 512)
+        gen.max_length = min(self.settings.max_length, model_max) if self.settings.max_length else model_max
         self._gen_pids.add(gen.pid)
         asyncio.ensure_future(self._wake_on_exit(gen))
         return gen
@@ -560,7 +637,9 @@ class Supervisor:
         await gen.stop(grace, f"{self.instance}.{gen.number}")
         if self._run_dir_lost:
             return  # the run dir is not ours any more: its files may be another server's
-        (self.settings.run_dir / f"mosec-config-{gen.number}.json").unlink(missing_ok=True)
+        config, folder = self._generation_paths(gen.number)
+        config.unlink(missing_ok=True)
+        remove_tree(folder)  # MOSEC removes it when it ends well; not when it is killed
         for beat in read_worker_dir(self.settings.worker_dir):
             if not psutil.pid_exists(beat):
                 forget_worker(self.settings.worker_dir, beat)
@@ -601,6 +680,11 @@ class Supervisor:
         code = gen.exit_code
         cause = gen.last_error()
         expected = gen.expected_exit
+        # the envelopes its workers were scoring when it died are answered by nobody: suspects, like a worker's
+        beats, _views = await asyncio.get_running_loop().run_in_executor(None, self._observe)
+        dead = {pid for pid, beat in beats.items() if beat.get("stage") == "score" and not beat.get("alive")}
+        if dead and self.gate is not None:
+            self._report_lost(dead, beats, gen.number)
         self.log.error("MOSEC exited with code %s (%s): %s", code, "after a remediation" if expected else "crash",
                        cause)
         if not self.ever_ready and not expected:
@@ -717,7 +801,9 @@ class Supervisor:
 
         loop = asyncio.get_running_loop()
         canary = json.dumps(CANARY, ensure_ascii=False).encode("utf-8")
-        body = part_head(gen.secret, ROUTE_TAGS["/rerank"], len(canary)) + canary  # an envelope of one
+        part = part_head(ROUTE_TAGS["/rerank"], len(canary)) + canary
+        envelope_id = secrets.randbits(63) or 1
+        body = seal(gen.secret, envelope_id, [part]) + part  # an envelope of one
         url = f"http://127.0.0.1:{gen.port}/score"
         last = "no answer yet"
         while time.monotonic() < gen.deadline:
@@ -741,7 +827,7 @@ class Supervisor:
                         status, raw = resp.status, await resp.read()
                         try:
                             if status == 200:
-                                [(status, raw)] = read_answers(raw, 1)
+                                [(status, raw)] = read_answers(open_answer(gen.secret, envelope_id, raw), 1)
                             answer: object = json.loads(raw)
                         except ValueError:  # EnvelopeError is one
                             answer = raw.decode("utf-8", "replace")
@@ -870,15 +956,20 @@ class Supervisor:
     # --- the watchdog: every worker, every tick ----------------------------------------------------------
     async def _watch_workers(self, gen: Generation, now: float) -> None:
         self._beats, views = await asyncio.get_running_loop().run_in_executor(None, self._observe)
-        self._views = views
+        before, self._views = self._views, views
         alive = {v.pid: v for v in views}
         # A worker that died took the envelope it held with it (MOSEC never answers it): the gate sends the
         # envelopes out again, or the lost one would hold its requests and a slot until their deadline.
-        pids = {v.pid for v in views if v.status not in GONE_STATUSES}
-        seen_gen, seen = self._worker_pids
-        if seen_gen == gen.number and seen - pids:
-            self.metrics.count_resend("worker_lost", self.gate.scheduler.forgive())
-        self._worker_pids = (gen.number, pids)
+        # Found by its heartbeat file, which outlives it until reported: a worker MOSEC started and that died
+        # between two ticks is found too (comparing the pids seen at two ticks missed it).
+        dead = {pid for pid, beat in self._beats.items() if beat.get("stage") == "score" and not beat.get("alive")}
+        if dead:
+            self._report_lost(dead, self._beats, gen.number)
+            # the generation's only ready workers died: nothing could answer until MOSEC replaced them, however
+            # fast it did (the replacement may already be up at this tick)
+            lost = [pid for pid in dead if self._beats.get(pid, {}).get("ready")]
+            if lost and gen.booted and not any(v.ready and v.pid not in dead for v in before):
+                self._open_outage(f"no score worker alive ({len(lost)} died)")
         # each kill is verified: the process must be gone (or a zombie MOSEC will reap) in time
         for pid, pk in list(self._pending.items()):
             v = alive.get(pid)
@@ -901,10 +992,40 @@ class Supervisor:
                     self.log.info("watchdog: %s workers back to %d of %d", stage, c["live"], c["expected"])
                 continue
             since = self._short_since.setdefault(stage, now)
+            if c["live"] == 0:  # nothing can answer until MOSEC replaces the worker: an outage, however short
+                self._open_outage(f"no {stage} worker alive (MOSEC is replacing it)")
             if now - since > self.settings.respawn_timeout_s:
                 await self._wedged_restart(f"{stage} workers at {c['live']} of {c['expected']} for over "
                                            f"{self.settings.respawn_timeout_s:g}s: MOSEC did not replace them")
                 return
+
+    def _report_lost(self, dead: set[int], beats: dict[int, dict], number: int) -> None:
+        """Workers ``dead`` died (or were killed) and MOSEC will never answer the envelopes they held. Each
+        names the one it was scoring in its heartbeat: those envelopes' requests are sent again, each alone,
+        and one that was already alone when a worker died with it is answered as poison (see
+        ``FairScheduler.worker_lost``). A dead worker whose heartbeat names nothing may have taken an envelope
+        between MOSEC's hand-over and its first heartbeat: then every envelope out is sent again."""
+        held, unknown = set(), False
+        for pid in dead:
+            beat = beats.get(pid) or {}
+            if pid not in self._pending:
+                forget_worker(self.settings.worker_dir, pid)  # reported once; never mistaken for a live one
+                if beat.get("ready"):  # one that never started took nothing with it: that is a boot failure
+                    self.worker_deaths += 1
+                    self.metrics.count_worker_death()
+            if beat.get("busy_since") and beat.get("envelope"):
+                held.add(int(beat["envelope"]))
+            elif beat.get("ready") and beat.get("generation") == number:
+                unknown = True  # it may have died between MOSEC's hand-over and its first heartbeat
+        scheduler = self.gate.scheduler
+        if held:
+            again, poisoned = scheduler.worker_lost(held)
+            self.metrics.count_resend("worker_lost", again)
+            if poisoned:
+                self.log.warning("watchdog: a request was alone in its envelope when a worker died with it a second"
+                                 " time: it is answered 500 and quarantined")
+        if unknown:
+            self.metrics.count_resend("worker_lost", scheduler.forgive())
 
     async def _kill_worker(self, gen: Generation, kill: Kill) -> None:
         self.log.warning("watchdog: %s -> kill", kill.reason)
@@ -920,8 +1041,10 @@ class Supervisor:
         siblings = [v for v in self._views if v.stage == kill.stage and v.pid != kill.pid
                     and v.status not in STOPPED_STATUSES | GONE_STATUSES and v.pid not in self._pending]
         if not siblings:
-            # MOSEC ends when the last worker of a stage dies: that exit is this remediation, not a crash.
-            gen.expected_exit = True
+            self._open_outage(f"{kill.reason}: no {kill.stage} worker left until it is replaced")
+            if not self.keep_last_worker:
+                # MOSEC ends when the last worker of a stage dies: that exit is this remediation, not a crash.
+                gen.expected_exit = True
 
     async def _dump_stack(self, gen: Generation, pid: int) -> None:
         """Ask a hung worker for its Python stack (faulthandler on SIGUSR1) and give it a moment to print."""
@@ -1107,19 +1230,19 @@ class Supervisor:
     # --- stopping ----------------------------------------------------------------------------------------
     async def _shutdown(self) -> None:
         if not self.sm.terminal and self.sm.state != State.STOPPING:
-            self.sm.to(State.STOPPING, f"draining {self.gate.in_flight} request(s)")
+            self.sm.to(State.STOPPING, f"draining {self.gate.taken} request(s)")
         self.gate.draining = True
         # leave room after the drain for stopping MOSEC within the caller's deadline
         t_end = time.monotonic() + self._stop_deadline_s
         deadline = t_end - min(CHILD_TERM_GRACE + 1.0, max(1.0, self._stop_deadline_s / 3))
-        while self.gate.in_flight and self.stop_requests < 2 and time.monotonic() < deadline:
+        while self.gate.taken and self.stop_requests < 2 and time.monotonic() < deadline:
             try:
                 await asyncio.wait_for(self.gate.idle.wait(), timeout=0.2)
             except asyncio.TimeoutError:
                 pass
             self._handle_signals()
-        if self.gate.in_flight:
-            self.log.warning("stopping with %d request(s) still in flight", self.gate.in_flight)
+        if self.gate.taken:
+            self.log.warning("stopping with %d request(s) still in flight", self.gate.taken)
         if self._probe_task is not None:
             self._probe_task.cancel()
         if self._reload_task is not None and not self._reload_task.done():
@@ -1130,7 +1253,7 @@ class Supervisor:
                 pass
         if self.gen is not None:
             # drained: nothing of a client's is left in MOSEC, so there is nothing to wait for
-            idle = self.gate.in_flight == 0
+            idle = self.gate.taken == 0
             grace = 0.2 if self.stop_requests > 1 or idle else max(0.2, min(CHILD_TERM_GRACE, t_end - time.monotonic() - 0.5))
             await self._stop_generation(self.gen, grace=grace)
 
@@ -1195,6 +1318,7 @@ class Supervisor:
             "reload": self.reload_status,
             "last_probe": probe.to_dict() if probe else None,
             "restarts": dict(self.restarts),
+            "worker_deaths": self.worker_deaths,
             "outages": [{k: v for k, v in o.items() if k != "mono"} for o in self.outages],
         }
         try:

@@ -17,9 +17,13 @@ and the batches:
   splitting into a group of one and a group of the rest that take turns;
 - a unit whose request is gone (its client disconnected, or its deadline passed) is dropped before it
   reaches MOSEC, and counted;
-- MOSEC never answers the envelope of a worker that died, and nobody knows which envelope that was: when
-  the supervisor sees a worker gone (``forgive``), every envelope out is sent again (scoring is
-  idempotent), and each answers its units with whichever copy answers first.
+- MOSEC never answers the envelope of a worker that died. A worker names the envelope it is scoring in its
+  heartbeat, so when the supervisor sees a worker gone it says which envelope was lost (``worker_lost``): that
+  envelope's units are sent again each in an envelope of its own, and a unit that was alone in an envelope
+  on a worker that died before (``POISON_STRIKES``) is answered ``Poisoned`` and never sent again, so one
+  request that crashes a worker costs at most two worker deaths and fails alone. When the dead worker's
+  heartbeat names nothing (``forgive``), every envelope out is sent again (scoring is idempotent), and each
+  answers its units with whichever copy answers first.
 
 Costs are bytes of text (a proxy for tokens known before tokenizing): a small request's body length, a
 chunk's JSON length.
@@ -28,6 +32,7 @@ chunk's JSON length.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -36,6 +41,15 @@ from typing import Any, Awaitable, Callable, Optional
 
 class Dropped(Exception):
     """The unit was not sent: its request is gone."""
+
+
+class Poisoned(Exception):
+    """The unit was being scored, alone in its envelope, when a worker died, after a worker had already died
+    with it once: it is not sent again."""
+
+
+class _Split(Exception):
+    """The envelope was lost with a worker; its units went back to the queue, each to be sent alone."""
 
 
 @dataclass
@@ -50,23 +64,35 @@ class Unit:
     enqueued: float = field(default_factory=time.monotonic)
     dispatched: Optional[float] = None
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    strikes: int = 0  # worker deaths it was in an envelope of
+    alone: bool = False  # sent in an envelope of its own from now on (a worker died with it)
+    digest: bytes = b""  # its body's, once it had a strike (or bodies are quarantined): see the gate
 
 
-# Sends one envelope; answers one result per unit, in order (or raises: every unit of it fails with that).
-SendGroup = Callable[[list[Unit]], Awaitable[list]]
-MAX_RESENDS = 2  # copies of one envelope sent after workers died, beyond the first
+# Sends one envelope (its units and its id); answers one result per unit, in order (or raises: every unit of it
+# fails with that).
+SendGroup = Callable[[list[Unit], int], Awaitable[list]]
+MAX_RESENDS = 2  # copies of one envelope sent after workers died (whose envelope was not known), beyond the first
+POISON_STRIKES = 2  # a unit alone in an envelope when a worker dies, with this many deaths, is not sent again
+
+
+def _envelope_id() -> int:
+    return secrets.randbits(63) or 1  # 0 means "no envelope" in a heartbeat
 
 
 class _Envelope:
     """An envelope out: its units, the slot it holds (its epoch), and the copies of it being sent."""
 
     def __init__(self, group: list[Unit], cost: int, epoch: int) -> None:
+        self.id = _envelope_id()
         self.group = group
         self.cost = cost
         self.epoch = epoch
         self.copies: list[asyncio.Future] = []
         self.resent = 0
-        self.changed = asyncio.get_running_loop().create_future()  # set when a copy is added
+        self.split = False  # lost with a worker: its units were queued again, each alone
+        self.poisoned = False  # its one unit killed a worker again: answered Poisoned
+        self.changed = asyncio.get_running_loop().create_future()  # set when a copy is added or it ends
 
 
 @dataclass(frozen=True)
@@ -123,10 +149,10 @@ class FairScheduler:
         return (await self._settle(self._launch([unit], ticket.cost, ticket.epoch)))[0]
 
     def forgive(self) -> int:
-        """A worker died: the envelope it held will never be answered (MOSEC does not resend it), and which
-        one it was is not known. So every envelope out is sent again, once more per death (at most
-        ``MAX_RESENDS``), and holds one slot from now on whichever copy answers; the envelopes of the fast
-        path, not known here, stop holding theirs (they still end, by their answer or their deadline).
+        """A worker died and which envelope it held is not known (its heartbeat named none): that envelope will
+        never be answered (MOSEC does not resend it). So every envelope out is sent again, once more per
+        death (at most ``MAX_RESENDS``), and holds one slot from now on whichever copy answers; the envelopes of
+        the fast path, not known here, stop holding theirs (they still end, by their answer or their deadline).
         Returns how many envelopes were sent again."""
         self.epoch += 1
         self.busy = 0
@@ -138,11 +164,64 @@ class FairScheduler:
             resent += 1
             env.epoch = self.epoch
             self.busy += 1
-            env.copies.append(asyncio.ensure_future(self.send(env.group)))
+            self._copy(env)
+        self._pump()
+        return resent
+
+    def worker_lost(self, held: set[int]) -> tuple[int, int]:
+        """Workers died scoring the envelopes ``held`` (their ids, from the dead workers' heartbeats). Each
+        such envelope's units are suspects: one of them may be what killed the worker. An envelope of several
+        is taken apart: its units go back to the front of the queue, each to be sent alone. An envelope of
+        one is sent again, unless its unit already was in an envelope when a worker died: then it is answered
+        ``Poisoned`` and never sent again. The other envelopes out were not on those workers and go on.
+        Returns (units queued again or sent again, units poisoned)."""
+        again = poisoned = 0
+        for env in [e for e in self._out if e.id in held and not (e.split or e.poisoned)]:
+            for unit in env.group:
+                unit.strikes += 1
+            if len(env.group) > 1:
+                env.split = True
+                for unit in reversed(env.group):
+                    unit.alone = True
+                    self._requeue(unit)
+                again += len(env.group)
+            elif env.group[0].strikes >= POISON_STRIKES:
+                env.poisoned = True
+                poisoned += 1
+            else:
+                self._copy(env)  # it keeps its slot: the copy takes the worker MOSEC puts in the dead one's place
+                again += 1
             if not env.changed.done():
                 env.changed.set_result(None)
         self._pump()
-        return resent
+        return again, poisoned
+
+    def cancel(self, owner: int) -> int:
+        """Drop every queued unit of request ``owner`` at once (its deadline passed or its client left);
+        returns how many. What is already out ends by its answer, unread."""
+        dropped = [u for u in self.small if u.owner == owner]
+        if dropped:
+            self.small = deque(u for u in self.small if u.owner != owner)
+        dropped += self.chunks.pop(owner, ())
+        for unit in dropped:
+            self._fail(unit, Dropped())
+        if dropped:
+            self._pump()  # the lingering wait may have counted on them
+        return len(dropped)
+
+    def _copy(self, env: _Envelope) -> None:
+        env.copies.append(asyncio.ensure_future(self.send(env.group, env.id)))
+        if not env.changed.done():
+            env.changed.set_result(None)
+
+    def _requeue(self, unit: Unit) -> None:
+        """Back to the front of its lane (the work is older than anything queued)."""
+        unit.dispatched = None
+        if unit.lane == "small":
+            self.small.appendleft(unit)
+        else:
+            self.chunks.setdefault(unit.owner, deque()).appendleft(unit)
+            self.chunks.move_to_end(unit.owner, last=False)
 
     @property
     def queued(self) -> int:
@@ -204,10 +283,13 @@ class FairScheduler:
 
     def _drop(self, unit: Unit) -> None:
         self._pop(unit)
+        self._fail(unit, Dropped())
+
+    def _fail(self, unit: Unit, exc: Exception) -> None:
         if not unit.future.done():
-            unit.future.set_exception(Dropped())
+            unit.future.set_exception(exc)
             unit.future.exception()  # retrieved: nobody may be waiting any more
-        if self.on_drop is not None:
+        if isinstance(exc, Dropped) and self.on_drop is not None:
             self.on_drop(unit)
 
     def _take(self) -> list[Unit]:
@@ -217,7 +299,7 @@ class FairScheduler:
         share = max(1, self.budget // self.slots)
         while len(group) < self.max_group:
             unit = self._peek()
-            if unit is None or (group and unit.lane != group[0].lane):
+            if unit is None or (group and (unit.lane != group[0].lane or unit.alone or group[0].alone)):
                 break
             if not unit.alive():
                 self._drop(unit)
@@ -248,7 +330,7 @@ class FairScheduler:
 
     def _launch(self, group: list[Unit], cost: int, epoch: int) -> _Envelope:
         env = _Envelope(group, cost, epoch)
-        env.copies.append(asyncio.ensure_future(self.send(group)))
+        env.copies.append(asyncio.ensure_future(self.send(group, env.id)))
         self._out[env] = None
         return env
 
@@ -259,6 +341,10 @@ class FairScheduler:
             await asyncio.wait([*env.copies, env.changed], return_when=asyncio.FIRST_COMPLETED)
             if env.changed.done():
                 env.changed = asyncio.get_running_loop().create_future()
+            if env.split:
+                raise _Split()
+            if env.poisoned:
+                raise Poisoned()
             for copy in env.copies:
                 if copy.done() and not copy.cancelled() and copy.exception() is None:
                     return copy.result()
@@ -290,6 +376,8 @@ class FairScheduler:
     async def _run(self, env: _Envelope) -> None:
         try:
             results = await self._settle(env)
+        except _Split:
+            return  # its units are queued again, each to be sent alone: their futures wait for that
         except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the units
             for unit in env.group:
                 if not unit.future.done():

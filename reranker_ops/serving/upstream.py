@@ -20,21 +20,28 @@ time is taken from the model. This client does only what that one exchange needs
   every ``PORT_POLL_S`` for as long as somebody waits (``wait_listening``): every waiting request goes
   on the moment the port listens, and a hundred waiting requests still cost one connect attempt a poll.
 
+- before the first byte goes to a port (and again after a connection to it failed), the process listening
+  on it is checked to be the generation's (``verify``): MOSEC's controller binds its port only once the
+  model is loaded, and another local process that took the port first would get every document. A port held
+  by anyone else is ``Foreign``: nothing is sent to it.
+
 Failures are ``UpstreamError`` (nothing answered: refused, reset, cut mid-answer; ``Refused`` when nothing
-listens on the port) or ``TimeoutError``.
+listens on the port, ``Foreign`` when someone else does) or ``TimeoutError``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 HEAD_LIMIT = 64 * 1024  # an answer's status line and headers: MOSEC's are ~150 bytes
 COALESCE_BYTES = 64 * 1024  # bodies up to this size go out in the same write as the head
 IDLE_PER_PORT = 64
 PORT_POLL_S = 0.01  # a refused loopback connect costs ~0.1 ms of CPU: 1 % of a core while somebody waits
+FOREIGN_POLL_S = 0.25  # a port another process holds is looked at again this often (each look reads /proc)
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,8 @@ class Upstream:
     secret: bytes
     generation: int = 0
     model_name: str = ""
+    max_length: int = 0  # tokens of the model's window (0: not known)
+    pid: int = 0  # MOSEC's main process: the listener on ``port`` must be it or under it
 
 
 class UpstreamError(ConnectionError):
@@ -53,6 +62,58 @@ class UpstreamError(ConnectionError):
 
 class Refused(UpstreamError):
     """Nothing listens on the port (yet, or any more): nothing was sent."""
+
+
+class Foreign(Refused):
+    """A process that is not the generation's listens on the port: nothing was sent."""
+
+
+# (port, the generation's main pid) -> whether the process listening on the port is that generation's: True,
+# False (another one's), None (nothing listens)
+Verify = Callable[[int, int], Optional[bool]]
+
+
+def listening_inode(port: int, host: str = "127.0.0.1") -> Optional[int]:
+    """The inode of the socket listening on ``host:port`` (IPv4), from the kernel's table."""
+    want = "%s:%04X" % ("".join(f"{int(x):02X}" for x in reversed(host.split("."))), port)
+    try:
+        with open("/proc/net/tcp", encoding="ascii") as fh:
+            next(fh, None)
+            for line in fh:
+                f = line.split()
+                if len(f) > 9 and f[1] == want and f[3] == "0A":  # 0A: LISTEN
+                    return int(f[9])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def listener_is_ours(port: int, main_pid: int) -> Optional[bool]:
+    """Whether the socket listening on ``port`` belongs to ``main_pid`` or a process under it (MOSEC's Rust
+    controller is its main process's child): None when nothing listens. A process of another user cannot be
+    looked into, and so is never ours."""
+    inode = listening_inode(port)
+    if inode is None:
+        return None
+    target = f"socket:[{inode}]"
+    try:
+        import psutil
+
+        tree = [main_pid] + [p.pid for p in psutil.Process(main_pid).children(recursive=True)]
+    except Exception:  # noqa: BLE001 - psutil.Error: the generation is gone
+        return False
+    for pid in tree:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    return True
+            except OSError:
+                continue
+    return False
 
 
 if sys.version_info >= (3, 11):
@@ -76,20 +137,25 @@ class _Conn:
 
 
 class UpstreamClient:
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", verify: Optional[Verify] = None,
+                 on_foreign: Optional[Callable[[int], None]] = None) -> None:
         self.host = host
+        self.verify = verify
+        self.on_foreign = on_foreign
+        self._verified: set[int] = set()  # ports whose listener was checked since the last failure on them
         self._idle: dict[int, list[_Conn]] = {}
         self._closed = False
         self._watchers: dict[int, asyncio.Future] = {}  # port -> True once it listens, False when given up
         self._watch_tasks: set[asyncio.Task] = set()
         self._waiting: dict[int, int] = {}  # port -> how many wait for it
 
-    async def wait_listening(self, port: int, timeout: float) -> bool:
-        """Whether ``port`` accepts connections within ``timeout`` seconds: True the moment it does."""
+    async def wait_listening(self, port: int, timeout: float, owner: int = 0) -> bool:
+        """Whether ``port`` accepts connections (from the generation whose main process is ``owner``) within
+        ``timeout`` seconds: True the moment it does."""
         listening = self._watchers.get(port)
         if listening is None or listening.done():
             listening = self._watchers[port] = asyncio.get_running_loop().create_future()
-            task = asyncio.ensure_future(self._watch(port, listening))
+            task = asyncio.ensure_future(self._watch(port, owner, listening))
             self._watch_tasks.add(task)
             task.add_done_callback(self._watch_tasks.discard)
         self._waiting[port] = self._waiting.get(port, 0) + 1
@@ -104,23 +170,23 @@ class UpstreamClient:
             else:
                 del self._waiting[port]
 
-    async def _watch(self, port: int, listening: asyncio.Future) -> None:
-        """Try to connect every PORT_POLL_S while somebody waits; the first connection that succeeds goes
-        to the port's idle pool, for the first request that goes on. Never cancels a waiter: closing the
-        client resolves ``listening`` to False."""
+    async def _watch(self, port: int, owner: int, listening: asyncio.Future) -> None:
+        """Try to connect every PORT_POLL_S while somebody waits; the first connection that succeeds (to the
+        generation's own listener) goes to the port's idle pool, for the first request that goes on. Never
+        cancels a waiter: closing the client resolves ``listening`` to False."""
         try:
             while not self._closed:
                 try:
-                    reader, writer = await asyncio.open_connection(self.host, port, limit=HEAD_LIMIT)
-                except OSError:
-                    await asyncio.sleep(PORT_POLL_S)
+                    conn = await self._connect(port, owner)
+                except Refused as exc:  # nothing listens yet, or someone else does: nothing was sent
+                    await asyncio.sleep(FOREIGN_POLL_S if isinstance(exc, Foreign) else PORT_POLL_S)
                     if not self._waiting.get(port):
                         break  # nobody waits any more (a deadline, or another generation)
                     continue
                 if self._closed:
-                    writer.close()
+                    conn.close()
                 else:
-                    self._release(port, _Conn(reader, writer))  # closes it if the port has no pool any more
+                    self._release(port, conn)  # closes it if the port has no pool any more
                 listening.set_result(True)
                 return
         finally:
@@ -129,14 +195,17 @@ class UpstreamClient:
             if self._watchers.get(port) is listening:
                 del self._watchers[port]  # one entry per port being waited for, not per port ever seen
 
-    async def post(self, port: int, path: str, body: bytes | bytearray, timeout: float) -> tuple[int, bytes]:
-        """``POST path`` to ``host:port`` with ``body``; returns (status, body). Raises ``UpstreamError`` or
-        ``TimeoutError`` (the deadline covers connecting, sending and the whole answer)."""
+    async def post(self, port: int, path: str, body: Sequence[bytes | bytearray], timeout: float,
+                   owner: int = 0) -> tuple[int, bytes]:
+        """``POST path`` to ``host:port`` with the buffers of ``body`` back to back; returns (status, body).
+        ``owner``: the generation's main pid, whose process tree the port's listener must be in. Raises
+        ``UpstreamError`` or ``TimeoutError`` (the deadline covers connecting, sending and the whole
+        answer)."""
         head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{port}\r\nContent-Type: application/octet-stream\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode("ascii")
+                f"Content-Length: {sum(len(b) for b in body)}\r\n\r\n").encode("ascii")
         async with _deadline(timeout):
             while True:
-                conn = await self._acquire(port)
+                conn = await self._acquire(port, owner)
                 try:
                     status, data, keep = await self._exchange(conn, head, body)
                 except _Stale:
@@ -144,6 +213,7 @@ class UpstreamClient:
                     continue  # an idle connection the peer had closed: once more on a new one
                 except BaseException:
                     conn.close()  # an error, a deadline or a cancel mid-exchange: its state is unknown
+                    self._verified.discard(port)  # the listener may have changed: checked again next time
                     raise
                 if keep and not self._closed:
                     self._release(port, conn)
@@ -151,7 +221,7 @@ class UpstreamClient:
                     conn.close()
                 return status, data
 
-    async def _acquire(self, port: int) -> _Conn:
+    async def _acquire(self, port: int, owner: int = 0) -> _Conn:
         if self._closed:
             raise UpstreamError("the gate is closing")
         idle = self._idle.get(port)
@@ -166,11 +236,32 @@ class UpstreamClient:
                 conn.reused = True
                 return conn
             conn.close()
+        return await self._connect(port, owner)
+
+    async def _connect(self, port: int, owner: int) -> _Conn:
+        """A new connection to ``port``, checked (before a byte is sent) to reach the generation's listener."""
         try:
             reader, writer = await asyncio.open_connection(self.host, port, limit=HEAD_LIMIT)
         except OSError as exc:
+            self._verified.discard(port)
             raise Refused(f"cannot connect to {self.host}:{port}: {exc}") from exc
-        return _Conn(reader, writer)
+        conn = _Conn(reader, writer)
+        if self.verify is None or not owner or port in self._verified:
+            return conn
+        try:
+            ours = await asyncio.get_running_loop().run_in_executor(None, self.verify, port, owner)
+        except BaseException:
+            conn.close()
+            raise
+        if ours:
+            self._verified.add(port)
+            return conn
+        conn.close()
+        if ours is None:  # it stopped listening in between
+            raise Refused(f"nothing listens on {self.host}:{port} any more")
+        if self.on_foreign is not None:
+            self.on_foreign(port)
+        raise Foreign(f"the process listening on {self.host}:{port} is not the generation's: nothing was sent")
 
     def _release(self, port: int, conn: _Conn) -> None:
         idle = self._idle.get(port)
@@ -179,15 +270,15 @@ class UpstreamClient:
             return
         idle.append(conn)
 
-    async def _exchange(self, conn: _Conn, head: bytes, body: bytes | bytearray) -> tuple[int, bytes, bool]:
+    async def _exchange(self, conn: _Conn, head: bytes, body: Sequence[bytes | bytearray]
+                        ) -> tuple[int, bytes, bool]:
         w, r = conn.writer, conn.reader
         got_any = False
         try:
-            if len(body) <= COALESCE_BYTES:
-                w.write(head + body)
+            if sum(len(b) for b in body) <= COALESCE_BYTES:
+                w.write(b"".join((head, *body)))  # one send for a small request
             else:
-                w.write(head)
-                w.write(body)
+                w.writelines((head, *body))
             await w.drain()
             line = await r.readline()
             got_any = bool(line)
