@@ -119,6 +119,8 @@ def test_a_kill_9_of_pid_1_leaves_nothing_that_blocks_the_restart(image, tiny_fp
             mosec = podman("exec", name, "sh", "-c",
                            "ps -eo pid,args | grep 'serving.app' | grep -v grep").stdout.split()[0]
             podman("exec", name, "kill", "-9", mosec)
+            wait_until(lambda: (podman("exec", name, "sh", "-c", "ps -eo pid,args | grep 'serving.app' | grep -v grep")
+                                .stdout.split() or [mosec])[0] != mosec, 60, 0.3, what="a new MOSEC generation")
             wait_until(lambda: _get(f"http://127.0.0.1:{hport}/health") == 200, 120, 0.3, what="healed")
             assert podman("kill", "-s", "KILL", name).returncode == 0
             wait_until(lambda: podman("inspect", "--format", "{{.State.Running}}", name).stdout.strip() == "false",

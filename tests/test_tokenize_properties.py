@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from reranker_ops.models.trained import make_task
 from reranker_ops.serving.engine import Tokenizer
-from reranker_ops.serving.gate import plan_chunks, window_count
+from reranker_ops.serving.gate import pair_chars, plan_chunks, window_count
 from reranker_ops.serving.schema import CHUNK, Limits, RequestError, chunk_body, parse_job
 
 pytestmark = pytest.mark.timeout(600)
@@ -137,7 +137,7 @@ def test_chunks_carry_every_pair_once_in_order(query, passages, chunk_chars, rou
             assert json.loads(raw)["q"] == query
         chunk = parse_job(CHUNK, raw, limits)
         assert chunk.extra["offset"] == start and chunk.windows == job.windows
-        text = sum(len(q) + len(p) for q, p in zip(chunk.queries, chunk.passages))
+        text = sum(pair_chars(q, p) for q, p in zip(chunk.queries, chunk.passages))
         assert end - start == 1 or text <= chunk_chars
         pairs += list(zip(chunk.queries, chunk.passages))
     assert pairs == list(zip(job.queries, job.passages))

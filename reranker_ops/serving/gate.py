@@ -624,7 +624,7 @@ class Gate:
             n = 1 if job.windows <= 1 else window_count(len(q.encode("utf-8", "replace")),
                                                           len(p.encode("utf-8", "replace")), job.windows, window,
                                                           self.settings.window_stride)
-            total += (len(q) + len(p)) * n
+            total += pair_chars(q, p, window) * n
         return total
 
     async def _answer_split(self, request: web.Request, route: str, body: bytearray, deadline_at: float
@@ -639,7 +639,9 @@ class Gate:
         self._hold(request, job_bytes(job))  # what the gate holds now is the parsed request, not the body
         del body
         units = []
-        for start, end in plan_chunks(job, self.settings.chunk_chars):
+        up = self.upstream()
+        window = up.max_length if up is not None and up.max_length else DEFAULT_WINDOW
+        for start, end in plan_chunks(job, self.settings.chunk_chars, window=window):
             units.append(Unit(cost=self._job_cost(job, start, end), lane="chunk", owner=id(request),
                               pairs=end - start, payload=_ChunkOf(job, start, end), deadline_at=deadline_at,
                               alive=lambda: self._alive(request, deadline_at)))
@@ -702,20 +704,39 @@ def job_bytes(job: Job) -> int:
 
 
 def window_count(query_bytes: int, passage_bytes: int, windows: int, max_length: int, stride: int) -> int:
-    """At most how many windows of at most ``windows`` a pair can take, from its text's UTF-8 bytes: a token is
-    at least one byte (WordPiece, byte-level BPE), so this never counts fewer windows than the worker builds."""
-    room = max_length - query_bytes - 3
-    if room <= 0 or windows <= 1:
+    """At most how many windows of at most ``windows`` a pair can take, from its text's UTF-8 bytes: never fewer
+    than the worker builds (``Tokenizer.window_plan``). A token is at least one byte (WordPiece, byte-level
+    BPE), so the query's tokens are at most its bytes and the passage's room per window is at least
+    ``max_length - query_bytes - 4`` (4 special tokens at most); the step between windows is the room less the
+    stride, or half the room when the stride does not fit, and its least value over the rooms the query's
+    real length allows bounds the count."""
+    if windows <= 1:
         return 1
-    overlap = stride if stride < room else room // 2
-    return min(windows, 1 + -(-max(0, passage_bytes - room) // max(1, room - overlap)))
+    room_hi = max_length - 2
+    if room_hi <= 0:
+        return 1
+    room_lo = max(1, max_length - query_bytes - 4)  # where there is no room at all the pair is one window
+    if room_lo <= stride + 1 <= room_hi:
+        step = 1  # a room just above the stride: windows one token apart
+    elif room_lo > stride:
+        step = room_lo - stride
+    else:  # every room possible is within the stride: it shrinks to half the room
+        step = -(-room_lo // 2)
+    return min(windows, 1 + -(-max(0, passage_bytes - room_lo) // step))
+
+def pair_chars(query: str, passage: str, window: int = DEFAULT_WINDOW) -> int:
+    """A pair's work in the scheduler's unit, characters of text: a query counts at most a model window's worth
+    (a token is at least one character, and a pair is cut to the window), so a huge query does not make every
+    pair a chunk of its own, each tokenizing the query again."""
+    return min(len(query), window) + len(passage)
 
 
-def plan_chunks(job: Job, chunk_chars: int, max_pairs: int = 64) -> list[tuple[int, int]]:
-    """Consecutive runs of pairs with at most ``chunk_chars`` characters of text (at least one pair each)."""
+def plan_chunks(job: Job, chunk_chars: int, max_pairs: int = 64, window: int = DEFAULT_WINDOW) -> list[tuple[int, int]]:
+    """Consecutive runs of pairs with at most ``chunk_chars`` characters of text (``pair_chars``; at least one
+    pair each)."""
     out, start, size = [], 0, 0
     for i, (q, p) in enumerate(zip(job.queries, job.passages)):
-        n = len(q) + len(p)
+        n = pair_chars(q, p, window)
         if i > start and (size + n > chunk_chars or i - start >= max_pairs):
             out.append((start, i))
             start, size = i, 0
