@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 DEFAULT_MODEL = "DiTy/cross-encoder-russian-msmarco"
+# Values a template ships and nobody should run with (the Kubernetes Secret once said "change-me")
+PLACEHOLDER_KEYS = {"change-me", "changeme", "change_me", "secret", "password", "api-key", "apikey", "key",
+                    "your-key", "your-api-key", "xxx", "todo"}
 Precision = Literal["auto", "fp32", "fp16", "int8", "int8-weights", "bf16"]
 ENV_PREFIX = "RERANKER_"
 ENV_FILE = ".env"
@@ -198,10 +201,34 @@ def read_env_file(path: Path) -> dict[str, str]:
     return out
 
 
+# Why ./.env was not read, when it was not (the CLI says so in one line); None when it was read or absent.
+ENV_FILE_IGNORED: Optional[str] = None
+
+
+def _env_file() -> dict[str, str]:
+    """``./.env``, unless root would read a file that another user could have written: root runs rerankctl
+    from folders it does not own (a service's state directory, a user's checkout), and a ``.env`` there
+    could point root's commands at another run dir or model. Root reads one only when root owns it and
+    neither its group nor others can write it."""
+    global ENV_FILE_IGNORED
+    ENV_FILE_IGNORED = None
+    path = Path(ENV_FILE)
+    if os.geteuid() == 0:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return {}
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            ENV_FILE_IGNORED = (f"{path.resolve()} was not read: as root, rerankctl reads a .env only when root owns"
+                                " it and neither its group nor others can write it")
+            return {}
+    return read_env_file(path)
+
+
 def _environment() -> dict[str, str]:
     """``RERANKER_*`` values by setting name (names are not case-sensitive): the environment over ``./.env``."""
     found: dict[str, str] = {}
-    for source in (read_env_file(Path(ENV_FILE)), os.environ):
+    for source in (_env_file(), os.environ):
         for key, value in source.items():
             if key.upper().startswith(ENV_PREFIX):
                 found[key[len(ENV_PREFIX):].lower()] = value
@@ -224,7 +251,7 @@ class Settings:
     port: int = setting(8080, ge=1, le=65535, description="Port of the API (rerank routes).")
     health_port: int = setting(8081, ge=1, le=65535, description="Port of /health, /live, /ready, /metrics.")
     api_key: Optional[Secret] = setting(None, description="If set, API routes need 'Authorization: Bearer <key>'.")
-    api_port_ops: Literal["open", "key", "off"] = setting("open", description="/health, /ready, /live and /metrics on the API port too: open; key = only with the API key; off = on the health port only.")
+    api_port_ops: Literal["auto", "open", "key", "off"] = setting("auto", description="/health, /ready, /live and /metrics on the API port too: auto = with the API key when one is set, else open; key = only with the API key; off = on the health port only. Without the key, /health there says the state, not the detail.")
 
     # --- state ---------------------------------------------------------------------------------------
     run_dir: Path = setting(factory=default_run_dir, description="Lock, pidfile, logs, MOSEC sockets.")
@@ -317,7 +344,17 @@ class Settings:
             out.append(f"port and health_port are both {self.port}; give them different ports")
         if self.api_port_ops == "key" and not self.api_key:
             out.append("api_port_ops=key needs an API key: set RERANKER_API_KEY, or choose open or off")
+        if self.api_key is not None and not self.api_key.get_secret_value().strip():
+            out.append("api_key is set but empty: set RERANKER_API_KEY to a key, or unset it to serve without one")
+        elif self.api_key and self.api_key.get_secret_value().strip().lower() in PLACEHOLDER_KEYS:
+            out.append("api_key is a placeholder, not a key: set RERANKER_API_KEY to a secret of your own"
+                       " (e.g. from: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
         return out
+
+    @property
+    def ops_need_key(self) -> bool:
+        """Whether /health, /ready, /live and /metrics on the API port ask for the API key."""
+        return self.api_port_ops == "key" or (self.api_port_ops == "auto" and bool(self.api_key))
 
     @classmethod
     def fields(cls) -> dict[str, Setting]:

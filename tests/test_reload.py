@@ -138,3 +138,37 @@ def test_sighup_alone_reloads_what_the_pointer_names(make_server, own_model):
     assert scores(server)
     res = server.cli("reload", "--precision", "int8")
     assert res.returncode != 0 and "no openvino-int8 conversion" in res.stderr, res.stderr
+
+
+def test_an_old_workers_death_during_the_drain_sends_its_work_to_the_new_generation(make_server):
+    """A reload switches to the new generation and drains the old one. A request still on an old worker when
+    that worker dies was waited for until its deadline (nothing noticed: the watchdog looked at the current
+    generation only). Its heartbeat names its envelope, whichever generation it belongs to: the request goes
+    out again, to the new generation, and is answered."""
+    import concurrent.futures as cf
+    import json
+    import os
+    import signal
+
+    server = make_server(start=False, workers=2, request_timeout_s=40)
+    server.inject_faults()
+    server.env.update(RERANKER_TEST_SLOW_MARKER="slow-to-score", RERANKER_TEST_SLOW_S="6")
+    server.start()
+    old_workers = set(server.processes()["score"])
+    with cf.ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(httpx.post, server.base + "/rerank", timeout=60,
+                           json={"query": QUERY, "documents": ["slow-to-score"]})
+        from reranker_ops.serving.heartbeat import read_worker_dir
+
+        busy = wait_until(lambda: [pid for pid, b in read_worker_dir(server.run_dir / "workers").items()
+                                   if pid in old_workers and b.get("busy_since")], 10, 0.05, what="an old worker busy")
+        reload = pool.submit(server.cli, "reload", timeout=180)
+        wait_until(lambda: json.loads((server.run_dir / "state.json").read_text())["mosec"]["generation"] == 2, 60,
+                   0.1, what="the switch to generation 2")
+        t_kill = time.monotonic()
+        os.kill(busy[0], signal.SIGKILL)  # the old worker dies with the request, during the drain
+        r = slow.result(timeout=60)
+        took = time.monotonic() - t_kill
+        assert reload.result().returncode == 0
+    assert r.status_code == 200, r.text
+    assert took < 30, took  # answered by the new generation (6 s of slow scoring), not at the 40 s deadline

@@ -45,12 +45,21 @@ def set_debug(on: bool) -> None:
 
 
 def settings_from(**options: Any) -> Settings:
+    from .. import config
+
     try:
-        return load_settings(**options)
+        settings = load_settings(**options)
     except SettingsError as exc:  # every bad setting, on one line
         raise RerankerError(
             "invalid setting: " + "; ".join(exc.problems), "fix the option or its RERANKER_* variable"
         ) from exc
+    if config.ENV_FILE_IGNORED and not _warned["env"]:
+        _warned["env"] = True
+        err_console.print(f"[yellow]warning:[/] {escape(config.ENV_FILE_IGNORED)}", highlight=False, soft_wrap=True)
+    return settings
+
+
+_warned = {"env": False}
 
 
 def report_error(exc: BaseException) -> int:

@@ -293,10 +293,16 @@ def restart(
     recorded = dict(info.data.get("settings") or {}) if info is not None else {}
     given = {k: v for k, v in dict(model=model, models_dir=models_dir, host=host, port=port, health_port=health_port,
                                    workers=workers, threads=threads, precision=precision).items() if v is not None}
+    new = settings_from(**{**recorded, **given, "run_dir": settings.run_dir})
+    if info is not None and info.data.get("api_key_required") and not new.api_key:
+        # checked before anything is stopped: the running server stays as it is
+        raise ConfigError("the running server requires an API key, and none is set here: restarting would bring it"
+                          " back unauthenticated; nothing was stopped",
+                          "set RERANKER_API_KEY (in the environment or a .env) as the server had it, then restart")
     res = stop_server(settings, timeout)
     if res["was_running"]:
         console.print(f"stopped: pid {res['pid']} in {res['seconds']}s")
-    _serve(settings_from(**{**recorded, **given, "run_dir": settings.run_dir}), daemon=True, prepare=False)
+    _serve(new, daemon=True, prepare=False)
 
 
 def _absolute_model(model: Optional[str]) -> Optional[str]:

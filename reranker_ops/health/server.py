@@ -105,6 +105,13 @@ class Health:
         body = self.body()
         return web.json_response(body, status=200 if body["status"] == "healthy" else 503)
 
+    async def handle_health_brief(self, request: web.Request) -> web.Response:
+        """/health as the API port answers it: the verdict and the state, not the reason (which can hold model
+        paths and MOSEC's error lines) or the rest; the detail is on the health port and in ``status``."""
+        body = self.body()
+        brief = {k: body[k] for k in ("status", "state", "model")}
+        return web.json_response(brief, status=200 if body["status"] == "healthy" else 503)
+
     async def handle_ready(self, request: web.Request) -> web.Response:
         ok, reason = self.serving()
         return web.json_response({"ready": ok, "reason": reason}, status=200 if ok else 503)
@@ -139,9 +146,11 @@ class Health:
         return web.Response(text=text, content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
 
-    def routes(self) -> list[tuple[str, str, object]]:
-        return [("GET", "/health", self.handle_health), ("GET", "/ready", self.handle_ready),
-                ("GET", "/live", self.handle_live), ("GET", "/metrics", self.handle_metrics)]
+    def routes(self, brief: bool = False) -> list[tuple[str, str, object]]:
+        """The routes; ``brief``: as the API port offers them (``handle_health_brief``)."""
+        return [("GET", "/health", self.handle_health_brief if brief else self.handle_health),
+                ("GET", "/ready", self.handle_ready), ("GET", "/live", self.handle_live),
+                ("GET", "/metrics", self.handle_metrics)]
 
     def app(self) -> web.Application:
         app = web.Application()

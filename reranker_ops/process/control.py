@@ -22,6 +22,7 @@ from .runstate import (
     RunLock,
     identify,
     kill_instance,
+    lock_holder,
     lock_is_held,
     read_pidfile,
     remove_pidfile_if_ours,
@@ -179,15 +180,49 @@ def _wait_ended(proc: psutil.Process, timeout: float) -> bool:
 
 
 def _write_request(settings: Settings, name: str, data: dict) -> None:
-    """A request for the supervisor, in its run dir, readable by it: root (an operator next to a systemd
-    service's dynamic user) hands the file to the run dir's owner; it stays private (0600)."""
-    from ..models.store import write_json_atomic
+    """A request for the supervisor, in its run dir, readable by it and private (0600). Root (an operator next
+    to a systemd service's dynamic user) writes into a folder the service user owns, so no path is trusted:
+    the run dir is opened without following a link, the file is made there by that handle (O_EXCL, never an
+    existing file or link), handed to the run dir's owner with fchown while it is still only ours, and then
+    renamed to its name within the same folder. A link the service user swaps in afterwards is never touched:
+    nothing here uses the path again."""
+    run_fd = os.open(settings.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        owner = os.fstat(run_fd)
+        tmp = f".{name}.{os.getpid()}.{time.monotonic_ns()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=run_fd)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(data, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+                if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
+                    os.fchown(fh.fileno(), owner.st_uid, owner.st_gid)
+            os.replace(tmp, name, src_dir_fd=run_fd, dst_dir_fd=run_fd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=run_fd)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(run_fd)
 
-    path = settings.run_dir / name
-    write_json_atomic(path, data)
-    if os.geteuid() == 0:
-        st = settings.run_dir.stat()
-        os.chown(path, st.st_uid, st.st_gid)
+
+def _the_server(settings: Settings, info, error: type) -> psutil.Process:
+    """The process the pidfile names, only if it is the very one recorded (pid and start time in clock ticks)
+    and it is the one holding the run lock: a pidfile is a file in a folder the service user may control,
+    and root must never signal a process because a file said so. Else ``error``, in one line."""
+    holder = lock_holder(settings.lock_path)
+    proc = identify(info.pid, info.start_ticks)
+    if proc is None:
+        raise error(f"pid {info.pid} in the pidfile is not the running server",
+                    "see: rerankctl status; find it with: fuser " + str(settings.lock_path))
+    if holder != info.pid:
+        who = "a process this user cannot see" if holder == 0 else f"pid {holder}"
+        raise error(f"pid {info.pid} in the pidfile does not hold the run lock ({who} does); nothing was signalled",
+                    "see: rerankctl status; find the server with: fuser " + str(settings.lock_path))
+    return proc
 
 
 def stop_server(settings: Settings, timeout: Optional[float] = None) -> dict:
@@ -221,10 +256,7 @@ def stop_server(settings: Settings, timeout: Optional[float] = None) -> dict:
     if info is None:
         raise StopError(f"a server holds {settings.lock_path} but its pidfile is {why}",
                         "find it with: fuser " + str(settings.lock_path))
-    proc = identify(info.pid, info.start_ticks)
-    if proc is None:
-        raise StopError(f"pid {info.pid} in the pidfile is not the running server",
-                        "find it with: fuser " + str(settings.lock_path))
+    proc = _the_server(settings, info, StopError)
     t0 = time.monotonic()
     # the server's own drain follows this deadline (it reads the request when SIGTERM arrives), so a short
     # --timeout is a short drain, not a SIGKILL in the middle of one
@@ -380,9 +412,7 @@ def reload_server(settings: Settings, request: dict, timeout: Optional[float] = 
     info, why = read_pidfile(settings.pidfile_path)
     if not lock_is_held(settings.lock_path) or info is None:
         raise ReloadError("no server is running", "start one with: rerankctl serve --daemon")
-    proc = identify(info.pid, info.start_ticks)
-    if proc is None:
-        raise ReloadError(f"pid {info.pid} in the pidfile is not the running server", "see: rerankctl status")
+    proc = _the_server(settings, info, ReloadError)
     rid = uuid.uuid4().hex
     _write_request(settings, "reload-request.json", {"id": rid, **request})
     proc.send_signal(signal.SIGHUP)

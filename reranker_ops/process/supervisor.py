@@ -486,7 +486,7 @@ class Supervisor:
         health_app.middlewares.append(tracked(lambda: self._doors[1] if len(self._doors) > 1 else None))
         doors = (
             # (app, port, what, connections, per address, aiohttp's keep-alive, the door's idle deadline)
-            (self.gate.app(self.gate.ops_routes(self.health.routes())), s.port, "API", max_conns,
+            (self.gate.app(self.gate.ops_routes(self.health.routes(brief=True))), s.port, "API", max_conns,
              s.max_connections_per_peer, s.keepalive_timeout_s),
             # probes and scrapers: few of them, each kept alive between scrapes (Prometheus scrapes each minute
             # by default) rather than cut; idle ones are closed only to make room for a new connection
@@ -537,8 +537,10 @@ class Supervisor:
                 "log": str(s.log_path),
                 "started_at": self.started_at,
                 "under_systemd": self.notifier.enabled,
-                # what `restart` starts again (secrets excluded: they come from the environment)
+                # what `restart` starts again (secrets excluded: they come from the environment), and whether
+                # it needs a key (the fact, never the key): a restart must not come back unauthenticated
                 "settings": s.as_json(exclude=("api_key",)),
+                "api_key_required": bool(s.api_key),
             },
         )
 
@@ -1034,6 +1036,9 @@ class Supervisor:
         try:
             os.kill(kill.pid, signal.SIGKILL)
         except ProcessLookupError:
+            return  # gone already
+        except OSError as exc:  # PermissionError: the pid now belongs to someone else's process; not ours to kill
+            self.log.warning("watchdog: cannot kill %d (%s): it is not our worker any more", kill.pid, exc.strerror)
             return
         self._pending[kill.pid] = PendingKill(kill.pid, kill.stage, time.monotonic() + KILL_CONFIRM_S)
         self.restarts["worker"] += 1
@@ -1051,7 +1056,7 @@ class Supervisor:
         asked = time.monotonic()
         try:
             os.kill(pid, signal.SIGUSR1)
-        except ProcessLookupError:
+        except OSError:  # gone, or not ours any more (a reused pid): nothing to dump
             return
         deadline = asked + STACK_DUMP_WAIT_S
         while time.monotonic() < deadline:

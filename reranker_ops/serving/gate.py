@@ -196,9 +196,10 @@ class Gate:
 
     def ops_routes(self, routes: list[Route]) -> list[Route]:
         """The health port's routes as the API port offers them (``api_port_ops``): as they are (open), only
-        with the API key (key), or not at all, answered with a JSON 404 that names the health port (off).
-        The health port itself always serves them, for probes and scrapers on the private network."""
-        mode = self.settings.api_port_ops
+        with the API key (key; by default whenever a key is set), or not at all, answered with a JSON 404 that
+        names the health port (off). The health port itself always serves them, for probes and scrapers on the
+        private network."""
+        mode = "off" if self.settings.api_port_ops == "off" else ("key" if self.settings.ops_need_key else "open")
         if mode == "open":
             return routes
         hport = self.settings.health_port
