@@ -112,16 +112,23 @@ class _Core:
         return body
 
     def parse(self, resp: httpx.Response, documents: Sequence[str], top_k: Optional[int]) -> list[Ranked]:
-        data = resp.json()
-        results = data.get("results") if isinstance(data, dict) else None
-        if results is None and isinstance(data, dict):
-            results = data.get("data")  # older infinity_emb answers
-        if results is not None:
-            ranked = [Ranked(int(r["index"]), float(r["relevance_score"]), documents[int(r["index"])]) for r in results]
-        elif isinstance(data, dict) and "scores" in data:
-            ranked = [Ranked(i, float(s), documents[i]) for i, s in enumerate(data["scores"])]
-        else:
-            raise RerankerClientError(f"unexpected answer from {self.base_url}: {str(data)[:200]}")
+        """The ranking in an answer, checked: every index names one of the documents sent (a negative one
+        would pick a document from the end in Python), every score is a number."""
+        try:
+            data = resp.json()
+            results = data.get("results") if isinstance(data, dict) else None
+            if results is None and isinstance(data, dict):
+                results = data.get("data")  # older infinity_emb answers
+            if results is not None:
+                ranked = [Ranked(self._index(r["index"], len(documents)), float(r["relevance_score"]), "")
+                          for r in results]
+            elif isinstance(data, dict) and isinstance(data.get("scores"), list) and len(data["scores"]) == len(documents):
+                ranked = [Ranked(i, float(s), "") for i, s in enumerate(data["scores"])]
+            else:
+                raise ValueError("no results and no score per document")
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise RerankerClientError(f"unexpected answer from {self.base_url}: {exc}") from None
+        ranked = [Ranked(r.index, r.score, documents[r.index]) for r in ranked]
         ranked.sort(key=lambda r: (-r.score, r.index))
         return ranked[:top_k] if top_k is not None else ranked
 
@@ -143,16 +150,45 @@ class _Core:
             return "retry", self.delay(attempt, resp)
         raise _error_for(resp.status_code, _message(resp))
 
+    @staticmethod
+    def _index(value: Any, n: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
+            raise ValueError(f"index {value!r} is not one of the {n} documents sent")
+        return value
+
     def delay(self, attempt: int, resp: Optional[httpx.Response]) -> float:
-        """Retry-After when the server gives one; else exponential backoff with full jitter."""
-        if resp is not None:
-            ra = resp.headers.get("Retry-After")
-            if ra:
-                try:
-                    return min(float(ra), self.max_backoff)
-                except ValueError:
-                    pass
+        """Retry-After when the server gives a usable one (seconds, or an HTTP date), at most max_backoff; else
+        exponential backoff with full jitter. A negative, infinite or NaN value is not usable."""
+        ra = resp.headers.get("Retry-After") if resp is not None else None
+        if ra:
+            seconds = retry_after_seconds(ra)
+            if seconds is not None:
+                return min(seconds, self.max_backoff)
         return random.uniform(0, min(self.max_backoff, self.backoff * (2**attempt)))
+
+
+def retry_after_seconds(value: str) -> Optional[float]:
+    """A ``Retry-After`` header as seconds from now: delta-seconds or an HTTP date (RFC 9110); None when it is
+    neither, or negative, infinite or NaN."""
+    import math
+    from email.utils import parsedate_to_datetime
+
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        import datetime as _dt
+
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=_dt.timezone.utc)
+        seconds = max(0.0, (when - _dt.datetime.now(_dt.timezone.utc)).total_seconds())
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 class _ClientBase:

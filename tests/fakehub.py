@@ -40,6 +40,7 @@ class FakeHub:
         self.throttle: dict[str, tuple[int, float]] = {}
         # filename -> bytes sent instead of the real content (the metadata still describes the real one)
         self.corrupt: dict[str, bytes] = {}
+        self.omit: set[str] = set()  # metadata model_info leaves out of every file: "size", "blobId"
         self._lock = threading.Lock()
         hub = self
 
@@ -134,6 +135,8 @@ class FakeHub:
         item = {"rfilename": name, "size": len(data), "blobId": blob}
         if name.endswith((".safetensors", ".bin", ".onnx")):
             item["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+        for key in self.omit:
+            item.pop(key, None)
         return item
 
     def _file(self, h, repo_id: str, rev: str, name: str, head: bool) -> None:

@@ -198,3 +198,32 @@ def test_the_weights_hash_is_checked(hub, tmp_path, tiny_model_dir):
     assert res.returncode != 0 and "sha256 check" in res.stderr, res.stderr
     assert not (tmp_path / "test--tiny" / "manifest.json").exists()
     assert not (tmp_path / "test--tiny" / "model.safetensors").exists()
+
+
+def test_a_file_without_lfs_is_checked_too_and_a_changed_one_is_refused(hub, tmp_path, tiny_model_dir):
+    """tokenizer.json and config.json are plain git files: their git blob id is checked after the download
+    like an LFS file's sha256 (it was not); a same-size change is refused and the file deleted."""
+    data = (tiny_model_dir / "tokenizer.json").read_bytes()
+    hub.corrupt["tokenizer.json"] = data.replace(b"[UNK]", b"[UNX]", 1)
+    assert len(hub.corrupt["tokenizer.json"]) == len(data)
+    res = run_cli(["download", "test/tiny", "--models-dir", str(tmp_path)], env=hub_env(hub, home=tmp_path / "hf"))
+    assert res.returncode != 0 and "tokenizer.json failed its git blob id check" in res.stderr, res.stderr
+    folder = tmp_path / "test--tiny"
+    assert not (folder / "tokenizer.json").exists() and not (folder / "manifest.json").exists()
+    del hub.corrupt["tokenizer.json"]
+    res = run_cli(["download", "test/tiny", "--models-dir", str(tmp_path)], env=hub_env(hub, home=tmp_path / "hf"))
+    assert res.returncode == 0, res.stderr
+
+
+def test_a_hub_without_sizes_still_checks_every_file_and_one_without_checksums_is_refused(hub, tmp_path):
+    hub.omit = {"size"}
+    res = run_cli(["download", "test/tiny", "--models-dir", str(tmp_path / "a")], env=hub_env(hub, home=tmp_path / "hf"))
+    assert res.returncode == 0, res.stderr
+    hub.corrupt["config.json"] = b"{}"  # another size, and no size to compare with: the checksum catches it
+    res = run_cli(["download", "test/tiny", "--models-dir", str(tmp_path / "b")], env=hub_env(hub, home=tmp_path / "hf"))
+    assert res.returncode != 0 and "config.json failed its git blob id check" in res.stderr, res.stderr
+    hub.corrupt.clear()
+    hub.omit = {"blobId"}
+    res = run_cli(["download", "test/tiny", "--models-dir", str(tmp_path / "c")], env=hub_env(hub, home=tmp_path / "hf"))
+    assert res.returncode != 0 and "no checksum" in res.stderr and "config.json" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr

@@ -124,16 +124,26 @@ def test_ipv6_loopback(make_server):
 
 
 # --- the tools can talk to a server with a key ----------------------------------------------------------------
-def test_bench_and_compare_send_an_api_key(make_server):
+def test_bench_and_compare_send_an_api_key(make_server, tmp_path):
+    """The key comes from RERANKER_API_KEY or a file, never from an argument (which every user can read in
+    the process list): --api-key is gone."""
     server = make_server(api_key="k-123")
     env = dict(server.env)
     env.pop("RERANKER_API_KEY")
-    res = run_cli(["bench", "--url", server.base, "--requests", "3", "--json", "--api-key", "k-123"], env=env)
+    key_file = tmp_path / "key"
+    key_file.write_text("k-123\n")
+    res = run_cli(["bench", "--url", server.base, "--requests", "3", "--json", "--api-key-file", str(key_file)], env=env)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["served"]["ok"] == 3
-    res = run_cli(["compare", server.base, server.base, "--api-key-a", "k-123", "--api-key-b", "k-123", "--json"],
-                  env=env, timeout=300)
+    res = run_cli(["bench", "--url", server.base, "--requests", "3", "--json"], env=server.env)  # from the environment
+    assert res.returncode == 0 and json.loads(res.stdout)["served"]["ok"] == 3, res.stderr
+    res = run_cli(["compare", server.base, server.base, "--api-key-file-a", str(key_file), "--api-key-file-b",
+                   str(key_file), "--json"], env=env, timeout=300)
     assert res.returncode == 0, res.stderr
+    for argv in (["bench", "--url", server.base, "--api-key", "k-123"], ["compare", server.base, server.base,
+                                                                         "--api-key-a", "k-123"]):
+        res = run_cli(argv, env=env)
+        assert res.returncode == 2 and "No such option" in res.stderr, res.stderr
     res = run_cli(["bench", "--url", server.base, "--requests", "2", "--json"], env=env)
     assert "401" in res.stdout + res.stderr or json.loads(res.stdout)["served"]["ok"] == 0
 

@@ -48,8 +48,9 @@ def bench(
                         "--duration is each phase's length. Exit 1 if a target is missed.")] = False,
     model: ModelOpt = None,
     models_dir: ModelsDirOpt = None,
-    api_key: Annotated[Optional[str], typer.Option(
-        "--api-key", help="Bearer key to send (default: RERANKER_API_KEY). \\[env: RERANKER_API_KEY]")] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option(
+        "--api-key-file", help="A file holding the bearer key to send (default: RERANKER_API_KEY; a key is never"
+                               " an argument, which any user could read in the process list).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Load-test a /rerank endpoint (ours or infinity_emb's) and compare with the in-process ceiling."""
@@ -67,7 +68,8 @@ def bench(
     from ..process.roles import base_url
 
     target = url or base_url(settings.host, settings.port)
-    key = api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
+    key = read_key_file(api_key_file) if api_key_file else (
+        settings.api_key.get_secret_value() if settings.api_key else None)
     if not ceiling_only:
         from ..bench import check_reachable
 
@@ -192,6 +194,18 @@ def _bench_table(out: dict) -> None:
 
 
 @app.command()
+def read_key_file(path: Path) -> str:
+    """A key from a file (its first line, stripped): keys stay out of argv and the process list."""
+    try:
+        key = path.read_text(encoding="utf-8").splitlines()[0].strip() if path.stat().st_size else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the key file {path}: {getattr(exc, 'strerror', None) or exc}",
+                          "give a readable file whose first line is the key") from None
+    if not key:
+        raise ConfigError(f"the key file {path} is empty", "put the key on its first line")
+    return key
+
+
 @handled
 def compare(
     url_a: Annotated[str, typer.Argument(help="Base URL of endpoint A (for example ours).")],
@@ -203,9 +217,10 @@ def compare(
     api_b: Annotated[str, typer.Option("--api-b", help="rerank (/rerank) or cohere (/v1/rerank).")] = "rerank",
     top_k: Annotated[int, typer.Option("--top-k", help="k of the top-k overlap.")] = 3,
     timeout: Annotated[float, typer.Option("--timeout", help="Per request (s).")] = 60.0,
-    api_key_a: Annotated[Optional[str], typer.Option(
-        "--api-key-a", help="Bearer key for A (default: RERANKER_API_KEY).")] = None,
-    api_key_b: Annotated[Optional[str], typer.Option("--api-key-b", help="Bearer key for B.")] = None,
+    api_key_file_a: Annotated[Optional[Path], typer.Option(
+        "--api-key-file-a", help="A file holding the bearer key for A (default: RERANKER_API_KEY).")] = None,
+    api_key_file_b: Annotated[Optional[Path], typer.Option(
+        "--api-key-file-b", help="A file holding the bearer key for B.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Send the same queries to two rerank endpoints; agreement and latency side by side."""
@@ -217,10 +232,12 @@ def compare(
             raise ConfigError(f"{name} must be rerank or cohere, not {api!r}", "rerank = /rerank, cohere = /v1/rerank")
     items = load_queries(queries)
     settings = settings_from()
-    key_a = api_key_a or (settings.api_key.get_secret_value() if settings.api_key else None)
+    key_a = read_key_file(api_key_file_a) if api_key_file_a else (
+        settings.api_key.get_secret_value() if settings.api_key else None)
+    key_b = read_key_file(api_key_file_b) if api_key_file_b else None
     with err_console.status(f"comparing {len(items)} queries"):
         out = do_compare(url_a, url_b, items, api_a=api_a, api_b=api_b, top_k=top_k, timeout=timeout,  # type: ignore[arg-type]
-                         api_key_a=key_a, api_key_b=api_key_b)
+                         api_key_a=key_a, api_key_b=key_b)
     if as_json:
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -589,6 +590,17 @@ def _point(pointer: Path, build: Path) -> None:
     os.replace(link, pointer)
 
 
+# A build's folder: <variant>-<YYYYmmddTHHMMSS>-[legacy-]<6 hex>. The variant is what precedes the stamp, so
+# openvino-int8's builds are never openvino-int8-weights' (a glob of "openvino-int8-*" matched both).
+_BUILD_NAME = re.compile(r"^(?P<variant>.+)-\d{8}T\d{6}-(?:legacy-)?[0-9a-f]{6}$")
+
+
+def build_of(folder: str) -> Optional[str]:
+    """The variant a build folder belongs to, or None for a name that is not a build's."""
+    m = _BUILD_NAME.match(folder)
+    return m.group("variant") if m else None
+
+
 def prune_builds(final: Path, keep: int = KEEP_BUILDS) -> list[Path]:
     """Remove old builds of ``final``: never the current one, never the newest ``keep``, never one in use."""
     import fcntl
@@ -596,8 +608,8 @@ def prune_builds(final: Path, keep: int = KEEP_BUILDS) -> list[Path]:
     builds = final.parent / BUILDS_DIR
     current = final.resolve() if final.is_symlink() else None
     pointed = {p.resolve() for p in final.parent.iterdir() if p.is_symlink()}  # e.g. openvino-auto
-    mine = sorted((b for b in builds.glob(f"{final.name}-*") if b.is_dir()), key=lambda b: b.stat().st_mtime,
-                  reverse=True)
+    mine = sorted((b for b in builds.glob(f"{final.name}-*") if b.is_dir() and build_of(b.name) == final.name),
+                  key=lambda b: b.stat().st_mtime, reverse=True)
     removed = []
     for build in mine[keep:]:
         if (current is not None and build.resolve() == current) or build.resolve() in pointed:

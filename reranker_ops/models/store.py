@@ -232,13 +232,20 @@ def download(
 
     lfs_sha = {s.rfilename: getattr(getattr(s, "lfs", None), "sha256", None) for s in (info.siblings or [])}
     blob_ids = {s.rfilename: getattr(s, "blob_id", None) for s in (info.siblings or [])}
+    unverifiable = sorted(rel for rel in wanted if not lfs_sha.get(rel) and not blob_ids.get(rel))
+    if unverifiable:
+        # every file is checked against the hub's own checksum after it arrives: one the hub gives none for
+        # cannot be, and is not taken on trust
+        raise DownloadError(f"the hub gave no checksum (sha256 or git blob id) for {', '.join(unverifiable)}",
+                            "check HF_ENDPOINT: the hub's model_info must list files with their metadata")
     done_before = sum((target / f).stat().st_size for f in wanted if (target / f).is_file())
     state = {"done": done_before}
     for rel in sorted(wanted, key=lambda f: wanted[f]):
         dest = target / rel
         if dest.is_file() and dest.stat().st_size == wanted[rel] and _same_content(dest, lfs_sha[rel], blob_ids[rel]):
             continue  # this very content is already here (a size alone proves nothing across revisions)
-        _fetch_file(api, repo_id, commit, rel, dest, wanted[rel], lfs_sha[rel], state, total, progress, revision)
+        _fetch_file(api, repo_id, commit, rel, dest, wanted[rel], lfs_sha[rel], blob_ids[rel], state, total,
+                    progress, revision)
     files = []
     for rel in sorted(wanted):
         path = target / rel
@@ -299,8 +306,9 @@ def revision_matches(manifest: dict, revision: str) -> bool:
     return len(rev) >= 7 and all(c in "0123456789abcdef" for c in rev) and commit.startswith(rev)
 
 
-def _fetch_file(api, repo_id, commit, rel, dest, size, sha256, state, total, progress, revision) -> None:
-    """GET one file into ``<dest>.partial``, resuming with a Range request; verify; rename into place."""
+def _fetch_file(api, repo_id, commit, rel, dest, size, sha256, blob_id, state, total, progress, revision) -> None:
+    """GET one file into ``<dest>.partial``, resuming with a Range request; verify (its size when the hub gives
+    one; its sha256 for LFS files, its git blob id for the others); rename into place."""
     import httpx
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers
@@ -346,11 +354,12 @@ def _fetch_file(api, repo_id, commit, rel, dest, size, sha256, state, total, pro
             f"{rel} arrived with {part.stat().st_size} bytes, expected {size}",
             "run the same command again: it resumes",
         )
-    if sha256 and sha256_file(part) != sha256:
+    if not _same_content(part, sha256, blob_id):
         part.unlink()
-        raise DownloadError(f"{rel} failed its sha256 check (deleted)", "run the same command again")
+        raise DownloadError(f"{rel} failed its {'sha256' if sha256 else 'git blob id'} check (deleted)",
+                            "run the same command again")
     os.replace(part, dest)
-    state["done"] = base + size
+    state["done"] = base + (size or dest.stat().st_size)
     if progress:
         progress(min(state["done"], total), total, rel)
 
