@@ -119,8 +119,7 @@ def test_a_kill_9_of_pid_1_leaves_nothing_that_blocks_the_restart(image, tiny_fp
             mosec = podman("exec", name, "sh", "-c",
                            "ps -eo pid,args | grep 'serving.app' | grep -v grep").stdout.split()[0]
             podman("exec", name, "kill", "-9", mosec)
-            wait_until(lambda: (podman("exec", name, "sh", "-c", "ps -eo pid,args | grep 'serving.app' | grep -v grep")
-                                .stdout.split() or [mosec])[0] != mosec, 60, 0.3, what="a new MOSEC generation")
+            wait_until(lambda: _generation(volume) >= 2, 60, 0.3, what="a new MOSEC generation")
             wait_until(lambda: _get(f"http://127.0.0.1:{hport}/health") == 200, 120, 0.3, what="healed")
             assert podman("kill", "-s", "KILL", name).returncode == 0
             wait_until(lambda: podman("inspect", "--format", "{{.State.Running}}", name).stdout.strip() == "false",
@@ -137,6 +136,77 @@ def test_a_kill_9_of_pid_1_leaves_nothing_that_blocks_the_restart(image, tiny_fp
         podman("rm", "-f", "-t", "1", name)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_the_image_holds_no_secret_model_venv_or_git(tmp_path):
+    """Built from a working tree as an operator has one: a .env with keys, a model, a venv, git's history. None
+    of them is in any layer of the image, and neither are the sources (they go into a build stage only)."""
+    import tarfile
+
+    why = sdbox.why_not()
+    if why:
+        pytest.skip(why)
+    base = sdbox.ensure_base_image()
+    wheels = sdbox.build_wheels()
+    ctx = tmp_path / "tree"
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file():
+            (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, ctx / rel)
+    shutil.copytree(wheels, ctx / ".wheels")
+    marker = f"leaked-{uuid.uuid4().hex}"
+    planted = {
+        ".env": f"RERANKER_API_KEY={marker}\nHF_TOKEN=hf_{marker}\n",
+        ".env.production": f"RERANKER_API_KEY={marker}\n",
+        "deploy/k8s/api-key.env": f"RERANKER_API_KEY={marker}\n",
+        "models/secret-model/model.safetensors": marker * 100,
+        ".venv/lib/python3.11/site-packages/private.py": f"TOKEN = '{marker}'\n",
+        ".git/config": f"[remote]\n\turl = https://user:{marker}@example.com/repo\n",
+    }
+    for rel, text in planted.items():
+        (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ctx / rel).write_text(text)
+    tag = f"localhost/rerankctl-hygiene:{uuid.uuid4().hex[:8]}"
+    res = subprocess.run(sdbox.podman_args() + [
+        "build", "-f", "deploy/Containerfile", "--target", "serve", "--build-arg", f"BASE={base}",
+        "--build-arg", "PIP_ARGS=--no-index --find-links /src/.wheels", "--build-arg", "PACKAGE=rerankctl",
+        "--network", "none", "-t", tag, "."], cwd=ctx, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    archive = tmp_path / "image.tar"
+    try:
+        assert podman("save", "--format", "docker-archive", "-o", str(archive), tag, timeout=600).returncode == 0
+        found, sources = [], []
+        needle = marker.encode()
+        with tarfile.open(archive) as outer:
+            layers = [m for m in outer.getmembers() if m.name.endswith(".tar") or m.name.endswith("/layer.tar")]
+            assert layers, "no layer in the saved image"
+            for layer in layers:
+                with tarfile.open(fileobj=outer.extractfile(layer)) as inner:
+                    for m in inner.getmembers():
+                        if m.name.lstrip("./").startswith("src/"):
+                            sources.append(m.name)
+                        if m.isfile():
+                            data = inner.extractfile(m).read()
+                            if needle in data:
+                                found.append(m.name)
+        assert found == [], found
+        assert sources == [], sources[:10]
+    finally:
+        podman("rmi", "-f", tag)
+
+
+def _generation(volume: Path) -> int:
+    """The MOSEC generation the server in the container serves from, as its state file on the volume says."""
+    import json
+
+    try:
+        return int(json.loads((volume / "run" / "state.json").read_text())["mosec"]["generation"] or 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def _get(url: str) -> int:
     try:
         return httpx.get(url, timeout=2).status_code
@@ -144,8 +214,42 @@ def _get(url: str) -> int:
         return 0
 
 
+def render_k8s(tmp_path: Path, key: str | None = "a-real-key-0123456789") -> subprocess.CompletedProcess:
+    """``kubectl kustomize`` of a copy of deploy/k8s, with ``api-key.env`` holding ``key`` (none: no file)."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl (which renders kustomize offline) is not installed")
+    k8s = tmp_path / "k8s"
+    shutil.copytree(REPO / "deploy" / "k8s", k8s, ignore=shutil.ignore_patterns("api-key.env"))
+    if key is not None:
+        (k8s / "api-key.env").write_text(f"RERANKER_API_KEY={key}\n")
+    return subprocess.run(["kubectl", "kustomize", str(k8s)], capture_output=True, text=True, timeout=120)
+
+
+def test_the_kubernetes_api_key_is_a_required_input(tmp_path):
+    """No key ships with the manifests: without api-key.env they do not render, and the Secret carries what the
+    operator put there (a placeholder copied as it is would be refused by the server itself)."""
+    import yaml
+
+    res = render_k8s(tmp_path / "none", key=None)
+    assert res.returncode != 0 and "api-key.env" in res.stderr, res.stderr[-500:]
+    res = render_k8s(tmp_path / "some")
+    assert res.returncode == 0, res.stderr
+    docs = list(yaml.safe_load_all(res.stdout))
+    [secret] = [d for d in docs if d["kind"] == "Secret"]
+    import base64
+
+    assert base64.b64decode(secret["data"]["RERANKER_API_KEY"]).decode() == "a-real-key-0123456789"
+    [deployment] = [d for d in docs if d["kind"] == "Deployment"]
+    refs = [e["secretRef"]["name"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+            if "secretRef" in e]
+    assert refs == [secret["metadata"]["name"]]  # the hashed name, rewritten into the Deployment
+    assert "change-me" not in (REPO / "deploy" / "k8s").joinpath("api-key.env.example").read_text()
+
+
 @pytest.mark.parametrize("version", ["1.31.0", "1.34.0"])
-def test_the_kubernetes_manifests_validate(version):
+def test_the_kubernetes_manifests_validate(version, tmp_path):
+    """What ``kubectl apply -k`` applies, rendered, validated offline against a release's schema (strict), and
+    the settings the operations rely on."""
     pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is in the dev extra")
     import yaml
 
@@ -153,21 +257,33 @@ def test_the_kubernetes_manifests_validate(version):
     kustomization = yaml.safe_load((k8s / "kustomization.yaml").read_text())
     files = [k8s / f for f in kustomization["resources"]]
     assert {f.name for f in k8s.glob("*.yaml")} - {"kustomization.yaml"} == {f.name for f in files}
+    res = render_k8s(tmp_path)
+    assert res.returncode == 0, res.stderr
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(res.stdout)
     tool = Path(sys.executable).parent / "kubernetes-validate"
     res = subprocess.run([str(tool) if tool.exists() else "kubernetes-validate", "--strict", "-k", version,
-                          *map(str, files)], capture_output=True, text=True, timeout=120)
+                          str(rendered)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
-    deployment = yaml.safe_load((k8s / "deployment.yaml").read_text())
-    pod = deployment["spec"]["template"]["spec"]
+    docs = {d["kind"]: d for d in yaml.safe_load_all(rendered.read_text())}
+    assert {"Deployment", "Service", "Secret", "NetworkPolicy", "HorizontalPodAutoscaler"} <= set(docs)
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
     [c] = pod["containers"]
     assert c["readinessProbe"]["httpGet"]["path"] == "/ready" and c["livenessProbe"]["httpGet"]["path"] == "/live"
     assert c["startupProbe"]["httpGet"]["path"] == "/ready"
     pause = c["lifecycle"]["preStop"]["sleep"]["seconds"]
-    config = yaml.safe_load((k8s / "configmap.yaml").read_text())["data"]
+    config = docs["ConfigMap"]["data"] if docs.get("ConfigMap", {}).get("metadata", {}).get("name") == "rerankctl-env" \
+        else yaml.safe_load((k8s / "configmap.yaml").read_text())["data"]
     assert pod["terminationGracePeriodSeconds"] > pause + float(config["RERANKER_STOP_TIMEOUT_S"])
     assert c["securityContext"]["readOnlyRootFilesystem"] and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-    hpa = yaml.safe_load((k8s / "hpa.yaml").read_text())
+    hpa = docs["HorizontalPodAutoscaler"]
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "reranker_in_flight_per_worker"
     rules = yaml.safe_load(yaml.safe_load((k8s / "prometheus-adapter-rules.yaml").read_text())["data"]["config.yaml"])
     assert "reranker_in_flight_per_worker" in rules["rules"][0]["seriesQuery"]
+    # the NetworkPolicy: the API from the namespace's pods, the health port from monitoring only
+    policy = docs["NetworkPolicy"]["spec"]
+    by_port = {rule["ports"][0]["port"]: rule["from"] for rule in policy["ingress"]}
+    assert by_port["http"] == [{"podSelector": {}}]
+    assert by_port["health"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "rerankctl"}
