@@ -193,7 +193,6 @@ def _bench_table(out: dict) -> None:
     console.print(t)
 
 
-@app.command()
 def read_key_file(path: Path) -> str:
     """A key from a file (its first line, stripped): keys stay out of argv and the process list."""
     try:
@@ -206,6 +205,7 @@ def read_key_file(path: Path) -> str:
     return key
 
 
+@app.command()
 @handled
 def compare(
     url_a: Annotated[str, typer.Argument(help="Base URL of endpoint A (for example ours).")],
