@@ -44,9 +44,9 @@ FAULTS = ("sigstop_score", "sigkill_score", "sigkill_mosec", "native_hang")
 
 
 def build_model(cache: Path) -> Path:
-    from reranker_ops.config import Settings
+    from reranker_ops.settings import Settings
     from reranker_ops.models.convert import convert
-    from reranker_ops.models.synthetic import build_model as build
+    from modelkit.synthetic import build_model as build
 
     model = cache / "tiny-model"
     if not (model / "openvino-fp32" / "manifest.json").is_file():
@@ -100,14 +100,15 @@ def main() -> int:
     args = ap.parse_args()
     rng = random.Random(args.seed)
     from conftest import ServerHandle
-    from reranker_ops.process.runstate import instance_processes
-    from reranker_ops.serving.heartbeat import read_worker_dir
+    from reranker_ops.supervise.procs import instance_processes
+    from reranker_ops.protocol.heartbeat import read_worker_dir
 
     model = build_model(args.cache)
     run_dir = Path(tempfile.mkdtemp(prefix="chaos-run-"))
     hang = run_dir.parent / f"{run_dir.name}-hang"
     server = ServerHandle(model, run_dir, workers=args.workers, **SETTINGS)
-    server.env["PYTHONPATH"] = str(REPO / "tests" / "faults")
+    server.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests" / "faults"),
+                                                           os.environ.get("PYTHONPATH", "")) if p)
     server.env["RERANKER_TEST_HANG_FILE"] = str(hang)
     server.start()
     instance = server.pidfile()["instance"]

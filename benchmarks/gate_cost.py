@@ -43,7 +43,7 @@ def main() -> int:
     args = ap.parse_args()
     from chaos import build_model
     from conftest import DOCS, QUERY, ServerHandle
-    from reranker_ops.serving.schema import part_head, seal
+    from reranker_ops.protocol.envelope import part_head, seal
 
     model = build_model(Path(tempfile.gettempdir()) / "rerankctl-chaos-model")
     server = ServerHandle(model, Path(tempfile.mkdtemp(prefix="gate-cost-")))

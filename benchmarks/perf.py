@@ -96,7 +96,7 @@ def dity_model(out: Path, int8: bool = False) -> Path:
     model = out / "dity-shaped"
     if not (model / "config.json").is_file():
         print("building a random model with DiTy's shape ...", flush=True)
-        from reranker_ops.models.synthetic import build_model
+        from modelkit.synthetic import build_model
 
         build_model(model, shape="dity")
     if not (model / "openvino-fp32" / "manifest.json").is_file():
@@ -210,7 +210,7 @@ def main() -> int:
             raw["start_s"].append(srv.start_seconds)
             raw["rag_c4"].append(srv.bench("--workload", "rag", "-c", "4", "-z", s, "--ceiling", "--warmup", "4"))
             raw["tiny_c10"].append(srv.bench("--workload", "tiny", "-c", "10", "-z", s, "--ceiling", "--warmup", "10"))
-            # each request also scored in-process right before or after it: see bench.run_paired
+            # each request also scored in-process right before or after it: see ceiling.run_paired
             raw["tiny_c1"].append(srv.bench("--workload", "tiny", "--paired", "-z", s, "--warmup", "5"))
             raw["tiny_c1_httpx"].append(srv.bench("--workload", "tiny", "--paired", "-z", s, "--warmup", "5",
                                                   "--client", "httpx"))

@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 
 def fill_to_budgets(lengths, token_budget: int, attention_budget: int = 0) -> list[list[int]]:
     """The planner before this one: sorted, each call filled until the next pair would break a budget."""
-    from reranker_ops.serving.engine import _round_up
+    from reranker_ops.worker.engine import _round_up
 
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
@@ -108,7 +108,7 @@ def pools(scorer, workload: str, size: int, count: int, seed: int = 1) -> list[l
 
 
 def compare(scorer, workload: str, size: int, count: int, rounds: int) -> dict:
-    from reranker_ops.serving import engine
+    from reranker_ops.worker import engine
 
     planners = {"server": engine.plan_microbatches, "fill": fill_to_budgets}
     work = pools(scorer, workload, size, count)
@@ -148,7 +148,7 @@ def main() -> int:
     args = ap.parse_args()
     from perf import _cpu_flags, _cpu_name, dity_model
 
-    from reranker_ops.serving.engine import Scorer, configure_process_threads
+    from reranker_ops.worker.engine import Scorer, configure_process_threads
 
     configure_process_threads()
     model = dity_model(args.out)

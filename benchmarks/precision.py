@@ -36,8 +36,8 @@ def main() -> int:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    from reranker_ops.models.convert import cpu_can
-    from reranker_ops.models.trained import cached_trained_model
+    from reranker_ops.models.auto import cpu_can
+    from modelkit.trained import cached_trained_model
 
     print("fidelity: convert --precision auto on the trained model ...", flush=True)
     trained = args.out / "trained"
@@ -48,7 +48,7 @@ def main() -> int:
               dict(os.environ), timeout=1800)
     if res.returncode != 0:
         raise SystemExit(res.stderr)
-    from reranker_ops.models.convert import read_auto_choice
+    from reranker_ops.models.auto import read_auto_choice
 
     auto = read_auto_choice(trained)
 

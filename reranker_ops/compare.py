@@ -10,7 +10,7 @@ import numpy as np
 
 from .bench import percentile
 from .client import Api, RerankerClient, RerankerClientError
-from .models.convert import spearman
+from .models.judge import spearman
 from .models.evalset import EVAL_SET, read_jsonl
 
 

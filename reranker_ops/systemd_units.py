@@ -6,7 +6,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from .config import Settings
+from .settings import Settings
 
 UNITS = ("rerankctl.service", "rerankctl-prepare.service")
 

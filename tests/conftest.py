@@ -40,18 +40,49 @@ def clean_env(**extra: str) -> dict:
     return env
 
 
+# --- markers that say what a test starts ----------------------------------------------------------------------
+# A test that starts a real server is ``e2e``: marked by the fixtures it uses (make_server, shared_server), or
+# by hand where it starts one itself; and a test that starts one without the mark fails, so the marks cannot
+# drift from what the tests do (``-m "not e2e"`` runs every test that needs no server).
+SERVER_FIXTURES = {"make_server", "shared_server"}
+_CURRENT: dict = {}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(autouse=True)
+def _the_running_test(request):
+    _CURRENT["node"] = request.node
+    yield
+    _CURRENT.pop("node", None)
+
+
+def starts_a_server() -> None:
+    """Called wherever a test starts ``rerankctl serve``: the test must be marked e2e."""
+    node = _CURRENT.get("node")
+    if node is not None and node.get_closest_marker("e2e") is None:
+        raise AssertionError(f"{node.nodeid} starts a real server: mark it @pytest.mark.e2e")
+
+
 def run_cli(args: list[str], *, env: dict | None = None, timeout: float = 120, cwd: Path | None = None,
             ) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    res = subprocess.run(
         [sys.executable, "-m", "reranker_ops", *args],
         env=env or clean_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd,
     )
+    if args[:1] == ["serve"] and "--help" not in args and res.returncode == 0:
+        starts_a_server()  # a serve that succeeded ran a server (a refused one started nothing)
+    return res
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random BERT cross-encoder (tiny) saved with save_pretrained, built once per session."""
-    from reranker_ops.models.synthetic import build_model
+    from modelkit.synthetic import build_model
 
     out = tmp_path_factory.mktemp("tiny") / "tiny-model"
     return build_model(out, shape="tiny", seed=0)
@@ -61,7 +92,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def trained_model_dir() -> Path:
     """A tiny cross-encoder trained here on a synthetic relevance task (cached across sessions): the model
     on which reduced precision and tokenization are judged, since a random one ranks nothing."""
-    from reranker_ops.models.trained import cached_trained_model
+    from modelkit.trained import cached_trained_model
 
     model = cached_trained_model(Path(os.environ.get("RERANKCTL_TEST_CACHE", "/var/tmp/rerankctl-test-cache")))
     quality = _json.loads((model / "training.json").read_text())["held_out"]
@@ -80,8 +111,8 @@ def trained_copy(trained_model_dir, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_fp32(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny model converted to OpenVINO FP32 by the real convert code (parity checked)."""
-    from reranker_ops.config import Settings
     from reranker_ops.models.convert import convert
+    from reranker_ops.settings import Settings
 
     work = tmp_path_factory.mktemp("conv") / "tiny-model"
     shutil.copytree(tiny_model_dir, work)
@@ -95,8 +126,8 @@ def tiny_fp32(tiny_model_dir, tmp_path_factory) -> Path:
 # ----------------------------------------------------------------------------------------------------------
 import json as _json  # noqa: E402
 import signal as _signal  # noqa: E402
-import time as _time  # noqa: E402
 import time  # noqa: E402
+import time as _time  # noqa: E402
 
 import httpx  # noqa: E402
 
@@ -125,7 +156,9 @@ class ServerHandle:
 
     def inject_faults(self, **flags: Path) -> "ServerHandle":
         """Load tests/faults into every server process; ``hang=PATH`` sets RERANKER_TEST_HANG_FILE, etc."""
-        self.env["PYTHONPATH"] = str(Path(__file__).parent / "faults")
+        # before whatever PYTHONPATH there is (a benchmark of another tree runs it through PYTHONPATH)
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent / "faults"),
+                                                             self.env.get("PYTHONPATH", "")) if p)
         for name, path in flags.items():
             self.env[f"RERANKER_TEST_{name.upper()}_FILE"] = str(path)
         return self
@@ -195,7 +228,7 @@ def ended(pid: int) -> bool:
 def kill_marked(run_dir: Path) -> None:
     import psutil
 
-    from reranker_ops.process.runstate import INSTANCE_ENV
+    from reranker_ops.supervise.procs import INSTANCE_ENV
 
     instances = set()
     for path in (run_dir / "rerankctl.pid.json", run_dir / "state.json"):
@@ -306,7 +339,11 @@ def shared_server(tiny_fp32, tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference_scorer(tiny_fp32):
     """sigmoid(logits) of the transformers model the tiny variant was converted from."""
-    from reranker_ops.models.convert import load_reference, model_max_length, reference_scores
+    from reranker_ops.models.reference import (
+        load_reference,
+        model_max_length,
+        reference_scores,
+    )
 
     source = Path(_json.loads((tiny_fp32 / "manifest.json").read_text())["source"]["path"])
     tok, model = load_reference(source)
@@ -324,7 +361,8 @@ def reference_windows(tiny_fp32):
     by the transformers model: ``f(query, passages, max_length, stride) -> [[sigmoid(logit) per window]]``."""
     import torch
 
-    from reranker_ops.models.convert import load_reference, sigmoid
+    from reranker_ops.models.reference import load_reference
+    from reranker_ops.worker.engine import sigmoid
 
     source = Path(_json.loads((tiny_fp32 / "manifest.json").read_text())["source"]["path"])
     tok, model = load_reference(source)
@@ -342,3 +380,22 @@ def reference_windows(tiny_fp32):
         return out
 
     return score
+
+
+def samples(text: str, name: str) -> list[tuple[dict, float]]:
+    """The samples of metric ``name`` in a Prometheus exposition: (labels, value), whatever the labels' order."""
+    import re
+
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)", line)
+        if m and m.group(1) == name:
+            labels = dict(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', m.group(3) or ""))
+            out.append((labels, float(m.group(4))))
+    return out
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of the one sample of ``name`` with ``labels`` (NaN when there is none)."""
+    found = [v for got, v in samples(text, name) if got == labels]
+    return found[0] if found else float("nan")

@@ -9,7 +9,7 @@ import pytest
 
 from reranker_ops.bench import make_request, request_stream
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 
 
 def test_workloads_are_seeded_distinct_and_shaped():
@@ -315,7 +315,7 @@ def test_ceiling_trials_alternate_their_candidates_in_slices():
     """The selection's candidates share the machine: round-robin slices, the order reversed every pass, their
     figures summed; one pass when a call is longer than a slice. (The scoring itself is replaced here by a
     recorder: what is tested is the order and the sums.)"""
-    from reranker_ops.bench import Ceiling
+    from reranker_ops.ceiling import Ceiling
 
     c = Ceiling.__new__(Ceiling)
     c.budgets = (2048, 512 * 512)

@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-
 from conftest import free_port
+
 from reranker_ops.client import (
     AsyncRerankerClient,
     RerankerClient,
@@ -22,7 +22,7 @@ from reranker_ops.client import (
     RerankerValidationError,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 QUERY = "Как приготовить борщ?"
 DOCS = ["Борщ — суп из свёклы.", "Завтра дождь.", "Нейронные сети учатся.", "Рецепт борща с капустой."]
@@ -231,8 +231,8 @@ def other_models(tiny_fp32, tmp_path_factory):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from reranker_ops.config import Settings
     from reranker_ops.models.convert import convert
+    from reranker_ops.settings import Settings
 
     base = tmp_path_factory.mktemp("others")
     int8_model = base / "tiny-fp16"

@@ -10,7 +10,12 @@ import time
 import httpx
 import pytest
 
-from reranker_ops.client import RerankerClient, RerankerClientError, RerankerUnavailable, retry_after_seconds
+from reranker_ops.client import (
+    RerankerClient,
+    RerankerClientError,
+    RerankerUnavailable,
+    retry_after_seconds,
+)
 
 DOCS = ["a", "b", "c"]
 

@@ -22,10 +22,9 @@ import time
 import httpx
 import psutil
 import pytest
-
 from conftest import DOCS, QUERY, Clients, wait_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 
 def metric(server, name: str) -> float:

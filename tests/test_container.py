@@ -13,7 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 import sdbox
 from conftest import DOCS, QUERY, REPO, free_port, wait_until
 
@@ -79,7 +78,7 @@ def test_the_image_serves_drains_and_exits_0_on_sigterm(image, tiny_fp32, tmp_pa
         top = podman("top", name, "user", "pid", "args").stdout
         assert "root" not in top.split("\n", 1)[1], top  # nothing runs as root
         # PID 1 reaps: MOSEC's main process killed, its orphans end up with PID 1, which must collect them
-        mosec = podman("exec", name, "sh", "-c", "ps -eo pid,args | grep 'serving.app' | grep -v grep").stdout.split()[0]
+        mosec = podman("exec", name, "sh", "-c", "ps -eo pid,args | grep 'worker.app' | grep -v grep").stdout.split()[0]
         podman("exec", name, "kill", "-9", mosec)
         wait_until(lambda: _get(f"http://127.0.0.1:{hport}/health") == 200, 120, 0.3, what="healed in the container")
         wait_until(lambda: "Z" not in podman("exec", name, "ps", "-eo", "stat=").stdout, 20, 0.3, what="no zombie")
@@ -117,7 +116,7 @@ def test_a_kill_9_of_pid_1_leaves_nothing_that_blocks_the_restart(image, tiny_fp
         for attempt in range(2):
             wait_until(lambda: _get(f"http://127.0.0.1:{hport}/health") == 200, 120, 0.3, what="healthy")
             mosec = podman("exec", name, "sh", "-c",
-                           "ps -eo pid,args | grep 'serving.app' | grep -v grep").stdout.split()[0]
+                           "ps -eo pid,args | grep 'worker.app' | grep -v grep").stdout.split()[0]
             podman("exec", name, "kill", "-9", mosec)
             wait_until(lambda: _generation(volume) >= 2, 60, 0.3, what="a new MOSEC generation")
             wait_until(lambda: _get(f"http://127.0.0.1:{hport}/health") == 200, 120, 0.3, what="healed")

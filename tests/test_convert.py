@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import clean_env, run_cli
 
 pytestmark = pytest.mark.timeout(300)
@@ -23,9 +22,13 @@ def model_copy(tiny_model_dir, tmp_path) -> Path:
 
 def _reference_and_served(source: Path, variant: Path):
     """Scores of the eval set by transformers (the reference) and by the serving engine, computed here."""
-    from reranker_ops.models.convert import load_reference, model_max_length, reference_scores
     from reranker_ops.models.evalset import EVAL_SET
-    from reranker_ops.serving.engine import Scorer, sigmoid
+    from reranker_ops.models.reference import (
+        load_reference,
+        model_max_length,
+        reference_scores,
+    )
+    from reranker_ops.worker.engine import Scorer, sigmoid
 
     tok, model = load_reference(source)
     scorer = Scorer(variant)
@@ -64,9 +67,13 @@ def test_convert_all_formats_fp32_with_parity(model_copy, tmp_path):
 
 def _task_scores(source: Path, variant: Path):
     """The trained model's held-out queries scored by transformers and by the serving engine."""
-    from reranker_ops.models.convert import load_reference, model_max_length, reference_scores
     from reranker_ops.models.evalset import load_eval_jsonl
-    from reranker_ops.serving.engine import Scorer, sigmoid
+    from reranker_ops.models.reference import (
+        load_reference,
+        model_max_length,
+        reference_scores,
+    )
+    from reranker_ops.worker.engine import Scorer, sigmoid
 
     items = load_eval_jsonl(source / "eval.jsonl")
     tok, model = load_reference(source)
@@ -77,7 +84,7 @@ def _task_scores(source: Path, variant: Path):
 
 
 def _bf16_unless_unavailable():
-    from reranker_ops.models.convert import cpu_can
+    from reranker_ops.models.auto import cpu_can
 
     return pytest.param("bf16", marks=pytest.mark.skipif(not cpu_can("bf16"), reason=(
         "this CPU cannot compute in bf16 (OpenVINO would silently compute f32): its refusal is tested instead")))
@@ -86,7 +93,7 @@ def _bf16_unless_unavailable():
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int8-weights", _bf16_unless_unavailable()])
 def test_convert_reduced_precisions_keep_the_ranking_of_a_trained_model(trained_copy, precision):
     """Judged on a model trained here (a random one ranks nothing, so any perturbation 'reorders' it)."""
-    from reranker_ops.models.trained import ranking_quality
+    from modelkit.trained import ranking_quality
 
     res = run_cli(["convert", str(trained_copy), "--precision", precision, "--bench-seconds", "0.2",
                    "--eval", str(trained_copy / "eval.jsonl"), "--calibration", str(trained_copy / "calibration.jsonl")],
@@ -140,8 +147,9 @@ def test_the_trained_model_really_ranks(trained_model_dir):
     """Its held-out quality is recorded, and far above what random scores give."""
     import random
 
+    from modelkit.trained import ranking_quality
+
     from reranker_ops.models.evalset import load_eval_jsonl
-    from reranker_ops.models.trained import ranking_quality
 
     quality = json.loads((trained_model_dir / "training.json").read_text())["held_out"]
     items = load_eval_jsonl(trained_model_dir / "eval.jsonl")
@@ -153,8 +161,8 @@ def test_the_trained_model_really_ranks(trained_model_dir):
 
 
 def test_parity_check_bites_on_dropped_segment_ids_and_wrong_truncation(tiny_fp32, tmp_path):
-    from reranker_ops.config import Settings
-    from reranker_ops.models.convert import check_parity
+    from reranker_ops.models.judge import check_parity
+    from reranker_ops.settings import Settings
 
     settings = Settings()
     source = Path(json.loads((tiny_fp32 / "manifest.json").read_text())["source"]["path"])
@@ -227,7 +235,11 @@ def test_a_tokenizer_config_that_disagrees_with_tokenizer_json_converts_and_serv
         tiny_model_dir, tmp_path, make_server):
     """tokenizer_config.json says do_lower_case while tokenizer.json keeps case: transformers lowercases
     (it rebuilds the tokenizer from the config). The server must tokenize as the reference does."""
-    from reranker_ops.models.convert import load_reference, model_max_length, reference_scores
+    from reranker_ops.models.reference import (
+        load_reference,
+        model_max_length,
+        reference_scores,
+    )
 
     model = tmp_path / "models" / "cased-json"
     shutil.copytree(tiny_model_dir, model)
@@ -255,7 +267,7 @@ def test_a_tokenizer_config_that_disagrees_with_tokenizer_json_converts_and_serv
 def test_a_safetensors_file_is_checked_against_its_own_header(tiny_model_dir, tmp_path):
     """Before torch is imported: a truncated file, a zeroed header, or bytes past the last tensor."""
     from reranker_ops.errors import ConvertError
-    from reranker_ops.models.convert import check_safetensors_layout
+    from reranker_ops.models.reference import check_safetensors_layout
 
     good = tiny_model_dir / "model.safetensors"
     check_safetensors_layout(good)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import clean_env, free_port, run_cli
 from fakehub import FakeHub, folder_files
 

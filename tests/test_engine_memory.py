@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reranker_ops.serving.engine import (
+from reranker_ops.worker.engine import (
     Scorer,
     gather_before_dequantize,
     mapped_weight_ranges,
@@ -113,7 +113,7 @@ def test_the_tokenizer_loads_beside_the_compile_and_either_failure_is_reported(t
     import shutil
     import threading
 
-    from reranker_ops.serving.engine import Scorer
+    from reranker_ops.worker.engine import Scorer
 
     def loading_threads() -> list:
         return [t for t in threading.enumerate() if t.name.startswith("loading")]

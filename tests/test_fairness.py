@@ -10,10 +10,9 @@ import time
 import httpx
 import numpy as np
 import pytest
-
 from conftest import DOCS, QUERY, wait_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 
 def metric(server, name: str) -> float:

@@ -15,12 +15,11 @@ import time
 import httpx
 import psutil
 import pytest
-
 from conftest import DOCS, QUERY, Clients, proc_env, wait_until
 
-from reranker_ops.serving.schema import part_head, seal
+from reranker_ops.protocol.envelope import part_head, seal
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 
 def raw_request(port: int, head: bytes, body_chunks: list[bytes] = (), pause: float = 0.0,

@@ -16,10 +16,9 @@ import socket
 import httpx
 import psutil
 import pytest
-
 from conftest import DOCS, QUERY, ended, wait_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+pytestmark = pytest.mark.timeout(600)
 
 FAST = dict(probe_interval_s=1, probe_timeout_s=3, request_timeout_s=10, worker_hang_s=3, stop_timeout_s=10)
 

@@ -14,10 +14,9 @@ import time
 import httpx
 import psutil
 import pytest
-
 from conftest import ended, in_flight, proc_env, wait_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 QUERY = "Как приготовить борщ?"
 
@@ -28,7 +27,7 @@ def listening_pids(port: int) -> set[int]:
 
 
 def instance_alive(instance: str) -> list[int]:
-    from reranker_ops.process.runstate import instance_processes
+    from reranker_ops.supervise.procs import instance_processes
 
     return [p.pid for p in instance_processes(instance)]
 
@@ -135,7 +134,7 @@ def test_ten_daemons_at_once_exactly_one_runs(make_server):
     st = server.status()
     assert st["state"] == "running"
     supervisors = [p for p in psutil.process_iter(["pid"]) if proc_env(p).get("RERANKER_RUN_DIR") == str(server.run_dir)
-                   and "serve" in " ".join(_cmd(p)) and "reranker_ops.serving" not in " ".join(_cmd(p))]
+                   and "serve" in " ".join(_cmd(p)) and "reranker_ops.worker" not in " ".join(_cmd(p))]
     assert [p.pid for p in supervisors] == [st["pid"]]
     assert listening_pids(server.port) == {st["pid"]}
 

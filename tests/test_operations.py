@@ -13,10 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import DOCS, QUERY, clean_env, ended, free_port, run_cli, wait_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 
 # --- status: LSB exit codes, no side effects, truthful from anywhere -----------------------------------------
@@ -149,6 +148,7 @@ def test_bench_and_compare_send_an_api_key(make_server, tmp_path):
 
 
 # --- logs ------------------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_logs_are_readable_lines_and_foreground_serve_writes_them_too(tiny_fp32, tmp_path):
     port, hport = free_port(), free_port()
     run = tmp_path / "run"
@@ -200,7 +200,7 @@ def test_prepare_is_a_noop_offline_once_everything_is_there(tiny_model_dir, tmp_
 def test_an_interrupted_upgrade_is_not_converted_from_a_mix(tiny_model_dir, tmp_path):
     """config.json is there but the manifest (written last) is not: that is an unfinished download."""
     from reranker_ops.cli.server import prepare_steps
-    from reranker_ops.config import Settings
+    from reranker_ops.settings import Settings
 
     models = tmp_path / "models"
     folder = models / "test--tiny"
@@ -213,8 +213,7 @@ def test_an_interrupted_upgrade_is_not_converted_from_a_mix(tiny_model_dir, tmp_
 
 def test_upgrade_downloads_converts_and_reloads(tiny_model_dir, tmp_path, make_server):
     from fakehub import FakeHub, folder_files
-
-    from reranker_ops.models.synthetic import build_model
+    from modelkit.synthetic import build_model
 
     models = tmp_path / "models"
     other = build_model(tmp_path / "other", shape="tiny", seed=11)

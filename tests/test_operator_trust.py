@@ -11,10 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import DOCS, QUERY, clean_env, run_cli, wait_until
 
-from reranker_ops.config import Settings
+from reranker_ops.settings import Settings
 
 SERVICE_UID = 4242  # stands for a systemd DynamicUser
 
@@ -36,7 +35,7 @@ def test_a_symlink_swapped_in_for_a_request_file_leaves_its_target_alone(tmp_pat
     service user swaps the file for a symlink right after it appears: root must not chown (or write) what
     the symlink points to. The swap is made at the worst moment: right after the rename that names the file."""
     needs_root()
-    from reranker_ops.process import control
+    from reranker_ops import control
 
     run = service_run_dir(tmp_path)
     victim = tmp_path / "victim"
@@ -62,7 +61,7 @@ def test_a_symlink_swapped_in_for_a_request_file_leaves_its_target_alone(tmp_pat
 
 def test_a_request_file_belongs_to_the_run_dirs_owner_and_no_link_is_followed(tmp_path):
     needs_root()
-    from reranker_ops.process import control
+    from reranker_ops import control
 
     run = service_run_dir(tmp_path)
     settings = Settings(run_dir=run)
@@ -88,7 +87,7 @@ def _hold_lock(lock: Path) -> subprocess.Popen:
 def test_a_pidfile_naming_a_process_that_does_not_hold_the_lock_is_refused(tmp_path):
     """A server holds the lock; the pidfile names some other live process (with its true start time, so the
     pid-reuse check passes). stop and reload must refuse, in one line, and signal nobody."""
-    from reranker_ops.process.runstate import start_ticks
+    from reranker_ops.supervise.procs import start_ticks
 
     run = tmp_path / "run"
     run.mkdir(mode=0o700)
@@ -114,7 +113,7 @@ def test_a_pidfile_naming_a_process_that_does_not_hold_the_lock_is_refused(tmp_p
 
 def test_root_reads_no_env_file_it_does_not_own_or_others_can_write(tmp_path, monkeypatch):
     needs_root()
-    from reranker_ops import config
+    from reranker_ops import settings as config
 
     monkeypatch.chdir(tmp_path)
     env_file = tmp_path / ".env"
@@ -168,7 +167,7 @@ def test_with_a_key_the_api_ports_ops_routes_ask_for_it_and_say_no_detail(make_s
 
 
 def test_placeholder_keys_are_refused():
-    from reranker_ops.config import SettingsError
+    from reranker_ops.settings import SettingsError
 
     for key in ("change-me", "CHANGEME", "secret", "password"):
         with pytest.raises(SettingsError, match="placeholder"):
@@ -182,7 +181,7 @@ def test_placeholder_keys_are_refused():
 def test_pruning_one_variant_never_touches_anothers_builds(tmp_path):
     """openvino-int8's old builds are pruned; openvino-int8-weights' (whose names start the same) are not: a
     glob of "openvino-int8-*" took them for its own and deleted the other variant's rollbacks."""
-    from reranker_ops.models.convert import BUILDS_DIR, build_of, prune_builds
+    from reranker_ops.models.builds import BUILDS_DIR, build_of, prune_builds
 
     model = tmp_path / "model"
     builds = model / BUILDS_DIR
@@ -203,26 +202,27 @@ def test_pruning_one_variant_never_touches_anothers_builds(tmp_path):
     assert all(b.is_dir() for b in made["openvino-int8-weights"])
 
 
-def test_a_kill_the_watchdog_may_not_make_never_ends_the_supervisors_loop(tmp_path, monkeypatch):
+def test_a_kill_the_watchdog_may_not_make_never_ends_the_supervisors_loop(tmp_path):
     """After a worker's pid is reused by someone else's process, os.kill raises PermissionError: the watchdog
     logs it and goes on (it caught only ProcessLookupError, and the exception would have ended the loop)."""
     import asyncio
     import logging
 
-    from reranker_ops.health.watchdog import Kill
-    from reranker_ops.process import supervisor as sup
-    from reranker_ops.process.sdnotify import Notifier
+    from reranker_ops.supervise import supervisor as sup
+    from reranker_ops.supervise.policy import Kill
+    from reranker_ops.supervise.sdnotify import Notifier
 
     s = sup.Supervisor(Settings(run_dir=tmp_path / "run"), tmp_path, "m", Notifier(None),
                        log=logging.getLogger("test-kill"))
 
-    def refuse(pid, sig):
-        raise PermissionError(1, "Operation not permitted")
+    class Refusing:
+        def kill(self, pid, sig):
+            raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(sup.os, "kill", refuse)
+    s.watch.os = Refusing()  # the OS calls of the watchdog, faked: the pid is someone else's now
     kill = Kill(pid=424242, stage="score", reason="score worker 424242 is stopped (stopped)", dump_stack=True)
-    asyncio.run(s._kill_worker(None, kill))  # type: ignore[arg-type]
-    assert s._pending == {} and s.restarts["worker"] == 0
+    asyncio.run(s.watch.kill(None, kill))  # type: ignore[arg-type]
+    assert s.watch.pending == {} and s.restarts["worker"] == 0
 
 
 def test_sending_an_envelope_again_never_changes_bytes_an_earlier_send_may_still_hold(tmp_path):
@@ -233,10 +233,11 @@ def test_sending_an_envelope_again_never_changes_bytes_an_earlier_send_may_still
     import asyncio
     import logging
 
-    from reranker_ops.metrics import Metrics
-    from reranker_ops.serving.gate import Gate
-    from reranker_ops.serving.schema import PART_HEAD_LEN, open_envelope
-    from reranker_ops.serving.upstream import Upstream
+    from reranker_ops.front.dispatch import Dispatch
+    from reranker_ops.front.gate import limits_of
+    from reranker_ops.front.metrics import Metrics
+    from reranker_ops.front.upstream import Upstream
+    from reranker_ops.protocol.envelope import PART_HEAD_LEN, open_envelope
 
     sent: list[list[bytes]] = []
     held: list[list] = []
@@ -248,7 +249,7 @@ def test_sending_an_envelope_again_never_changes_bytes_an_earlier_send_may_still
             return 500, b"no"
 
     async def main() -> None:
-        gate = Gate(Settings(), Metrics(), logging.getLogger("t"), upstream=lambda: None, probe_token="t", index=dict)
+        gate = Dispatch(Settings(), Metrics(), logging.getLogger("t"), lambda: None, limits_of(Settings()))
         gate.client = Client()
         body = bytearray(PART_HEAD_LEN) + b'{"query": "q", "documents": ["d"]}'
         for generation, secret in ((1, b"a" * 32), (2, b"b" * 32)):

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import clean_env, run_cli
 
 pytestmark = [pytest.mark.timeout(600)]
 
 
 def _settings(model: Path, **kw):
-    from reranker_ops.config import Settings
+    from reranker_ops.settings import Settings
 
     return Settings(models_dir=model.parent, model=str(model), **kw)
 
@@ -30,9 +29,9 @@ def _auto(model: Path, **kw) -> dict:
 
 
 def test_auto_serves_the_fastest_reduced_precision_that_keeps_the_ranking_and_lists_every_candidate(trained_copy):
-    from reranker_ops.models.convert import cpu_can
+    from reranker_ops.models.auto import cpu_can
     from reranker_ops.models.store import find_variant
-    from reranker_ops.serving.engine import Scorer
+    from reranker_ops.worker.engine import Scorer
 
     # min speedup 0: this machine's CPU decides speed, not this test; fidelity alone gates here
     result = _auto(trained_copy, auto_min_speedup=0.0)
@@ -101,7 +100,7 @@ def test_auto_falls_back_to_fp32_when_the_int8_variant_is_damaged(trained_copy, 
 
 
 def test_the_decision_rule():
-    from reranker_ops.models.convert import decide
+    from reranker_ops.models.auto import decide
 
     passed = {"status": "passed"}
     c = {"fp32": {**passed, "speedup": 1.0}, "int8": {**passed, "speedup": 2.5},
@@ -116,7 +115,7 @@ def test_the_decision_rule():
 
 
 def test_bf16_is_refused_on_a_cpu_without_it(trained_copy):
-    from reranker_ops.models.convert import cpu_can
+    from reranker_ops.models.auto import cpu_can
 
     if cpu_can("bf16"):
         pytest.skip("this CPU computes in bf16: the bf16 parity test covers it")

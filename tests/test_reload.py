@@ -9,15 +9,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
 from conftest import DOCS, QUERY, Clients, wait_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+pytestmark = pytest.mark.timeout(600)
 
 
 def convert_into(model: Path) -> Path:
-    from reranker_ops.config import Settings
     from reranker_ops.models.convert import convert
+    from reranker_ops.settings import Settings
 
     [res] = convert(Settings(models_dir=model.parent, model=str(model)), str(model), formats=["openvino"],
                     precision="fp32", bench_seconds=0)
@@ -31,7 +30,7 @@ def scores(server) -> list[float]:
 
 
 def in_process(variant: Path) -> list[float]:
-    from reranker_ops.serving.engine import Scorer, sigmoid
+    from reranker_ops.worker.engine import Scorer, sigmoid
 
     return sigmoid(Scorer(variant.resolve()).score(QUERY, DOCS)).tolist()
 
@@ -46,7 +45,7 @@ def own_model(tiny_model_dir, tiny_fp32, tmp_path) -> Path:
 
 
 def test_convert_under_a_running_server_changes_nothing_until_reload(make_server, own_model, tmp_path):
-    from reranker_ops.models.synthetic import build_model
+    from modelkit.synthetic import build_model
 
     server = make_server(model_dir=own_model, workers=2, request_timeout_s=20)
     before = scores(server)
@@ -158,7 +157,7 @@ def test_an_old_workers_death_during_the_drain_sends_its_work_to_the_new_generat
     with cf.ThreadPoolExecutor(2) as pool:
         slow = pool.submit(httpx.post, server.base + "/rerank", timeout=60,
                            json={"query": QUERY, "documents": ["slow-to-score"]})
-        from reranker_ops.serving.heartbeat import read_worker_dir
+        from reranker_ops.protocol.heartbeat import read_worker_dir
 
         busy = wait_until(lambda: [pid for pid, b in read_worker_dir(server.run_dir / "workers").items()
                                    if pid in old_workers and b.get("busy_since")], 10, 0.05, what="an old worker busy")

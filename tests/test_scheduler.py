@@ -1,14 +1,23 @@
 """The gate's scheduler forms the envelopes MOSEC's workers get: on a real event loop, with a send function
-that stands for the worker (it holds each envelope until the test lets it go)."""
+that stands for the worker (it holds each envelope until the test lets it go) and a clock the test moves by
+hand (no test here waits for real time to pass)."""
 
 from __future__ import annotations
 
 import asyncio
-import time
+import heapq
+import itertools
 
 import pytest
 
-from reranker_ops.serving.scheduler import MAX_RESENDS, POISON_STRIKES, Dropped, FairScheduler, Poisoned, Unit
+from reranker_ops.front.scheduler import (
+    MAX_RESENDS,
+    POISON_STRIKES,
+    Dropped,
+    FairScheduler,
+    Poisoned,
+    Unit,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -44,8 +53,46 @@ class Worker:
         for _ in range(1000):  # bounded: the loop runs the scheduler's tasks in between
             if len(self.groups) >= n:
                 return
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0)
         raise AssertionError(f"{len(self.groups)} envelopes sent, expected {n}: {self.groups}")
+
+
+async def settle() -> None:
+    """Let every task that can run, run (nothing here waits on time): what has not happened by then, won't."""
+    for _ in range(50):
+        await asyncio.sleep(0)
+
+
+class FakeClock:
+    """The scheduler's clock and timers, moved by the test: ``advance`` fires the timers that fall due."""
+
+    class Handle:
+        def __init__(self) -> None:
+            self.cancelled = False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+        self._timers: list = []
+        self._order = itertools.count()
+
+    def now(self) -> float:
+        return self.t
+
+    def call_at(self, when: float, callback) -> "FakeClock.Handle":
+        handle = FakeClock.Handle()
+        heapq.heappush(self._timers, (when, next(self._order), handle, callback))
+        return handle
+
+    async def advance(self, seconds: float) -> None:
+        self.t += seconds
+        while self._timers and self._timers[0][0] <= self.t:
+            _when, _n, handle, callback = heapq.heappop(self._timers)
+            if not handle.cancelled:
+                callback()
+        await settle()
 
 
 def worker_and_scheduler(budget: int = 10_000, **kw) -> tuple[Worker, FairScheduler]:
@@ -120,11 +167,15 @@ def test_an_envelope_holds_at_most_its_workers_share_of_the_budget():
 
 def test_the_clients_just_answered_are_waited_for_within_the_linger():
     async def main():
-        w, s = worker_and_scheduler(slots=1, linger_s=0.2)
+        clock = FakeClock()
+        w, s = worker_and_scheduler(slots=1, linger_s=0.2, clock=clock)
         futures = [s.submit(unit(n)) for n in "abc"]
         await w.sent(1)
         assert w.groups == [["a"]]
-        w.release(0)
+        w.release(0)  # one answered and two queued: its client is expected back too, for the linger
+        await settle()
+        assert len(w.groups) == 1
+        await clock.advance(0.2)
         await w.sent(2)
         assert w.groups[1] == ["b", "c"]
         w.release(1)
@@ -132,19 +183,20 @@ def test_the_clients_just_answered_are_waited_for_within_the_linger():
         # two were answered together: the first to come back waits for the second (not sent alone)
         first = s.submit(unit("b2"))
         assert s.enter_now(10) is None  # nor does a request take the fast path past them
-        await asyncio.sleep(0.02)
+        await clock.advance(0.1)  # within the linger
         assert len(w.groups) == 2
         second = s.submit(unit("c2"))
         await w.sent(3)
         assert w.groups[2] == ["b2", "c2"]
         w.release(2)
         await asyncio.gather(first, second)
-        # only one of the two comes back: it is sent when the linger runs out, not held longer
-        t0 = time.monotonic()
+        # only one of the two comes back: it is sent when the linger runs out, not before, not held longer
         lone = s.submit(unit("b3"))
+        await clock.advance(0.19)
+        assert len(w.groups) == 3  # still waiting for the other one
+        await clock.advance(0.01)  # the linger is over: its timer sends it
         await w.sent(4)
-        waited = time.monotonic() - t0
-        assert w.groups[3] == ["b3"] and 0.15 <= waited < 2.0, waited
+        assert w.groups[3] == ["b3"]
         w.release(3)
         await lone
         # after a lone request, the next goes at once, by the fast path
@@ -154,8 +206,8 @@ def test_the_clients_just_answered_are_waited_for_within_the_linger():
 
 def test_a_newer_wait_is_not_cut_short_by_the_timer_of_an_older_one():
     async def main():
-        w, s = worker_and_scheduler(slots=1, linger_s=0.4)
-        t0 = time.monotonic()
+        clock = FakeClock()
+        w, s = worker_and_scheduler(slots=1, linger_s=0.4, clock=clock)
         first = [s.submit(unit(n)) for n in "abc"]
         await w.sent(1)
         w.release(0)  # one answered, two queued: three expected, until t0 + 0.4 (a timer is set for then)
@@ -163,11 +215,11 @@ def test_a_newer_wait_is_not_cut_short_by_the_timer_of_an_older_one():
         first.append(s.submit(unit("d")))
         await w.sent(2)
         assert w.groups[1] == ["b", "c", "d"]
-        await asyncio.sleep(0.2)
-        w.release(1)  # three answered: three expected again, until ~t0 + 0.6
+        await clock.advance(0.2)
+        w.release(1)  # three answered: three expected again, until t0 + 0.6
         await asyncio.gather(*first)
         e = s.submit(unit("e"))
-        await asyncio.sleep(max(0.0, t0 + 0.45 - time.monotonic()))  # past the older wait's timer
+        await clock.advance(0.25)  # t0 + 0.45: past the older wait's timer, which fires now
         assert len(w.groups) == 2, w.groups  # e still waits for the other two
         rest = [s.submit(unit("f")), s.submit(unit("g"))]
         await w.sent(3)
@@ -186,7 +238,7 @@ def test_the_fast_path_takes_a_free_worker_only_and_is_sent_again_if_its_worker_
         lone = asyncio.ensure_future(s.send_now(unit("a"), ticket))
         queued = s.submit(unit("b"))
         await w.sent(1)
-        await asyncio.sleep(0.01)
+        await settle()
         assert w.groups == [["a"]]  # "b" waits for the fast path's envelope
         assert s.forgive() == 1  # its worker died: sent again, and still holds the slot
         await w.sent(2)
@@ -233,7 +285,7 @@ def test_an_envelope_is_sent_again_a_bounded_number_of_times_and_fails_with_its_
         for _ in range(MAX_RESENDS + 2):
             s.forgive()
         await w.sent(1 + MAX_RESENDS)
-        await asyncio.sleep(0.01)
+        await settle()
         assert len(w.groups) == 1 + MAX_RESENDS and s.busy == 0  # beyond the bound it holds no slot
         ticket = s.enter_now(10)
         assert ticket is not None  # a new request is not held behind it

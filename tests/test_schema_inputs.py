@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from reranker_ops.serving.schema import Limits, RequestError, parse_job
+from reranker_ops.protocol.api import Limits, RequestError, parse_job
 
 
 def parse(body, route: str = "/rerank", **limits):

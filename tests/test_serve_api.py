@@ -16,10 +16,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import clean_env, free_port, in_flight, run_cli, sample, wait_until
 
-from conftest import clean_env, free_port, in_flight, run_cli, wait_until
-
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+pytestmark = pytest.mark.timeout(240)
 
 QUERY = "Как приготовить борщ?"
 DOCS = [
@@ -200,9 +199,9 @@ def test_metrics(shared_server):
     post(shared_server, "/rerank", {"query": "", "documents": DOCS})
     for url in (shared_server.base + "/metrics", shared_server.health + "/metrics"):
         text = httpx.get(url).text
-        assert re.search(r'^reranker_requests_total\{route="/rerank",code="200"\} [1-9]', text, re.M)
-        assert re.search(r'^reranker_requests_total\{route="/rerank",code="422"\} [1-9]', text, re.M)
-        assert re.search(r'^reranker_request_duration_seconds_bucket\{route="/rerank",le="\+Inf"\} [1-9]', text, re.M)
+        assert sample(text, "reranker_requests_total", route="/rerank", code="200") >= 1
+        assert sample(text, "reranker_requests_total", route="/rerank", code="422") >= 1
+        assert sample(text, "reranker_request_duration_seconds_bucket", route="/rerank", le="+Inf") >= 1
         assert re.search(r"^reranker_pairs_scored_total [1-9]", text, re.M)
         assert re.search(r"^reranker_tokens_scored_total [1-9]", text, re.M)
         assert "mosec_service_throughput" in text  # MOSEC's own metrics are included
@@ -328,7 +327,7 @@ def test_foreground_serve_stops_cleanly_on_signal(tiny_fp32, tmp_path, sig):
             codes = [f.result().status_code for f in futs]
         assert set(codes) <= {200, 503}, codes
         assert proc.wait(timeout=30) == 0
-        from reranker_ops.process.runstate import instance_processes
+        from reranker_ops.supervise.procs import instance_processes
 
         assert instance_processes(pid_info["instance"]) == []
         assert not (tmp_path / "run" / "rerankctl.pid.json").exists()
@@ -340,7 +339,7 @@ def test_foreground_serve_stops_cleanly_on_signal(tiny_fp32, tmp_path, sig):
 def test_sigabrt_prints_the_supervisors_stacks_and_leaves_nothing(tiny_fp32, tmp_path):
     """systemd's watchdog sends SIGABRT to a wedged supervisor: the journal (its stderr) must say where
     every thread was, and none of its processes may outlive it."""
-    from reranker_ops.process.runstate import instance_processes
+    from reranker_ops.supervise.procs import instance_processes
 
     proc, _, _ = foreground_server(tiny_fp32, tmp_path / "run", stdout=subprocess.DEVNULL)
     try:

@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_cli
 
 pytestmark = pytest.mark.timeout(120)
@@ -55,7 +54,7 @@ def test_units_are_hardened(units, unit):
 
 
 def test_checked_in_units_and_env_example_match_the_generators():
-    from reranker_ops.config import Settings, render_env_example
+    from reranker_ops.settings import Settings, render_env_example
     from reranker_ops.systemd_units import UNITS, render
 
     for unit in UNITS:

@@ -11,7 +11,6 @@ import time
 
 import httpx
 import pytest
-
 import sdbox
 from conftest import DOCS, QUERY, free_port, wait_until
 
@@ -134,7 +133,7 @@ def test_the_watchdog_restarts_a_stopped_supervisor(box):
         journal = box.sh("journalctl -u rerankctl -o cat --no-pager").stdout
         assert "Watchdog timeout" in journal, journal[-2000:]
         # the stopped supervisor's whole tree was reaped: only the new one's processes remain
-        ppids = box.sh("ps -eo pid,ppid,cmd | grep 'reranker_ops.serving.app' | grep -v grep", check=False).stdout
+        ppids = box.sh("ps -eo pid,ppid,cmd | grep 'reranker_ops.worker.app' | grep -v grep", check=False).stdout
         assert str(before) not in ppids
     finally:
         box.sh("rm -rf /etc/systemd/system/rerankctl.service.d && systemctl daemon-reload")

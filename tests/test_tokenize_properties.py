@@ -18,11 +18,11 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from modelkit.trained import make_task
 
-from reranker_ops.models.trained import make_task
-from reranker_ops.serving.engine import Tokenizer
-from reranker_ops.serving.gate import pair_chars, plan_chunks, window_count
-from reranker_ops.serving.schema import CHUNK, Limits, RequestError, chunk_body, parse_job
+from reranker_ops.front.dispatch import pair_chars, plan_chunks, window_count
+from reranker_ops.protocol.api import CHUNK, Limits, RequestError, chunk_body, parse_job
+from reranker_ops.worker.engine import Tokenizer
 
 pytestmark = pytest.mark.timeout(600)
 PROFILE = settings(max_examples=150, derandomize=True, deadline=None,
@@ -34,7 +34,7 @@ def pair_tokenizers(trained_model_dir, tmp_path_factory):
     """transformers' tokenizer for the trained model, and ours built from what convert saves of it."""
     from transformers import AutoTokenizer
 
-    from reranker_ops.models.convert import save_effective_tokenizer
+    from reranker_ops.models.reference import save_effective_tokenizer
 
     ref = AutoTokenizer.from_pretrained(str(trained_model_dir))
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"

@@ -1,4 +1,4 @@
-"""The gate's client to MOSEC (``serving/upstream.py``) against a real HTTP/1.1 peer on a loopback port: one
+"""The gate's client to MOSEC (``front/upstream.py``) against a real HTTP/1.1 peer on a loopback port: one
 that can keep connections, close them while idle, answer in chunks, stall, or cut an answer short."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import contextlib
 import time
 
 import pytest
-
 from conftest import free_port
-from reranker_ops.serving.upstream import UpstreamClient, UpstreamError
+
+from reranker_ops.front.upstream import UpstreamClient, UpstreamError
 
 pytestmark = pytest.mark.timeout(30)
 

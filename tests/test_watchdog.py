@@ -17,10 +17,18 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from conftest import (
+    DOCS,
+    QUERY,
+    Clients,
+    clean_env,
+    ended,
+    free_port,
+    proc_env,
+    wait_until,
+)
 
-from conftest import DOCS, QUERY, Clients, clean_env, ended, free_port, proc_env, wait_until
-
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 FAST = dict(probe_interval_s=1, probe_timeout_s=2, request_timeout_s=8, worker_hang_s=3, stop_timeout_s=10)
 
@@ -68,7 +76,7 @@ def test_native_hang_in_forward_heals(make_server, tmp_path):
     t0 = time.monotonic()
     with cf.ThreadPoolExecutor(1) as pool:
         fut = pool.submit(httpx.post, server.base + "/rerank", json={"query": QUERY, "documents": DOCS}, timeout=30)
-        from reranker_ops.serving.heartbeat import read_heartbeat
+        from reranker_ops.protocol.heartbeat import read_heartbeat
 
         beat = server.run_dir / "workers" / f"score-{victim}.hb"
         wait_until(lambda: (read_heartbeat(beat) or {}).get("busy_since"), 10, what="worker inside forward")
@@ -160,6 +168,7 @@ class NotifySocket:
         self.sock.close()
 
 
+@pytest.mark.e2e
 def test_a_model_that_crashes_at_every_start_makes_the_supervisor_give_up(tiny_fp32, tmp_path):
     model = _broken_model(tiny_fp32, tmp_path)
     notify = NotifySocket(tmp_path / "notify.sock")
@@ -205,6 +214,7 @@ def test_restart_budget_is_bounded(make_server):
     assert "giving up: gave up: 2 restarts" in log
 
 
+@pytest.mark.e2e
 def test_sd_notify_contract(tiny_fp32, tmp_path):
     notify = NotifySocket(tmp_path / "notify.sock")
     port, hport = free_port(), free_port()

@@ -19,11 +19,11 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-
 from conftest import Clients, ended, wait_until
-from reranker_ops.process.runstate import instance_processes
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+from reranker_ops.supervise.procs import instance_processes
+
+pytestmark = pytest.mark.timeout(300)
 
 FAST = dict(probe_interval_s=1, probe_timeout_s=2, request_timeout_s=8, worker_hang_s=3, stop_timeout_s=10)
 DEADLINE_SLACK = 2.5
@@ -65,7 +65,7 @@ def workers(server, stage: str = "score") -> list[int]:
 
 
 def ready_workers(server, stage: str = "score") -> list[int]:
-    from reranker_ops.serving.heartbeat import read_worker_dir
+    from reranker_ops.protocol.heartbeat import read_worker_dir
 
     beats = read_worker_dir(server.run_dir / "workers")
     live = set(workers(server, stage))
@@ -163,7 +163,7 @@ def test_sigkill_of_one_of_two_workers_under_load_loses_no_request(make_server):
     """MOSEC replaces a worker that died while its sibling serves, and never answers the envelope the dead
     one held: the gate sends the envelopes that were out again when the watchdog sees the worker gone, so
     every request is answered (without the resend, those of the lost envelope fail at their deadline)."""
-    from reranker_ops.serving.heartbeat import read_heartbeat
+    from reranker_ops.protocol.heartbeat import read_heartbeat
 
     server = make_server(workers=2, **FAST)
     victim = workers(server)[0]

@@ -8,11 +8,11 @@ import random
 import httpx
 import numpy as np
 import pytest
+from modelkit.synthetic import EN_WORDS, RU_WORDS
 
-from reranker_ops.models.synthetic import EN_WORDS, RU_WORDS
-from reranker_ops.serving.engine import Tokenizer
+from reranker_ops.worker.engine import Tokenizer
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 QUERY = "как приготовить борщ"
 WINDOW, STRIDE = 48, 12

@@ -8,12 +8,12 @@ import json
 
 import numpy as np
 import pytest
+from conftest import DOCS, QUERY
 from mosec import ClientError
 
-from conftest import DOCS, QUERY
-from reranker_ops.serving.schema import (
+from reranker_ops.protocol.api import ROUTE_TAGS
+from reranker_ops.protocol.envelope import (
     REFUSED,
-    ROUTE_TAGS,
     EnvelopeError,
     Failed,
     Untrusted,
@@ -26,7 +26,7 @@ from reranker_ops.serving.schema import (
     seal_answer,
     split_answers,
 )
-from reranker_ops.serving.workers import CONFIG_ENV, Score
+from reranker_ops.worker.score import CONFIG_ENV, Score
 
 pytestmark = pytest.mark.timeout(120)
 SECRET = "0123456789abcdef" * 2

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..config import Settings, SettingsError, load_settings
+from ..settings import Settings, SettingsError, load_settings
 from ..errors import RerankerError
 
 console = Console()
@@ -45,7 +45,7 @@ def set_debug(on: bool) -> None:
 
 
 def settings_from(**options: Any) -> Settings:
-    from .. import config
+    from .. import settings as config
 
     try:
         settings = load_settings(**options)

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..models import store
 from .common import JsonOpt, ModelsDirOpt, console, err_console, handled, settings_from
-from .root import app
+from .base import app
 
 
 @app.command()
@@ -115,7 +115,7 @@ def convert(
 
 def _auto_table(model_dir: Path) -> None:
     """What `convert --precision auto` measured on this CPU, every candidate side by side, and its choice."""
-    from ..models.convert import read_auto_choice
+    from ..models.auto import read_auto_choice
 
     record = read_auto_choice(model_dir)
     if not record:

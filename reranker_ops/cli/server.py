@@ -28,7 +28,7 @@ from .common import (
     handled,
     settings_from,
 )
-from .root import app
+from .base import app
 
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-w", help="Inference workers. \\[env: RERANKER_WORKERS]")]
 ThreadsOpt = Annotated[
@@ -106,13 +106,13 @@ def _serve(settings, *, daemon: bool, prepare: bool, log_file: Optional[Path] = 
     from ..startup import frozen_imports
 
     with frozen_imports():  # the supervisor's modules (aiohttp, psutil) live as long as it does
-        from ..process.sdnotify import Notifier
-        from ..process.supervisor import Supervisor
+        from ..supervise.sdnotify import Notifier
+        from ..supervise.supervisor import Supervisor
 
     ref = resolve_model(settings)
     if daemon:
-        from ..process.control import start_daemon
-        from ..process.roles import url_host
+        from ..control import start_daemon
+        from ..addresses import url_host
         from .common import report_error
 
         def run_daemon(ready_fd: int) -> int:
@@ -133,7 +133,7 @@ def _serve(settings, *, daemon: bool, prepare: bool, log_file: Optional[Path] = 
             soft_wrap=True,
         )
         return
-    from ..process.supervisor import ensure_private_dir
+    from ..supervise.rundir import ensure_private_dir
 
     ensure_private_dir(settings.run_dir)
     log = _setup_logging(log_file or settings.log_path, settings, to_stderr=True)
@@ -223,8 +223,8 @@ def upgrade(
     run_dir: RunDirOpt = None,
 ) -> None:
     """Move to another revision of the model: download it, convert it, and reload a running server."""
-    from ..process.control import reload_server
-    from ..process.runstate import lock_is_held
+    from ..control import reload_server
+    from ..supervise.rundir import lock_is_held
 
     settings = settings_from(model=model, models_dir=models_dir, precision=precision, revision=revision,
                              run_dir=run_dir)
@@ -253,7 +253,7 @@ def reload(
     one is drained and stopped. If the new one fails, the old one keeps serving and this exits non-zero.
     With no option, the server reloads what its model and precision point to now (e.g. after convert).
     """
-    from ..process.control import reload_server
+    from ..control import reload_server
 
     settings = settings_from(run_dir=run_dir, models_dir=models_dir)
     request = {k: v for k, v in {"model": _absolute_model(model), "precision": precision,
@@ -281,8 +281,8 @@ def restart(
     """Stop the running server (draining), then start it again in the background. To swap the model without
     a gap, use reload instead."""
     from ..errors import ConfigError
-    from ..process.control import stop_server
-    from ..process.runstate import read_pidfile
+    from ..control import stop_server
+    from ..supervise.rundir import read_pidfile
 
     settings = settings_from(run_dir=run_dir)
     info, _ = read_pidfile(settings.pidfile_path)
@@ -319,7 +319,7 @@ def stop(
     timeout: Annotated[Optional[float], typer.Option("--timeout", help="Drain deadline before SIGKILL (s).")] = None,
 ) -> None:
     """Stop the server: drain in-flight requests, then make sure no process of it is left."""
-    from ..process.control import stop_server
+    from ..control import stop_server
 
     settings = settings_from(run_dir=run_dir)
     res = stop_server(settings, timeout)
@@ -343,7 +343,7 @@ def status(run_dir: RunDirOpt = None, as_json: JsonOpt = False) -> None:
     """Show the server's state. Exit codes (LSB): 0 running and healthy, 1 dead but a pidfile is left,
     3 not running (stopped or failed), 4 unknown, 150 degraded (serving, not fully), 151 starting,
     restarting or stopping."""
-    from ..process.control import collect_status, status_exit_code
+    from ..control import collect_status, status_exit_code
 
     settings = settings_from(run_dir=run_dir)
     try:
@@ -394,7 +394,7 @@ def logs(
     lines: Annotated[int, typer.Option("--lines", "-n", help="How many lines to show.")] = 50,
 ) -> None:
     """Show the daemon's log (rotated, so it cannot fill the disk)."""
-    from ..process.control import tail_file
+    from ..control import tail_file
 
     settings = settings_from(run_dir=run_dir)
     path = settings.log_path
@@ -441,10 +441,10 @@ def watchdog(
     """Probe a running server with a real rerank request; exit 0 if it answered correctly."""
     import httpx
 
-    from ..health.probe import probe_sync
+    from ..supervise.canary import probe_sync
 
     settings = settings_from(host=host, port=port)
-    from ..process.roles import base_url
+    from ..addresses import base_url
 
     base = url or base_url(settings.host, settings.port)
     key = settings.api_key.get_secret_value() if settings.api_key else None
@@ -468,52 +468,3 @@ def watchdog(
             if interval <= 0 or (count and done >= count):
                 raise typer.Exit(0 if res.ok else 1)
             time.sleep(interval)
-
-
-systemd_app = typer.Typer(help="Print or install the systemd units, with this installation's paths.",
-                          no_args_is_help=True)
-app.add_typer(systemd_app, name="systemd")
-
-
-@systemd_app.command("print")
-@handled
-def systemd_print(
-    unit: Annotated[str, typer.Argument(help="rerankctl.service or rerankctl-prepare.service")] = "rerankctl.service",
-    env_file: Annotated[str, typer.Option("--env-file", help="EnvironmentFile= path.")] = "/etc/rerankctl/env",
-) -> None:
-    """Print a unit file."""
-    from ..errors import ConfigError
-    from ..systemd_units import UNITS, render
-
-    if unit not in UNITS:
-        raise ConfigError(f"unknown unit {unit!r}", f"choose one of {', '.join(UNITS)}")
-    print(render(unit, settings_from(), env_file=env_file), end="")
-
-
-@systemd_app.command("install")
-@handled
-def systemd_install(
-    directory: Annotated[Path, typer.Option("--dir", help="Where to write the units.")] = Path("/etc/systemd/system"),
-    env_file: Annotated[Path, typer.Option("--env-file", help="Environment file to create if missing.")] = Path(
-        "/etc/rerankctl/env"),
-    force: Annotated[bool, typer.Option("--force", help="Overwrite existing unit files.")] = False,
-) -> None:
-    """Write both units (and an environment file from env.example if there is none)."""
-    from ..config import render_env_example
-    from ..errors import ConfigError
-    from ..systemd_units import UNITS, render
-
-    settings = settings_from()
-    directory.mkdir(parents=True, exist_ok=True)
-    for unit in UNITS:
-        target = directory / unit
-        if target.exists() and not force:
-            raise ConfigError(f"{target} exists", "pass --force to overwrite it")
-        target.write_text(render(unit, settings, env_file=str(env_file)), encoding="utf-8")
-        console.print(f"wrote {target}")
-    if not env_file.exists():
-        env_file.parent.mkdir(parents=True, exist_ok=True)
-        env_file.write_text(render_env_example(), encoding="utf-8")
-        env_file.chmod(0o640)
-        console.print(f"wrote {env_file} (edit it: model, ports, API key)")
-    console.print("next: systemctl daemon-reload && systemctl enable --now rerankctl-prepare rerankctl")

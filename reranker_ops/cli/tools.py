@@ -12,7 +12,7 @@ from rich.table import Table
 
 from .common import JsonOpt, ModelOpt, ModelsDirOpt, console, err_console, handled, settings_from
 from ..errors import ConfigError
-from .root import app
+from .base import app
 
 
 @app.command()
@@ -54,7 +54,8 @@ def bench(
     as_json: JsonOpt = False,
 ) -> None:
     """Load-test a /rerank endpoint (ours or infinity_emb's) and compare with the in-process ceiling."""
-    from ..bench import WORKLOADS, run_ceiling, run_load
+    from ..bench import WORKLOADS, run_load
+    from ..ceiling import run_ceiling
 
     if workload not in WORKLOADS:
         raise ConfigError(f"unknown workload {workload!r}", f"choose one of {', '.join(WORKLOADS)}")
@@ -65,7 +66,7 @@ def bench(
     settings = settings_from(model=model, models_dir=models_dir)
     if duration is None and requests is None:
         duration = 10.0
-    from ..process.roles import base_url
+    from ..addresses import base_url
 
     target = url or base_url(settings.host, settings.port)
     key = read_key_file(api_key_file) if api_key_file else (
@@ -84,7 +85,7 @@ def bench(
             _mixed_table(report)
         raise typer.Exit(0 if report["met"] else 1)
     if paired:
-        from ..bench import run_paired
+        from ..ceiling import run_paired
         from ..models.store import find_variant
         with err_console.status(f"{workload}: served by {target} and in-process, alternately"):
             report = run_paired(target, find_variant(settings), workload=workload, seconds=duration or 10.0,
@@ -101,7 +102,7 @@ def bench(
     if blocks < 1:
         raise ConfigError("--blocks must be at least 1", "give a positive number of blocks")
     if ceiling and not ceiling_only and not requests and blocks > 1:
-        from ..bench import run_interleaved
+        from ..ceiling import run_interleaved
         from ..models.store import find_variant
 
         variant = find_variant(settings)
@@ -138,7 +139,7 @@ def bench(
                                          batch_requests=settings.max_batch_requests if ceiling_only
                                          else max(1, min(settings.max_batch_requests, concurrency)))
         if "served" in out:
-            from ..bench import served_over_ceiling
+            from ..ceiling import served_over_ceiling
 
             out["ratios"] = served_over_ceiling(out["served"], out["ceiling"])
     if as_json:

@@ -6,8 +6,9 @@ Russian and English, short and long; some passages run far past 512 tokens so tr
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from ..errors import ConfigError
 
@@ -117,3 +118,30 @@ def load_eval_jsonl(path: Path) -> list[dict]:
         return item
 
     return read_jsonl(path, parse, '{"query": "...", "passages": ["...", "..."], "grades": [2, 0]}')
+
+
+# --- how good a ranking is, against graded relevance -------------------------------------------------------
+def ndcg_at(scores: Sequence[float], grades: Sequence[float], k: int = 10) -> float:
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])[:k]
+    dcg = sum((2 ** grades[i] - 1) / math.log2(r + 2) for r, i in enumerate(order))
+    ideal = sorted(grades, reverse=True)[:k]
+    idcg = sum((2 ** g - 1) / math.log2(r + 2) for r, g in enumerate(ideal))
+    return dcg / idcg if idcg else 1.0
+
+
+def mrr(scores: Sequence[float], grades: Sequence[int]) -> float:
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    for r, i in enumerate(order):
+        if grades[i] == 2:
+            return 1.0 / (r + 1)
+    return 0.0
+
+
+def ranking_quality(score_fn, items: Sequence[dict]) -> dict:
+    """Mean NDCG@10 and MRR of ``score_fn(query, passages) -> scores`` over graded items."""
+    nd, rr = [], []
+    for item in items:
+        s = list(score_fn(item["query"], item["passages"]))
+        nd.append(ndcg_at(s, item["grades"]))
+        rr.append(mrr(s, item["grades"]))
+    return {"ndcg@10": round(sum(nd) / len(nd), 4), "mrr": round(sum(rr) / len(rr), 4), "queries": len(items)}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import Settings
+from ..settings import Settings
 from ..errors import ConfigError, DownloadError, ModelNotFound
 
 AUTO = "auto"  # the precision `convert --precision auto` chooses; its variant folder is a pointer to the choice

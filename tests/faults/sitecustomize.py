@@ -14,7 +14,7 @@ if _flag:
     import time
 
     try:
-        from reranker_ops.serving import engine as _engine
+        from reranker_ops.worker import engine as _engine
 
         _orig = _engine.Scorer._run
 
@@ -42,7 +42,7 @@ if _boot:
     import time as _t
 
     try:
-        from reranker_ops.serving import engine as _eng
+        from reranker_ops.worker import engine as _eng
 
         _orig_init = _eng.Scorer.__init__
 
@@ -60,16 +60,16 @@ if _boot:
 _crash = os.environ.get("RERANKER_TEST_SUPERVISOR_CRASH_FILE")
 if _crash:
     try:
-        from reranker_ops.process import supervisor as _sup
+        from reranker_ops.supervise import status as _status
 
-        _orig_derive = _sup.Supervisor._derive_state
+        _orig_derive = _status.Status.derive
 
-        def _derive(self, gen):
+        def _derive(self, *args):
             if os.path.exists(_crash):
                 raise RuntimeError("injected supervisor bug")
-            return _orig_derive(self, gen)
+            return _orig_derive(self, *args)
 
-        _sup.Supervisor._derive_state = _derive
+        _status.Status.derive = _derive
     except Exception:  # pragma: no cover
         pass
 
@@ -77,7 +77,7 @@ if _crash:
 # verified on, so the supervisor runs MOSEC's own Runtime (a stage's last worker dying ends MOSEC).
 if os.environ.get("RERANKER_TEST_UNVERIFIED_MOSEC"):
     try:
-        from reranker_ops.serving import app as _app
+        from reranker_ops.worker import app as _app
 
         _app.KEEP_LAST_WORKER_VERIFIED = ()
     except Exception:  # pragma: no cover
@@ -90,7 +90,7 @@ if _poison:
     import signal as _sig
 
     try:
-        from reranker_ops.serving import engine as _eng2
+        from reranker_ops.worker import engine as _eng2
 
         def _deadly(orig):
             def wrapped(self, pairs, *a, **k):
@@ -112,7 +112,7 @@ if _slow:
     import time as _time
 
     try:
-        from reranker_ops.serving import engine as _eng3
+        from reranker_ops.worker import engine as _eng3
 
         _slow_s = float(os.environ.get("RERANKER_TEST_SLOW_S", "5"))
 
@@ -139,7 +139,7 @@ if _foreign:
         import subprocess as _sp
         import sys as _sys
 
-        from reranker_ops.process import supervisor as _sup2
+        from reranker_ops.supervise import generation as _sup2
 
         _orig_free_port = _sup2.free_port
         _STRANGER = r'''

@@ -1,0 +1,41 @@
+"""The answers the front door gives itself: JSON errors with a kind, a status and a message that names the rule."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+from aiohttp import web
+
+JSON = "application/json"
+ERROR_KINDS = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "timeout",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "overloaded",
+    499: "client_closed",
+    500: "internal_error",
+    502: "bad_gateway",
+    503: "unavailable",
+    504: "timeout",
+}
+
+
+def error_response(status: int, message: str, headers: Optional[dict] = None) -> web.Response:
+    body = json.dumps({"error": ERROR_KINDS.get(status, "error"), "message": message, "status": status},
+                      ensure_ascii=False)
+    return web.Response(status=status, text=body, content_type=JSON, headers=headers)
+
+
+def unavailable() -> web.Response:
+    return error_response(503, "the model server is unavailable; retry shortly", {"Retry-After": "2"})
+
+
+def unauthorized() -> web.Response:
+    return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                          {"WWW-Authenticate": "Bearer"})

@@ -1,0 +1,404 @@
+"""Fair scheduling and batching in the gate: the unit of work is text to score, not a request.
+
+MOSEC hands each worker one request at a time (its batcher is off), and the gate sends it envelopes: the
+units that waited for a free worker, together (``schema``'s envelope). So the gate decides both the order
+and the batches:
+
+- a small request is one **unit**; a large one is split (by the gate) into **chunks** of at most
+  ``chunk_chars`` characters of text, each its own unit;
+- at most ``slots`` envelopes are out at once (one per worker), and at most ``budget`` of work in all,
+  at most its share of it (``budget / slots``) in one envelope, so whatever enters MOSEC is scored within
+  about one chunk's time; up to ``max_group`` units go in one envelope, all of one lane, so a short request
+  is never answered only when a chunk batched with it is;
+- the next units come from the small lane first, the chunks lane otherwise, round-robin across the large
+  requests; a lane that waited while the other took a whole budget's worth goes next, so neither starves;
+- when a worker frees up with fewer small units waiting than it just answered, the gate waits up to
+  ``linger_s`` for those clients to come back, so closed-loop clients are batched together instead of
+  splitting into a group of one and a group of the rest that take turns;
+- a unit whose request is gone (its client disconnected, or its deadline passed) is dropped before it
+  reaches MOSEC, and counted;
+- MOSEC never answers the envelope of a worker that died. A worker names the envelope it is scoring in its
+  heartbeat, so when the supervisor sees a worker gone it says which envelope was lost (``worker_lost``): that
+  envelope's units are sent again each in an envelope of its own, and a unit that was alone in an envelope
+  on a worker that died before (``POISON_STRIKES``) is answered ``Poisoned`` and never sent again, so one
+  request that crashes a worker costs at most two worker deaths and fails alone. When the dead worker's
+  heartbeat names nothing (``forgive``), every envelope out is sent again (scoring is idempotent), and each
+  answers its units with whichever copy answers first.
+
+Costs are bytes of text (a proxy for tokens known before tokenizing): a small request's body length, a
+chunk's JSON length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Optional
+
+
+class Dropped(Exception):
+    """The unit was not sent: its request is gone."""
+
+
+class Poisoned(Exception):
+    """The unit was being scored, alone in its envelope, when a worker died, after a worker had already died
+    with it once: it is not sent again."""
+
+
+class _Split(Exception):
+    """The envelope was lost with a worker; its units went back to the queue, each to be sent alone."""
+
+
+@dataclass
+class Unit:
+    cost: int
+    lane: str  # "small" or "chunk"
+    owner: int  # the request it belongs to (round-robin key)
+    payload: Any  # what the send function makes of it (the gate: the body behind its part head, and the tag)
+    alive: Callable[[], bool]
+    deadline_at: float = float("inf")  # the envelope is sent with the latest deadline of its units
+    pairs: int = 0
+    enqueued: float = field(default_factory=time.monotonic)
+    dispatched: Optional[float] = None
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    strikes: int = 0  # worker deaths it was in an envelope of
+    alone: bool = False  # sent in an envelope of its own from now on (a worker died with it)
+    digest: bytes = b""  # its body's, once it had a strike (or bodies are quarantined): see the gate
+
+
+# Sends one envelope (its units and its id); answers one result per unit, in order (or raises: every unit of it
+# fails with that).
+SendGroup = Callable[[list[Unit], int], Awaitable[list]]
+MAX_RESENDS = 2  # copies of one envelope sent after workers died (whose envelope was not known), beyond the first
+POISON_STRIKES = 2  # a unit alone in an envelope when a worker dies, with this many deaths, is not sent again
+
+
+def _envelope_id() -> int:
+    return secrets.randbits(63) or 1  # 0 means "no envelope" in a heartbeat
+
+
+class _Envelope:
+    """An envelope out: its units, the slot it holds (its epoch), and the copies of it being sent."""
+
+    def __init__(self, group: list[Unit], cost: int, epoch: int) -> None:
+        self.id = _envelope_id()
+        self.group = group
+        self.cost = cost
+        self.epoch = epoch
+        self.copies: list[asyncio.Future] = []
+        self.resent = 0
+        self.split = False  # lost with a worker: its units were queued again, each alone
+        self.poisoned = False  # its one unit killed a worker again: answered Poisoned
+        self.changed = asyncio.get_running_loop().create_future()  # set when a copy is added or it ends
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A slot and a share of the budget taken by ``enter_now``, given back with ``leave``."""
+
+    cost: int
+    epoch: int
+
+
+class LoopClock:
+    """What the scheduler waits with: the event loop's monotonic clock and its timers (tests give a fake one
+    they move by hand)."""
+
+    @staticmethod
+    def now() -> float:
+        return time.monotonic()  # what the default event loop's time() is
+
+    @staticmethod
+    def call_at(when: float, callback: Callable[[], None]) -> Any:
+        return asyncio.get_running_loop().call_at(when, callback)
+
+
+class FairScheduler:
+    def __init__(self, budget: int, send: SendGroup, *, slots: int = 1, max_group: int = 32,
+                 linger_s: float = 0.0, on_drop: Optional[Callable[[Unit], None]] = None,
+                 clock: Any = LoopClock) -> None:
+        self.clock = clock
+        self.budget = max(1, budget)
+        self.send = send
+        self.slots = max(1, slots)
+        self.max_group = max(1, max_group)
+        self.linger_s = max(0.0, linger_s)
+        self.on_drop = on_drop
+        self.outstanding = 0  # cost sent and not answered
+        self.busy = 0  # envelopes out that hold a slot
+        self.epoch = 0  # envelopes of an older epoch hold no slot (``forgive``)
+        self.small: deque[Unit] = deque()
+        self.chunks: "OrderedDict[int, deque[Unit]]" = OrderedDict()
+        self._streak = {"small": 0, "chunk": 0}  # cost dispatched from a lane while the other waited
+        self._want = 0  # small units expected back (see ``_lingering``) ...
+        self._want_until = 0.0  # ... until then
+        self._timer: Any = None  # the clock's timer handle, while a linger is timed
+        self._out: dict[_Envelope, None] = {}  # the envelopes out, in the order sent
+
+    def submit(self, unit: Unit) -> asyncio.Future:
+        if unit.lane == "small":
+            self.small.append(unit)
+        else:
+            self.chunks.setdefault(unit.owner, deque()).append(unit)
+        self._pump()
+        return unit.future
+
+    def enter_now(self, cost: int) -> Optional[Ticket]:
+        """The fast path: nothing is queued or expected back, a worker is free and the budget has room, so the
+        caller sends an envelope of one at once, in its own task (``send_now``)."""
+        if (self.small or self.chunks or self.busy >= self.slots or self._lingering(self.clock.now(), arriving=1)
+                or (self.outstanding and self.outstanding + cost > self.budget)):
+            return None
+        self.outstanding += cost
+        self.busy += 1
+        self._want = 0
+        return Ticket(cost, self.epoch)
+
+    async def send_now(self, unit: Unit, ticket: Ticket) -> Any:
+        """The fast path's envelope of one, with the slot ``enter_now`` took: its result, or it raises. It is
+        sent again like any other if a worker dies while it is out."""
+        unit.dispatched = self.clock.now()
+        return (await self._settle(self._launch([unit], ticket.cost, ticket.epoch)))[0]
+
+    def forgive(self) -> int:
+        """A worker died and which envelope it held is not known (its heartbeat named none): that envelope will
+        never be answered (MOSEC does not resend it). So every envelope out is sent again, once more per
+        death (at most ``MAX_RESENDS``), and holds one slot from now on whichever copy answers; the envelopes of
+        the fast path, not known here, stop holding theirs (they still end, by their answer or their deadline).
+        Returns how many envelopes were sent again."""
+        self.epoch += 1
+        self.busy = 0
+        resent = 0
+        for env in list(self._out):
+            if env.resent >= MAX_RESENDS:
+                continue  # it holds no slot any more: it ends by an answer or its deadline
+            env.resent += 1
+            resent += 1
+            env.epoch = self.epoch
+            self.busy += 1
+            self._copy(env)
+        self._pump()
+        return resent
+
+    def worker_lost(self, held: set[int]) -> tuple[int, int]:
+        """Workers died scoring the envelopes ``held`` (their ids, from the dead workers' heartbeats). Each
+        such envelope's units are suspects: one of them may be what killed the worker. An envelope of several
+        is taken apart: its units go back to the front of the queue, each to be sent alone. An envelope of
+        one is sent again, unless its unit already was in an envelope when a worker died: then it is answered
+        ``Poisoned`` and never sent again. The other envelopes out were not on those workers and go on.
+        Returns (units queued again or sent again, units poisoned)."""
+        again = poisoned = 0
+        for env in [e for e in self._out if e.id in held and not (e.split or e.poisoned)]:
+            for unit in env.group:
+                unit.strikes += 1
+            if len(env.group) > 1:
+                env.split = True
+                for unit in reversed(env.group):
+                    unit.alone = True
+                    self._requeue(unit)
+                again += len(env.group)
+            elif env.group[0].strikes >= POISON_STRIKES:
+                env.poisoned = True
+                poisoned += 1
+            else:
+                self._copy(env)  # it keeps its slot: the copy takes the worker MOSEC puts in the dead one's place
+                again += 1
+            if not env.changed.done():
+                env.changed.set_result(None)
+        self._pump()
+        return again, poisoned
+
+    def cancel(self, owner: int) -> int:
+        """Drop every queued unit of request ``owner`` at once (its deadline passed or its client left);
+        returns how many. What is already out ends by its answer, unread."""
+        dropped = [u for u in self.small if u.owner == owner]
+        if dropped:
+            self.small = deque(u for u in self.small if u.owner != owner)
+        dropped += self.chunks.pop(owner, ())
+        for unit in dropped:
+            self._fail(unit, Dropped())
+        if dropped:
+            self._pump()  # the lingering wait may have counted on them
+        return len(dropped)
+
+    def _copy(self, env: _Envelope) -> None:
+        env.copies.append(asyncio.ensure_future(self.send(env.group, env.id)))
+        if not env.changed.done():
+            env.changed.set_result(None)
+
+    def _requeue(self, unit: Unit) -> None:
+        """Back to the front of its lane (the work is older than anything queued)."""
+        unit.dispatched = None
+        if unit.lane == "small":
+            self.small.appendleft(unit)
+        else:
+            self.chunks.setdefault(unit.owner, deque()).appendleft(unit)
+            self.chunks.move_to_end(unit.owner, last=False)
+
+    @property
+    def queued(self) -> int:
+        return len(self.small) + sum(len(q) for q in self.chunks.values())
+
+    def _release(self, cost: int, epoch: int) -> None:
+        self.outstanding -= cost
+        if epoch == self.epoch:
+            self.busy -= 1
+
+    def _answered(self, n: int) -> None:
+        """An envelope of ``n`` small units was answered: its clients (and those queued) are expected next."""
+        if self.linger_s:
+            self._want = min(self.max_group, len(self.small) + n)
+            self._want_until = self.clock.now() + self.linger_s
+
+    def _lingering(self, now: float, arriving: int = 0) -> bool:
+        """Whether to wait for clients just answered: more small units are expected back than are queued
+        (with the one ``arriving``), and the wait has not run out (the timer pumps again when it does)."""
+        if self._want <= len(self.small) + arriving:
+            return False
+        if now >= self._want_until:
+            self._want = 0
+            return False
+        if self._timer is None:
+            self._timer = self.clock.call_at(self._want_until, self._linger_over)
+        return True
+
+    def _linger_over(self) -> None:
+        # the wait it was set for may have been replaced by a later one since: _lingering judges, again
+        self._timer = None
+        self._pump()
+
+    def _peek(self) -> Optional[Unit]:
+        has_small, has_chunk = bool(self.small), bool(self.chunks)
+        if has_small and has_chunk:
+            # small first, unless the chunks have waited through a whole budget of small work
+            lane = "chunk" if self._streak["small"] >= self.budget else "small"
+        else:
+            lane = "small" if has_small else ("chunk" if has_chunk else "")
+        if lane == "small":
+            return self.small[0]
+        if lane == "chunk":
+            owner = next(iter(self.chunks))
+            return self.chunks[owner][0]
+        return None
+
+    def _pop(self, unit: Unit) -> None:
+        if unit.lane == "small":
+            self.small.popleft()
+            self._streak["small"] += unit.cost if self.chunks else 0
+            self._streak["chunk"] = 0
+        else:
+            q = self.chunks.pop(unit.owner)
+            q.popleft()
+            if q:
+                self.chunks[unit.owner] = q  # to the back: round-robin across large requests
+            self._streak["small"] = 0
+
+    def _drop(self, unit: Unit) -> None:
+        self._pop(unit)
+        self._fail(unit, Dropped())
+
+    def _fail(self, unit: Unit, exc: Exception) -> None:
+        if not unit.future.done():
+            unit.future.set_exception(exc)
+            unit.future.exception()  # retrieved: nobody may be waiting any more
+        if isinstance(exc, Dropped) and self.on_drop is not None:
+            self.on_drop(unit)
+
+    def _take(self) -> list[Unit]:
+        """The next envelope: units of one lane, in order, within the budget and an envelope's share of it."""
+        group: list[Unit] = []
+        cost = 0
+        share = max(1, self.budget // self.slots)
+        while len(group) < self.max_group:
+            unit = self._peek()
+            if unit is None or (group and (unit.lane != group[0].lane or unit.alone or group[0].alone)):
+                break
+            if not unit.alive():
+                self._drop(unit)
+                continue
+            out = self.outstanding + cost
+            if (out and out + unit.cost > self.budget) or (group and cost + unit.cost > share):
+                break
+            self._pop(unit)
+            group.append(unit)
+            cost += unit.cost
+        return group
+
+    def _pump(self) -> None:
+        while self.busy < self.slots and (self.small or self.chunks):
+            if self._lingering(self.clock.now()):
+                return
+            group = self._take()
+            if not group:
+                return
+            self._want = 0
+            cost = sum(u.cost for u in group)
+            self.outstanding += cost
+            self.busy += 1
+            now = self.clock.now()
+            for unit in group:
+                unit.dispatched = now
+            asyncio.ensure_future(self._run(self._launch(group, cost, self.epoch)))
+
+    def _launch(self, group: list[Unit], cost: int, epoch: int) -> _Envelope:
+        env = _Envelope(group, cost, epoch)
+        env.copies.append(asyncio.ensure_future(self.send(group, env.id)))
+        self._out[env] = None
+        return env
+
+    @staticmethod
+    async def _first_answer(env: _Envelope) -> list:
+        """The results of the first copy of ``env`` that answers; if every copy fails, the last failure."""
+        while True:
+            await asyncio.wait([*env.copies, env.changed], return_when=asyncio.FIRST_COMPLETED)
+            if env.changed.done():
+                env.changed = asyncio.get_running_loop().create_future()
+            if env.split:
+                raise _Split()
+            if env.poisoned:
+                raise Poisoned()
+            for copy in env.copies:
+                if copy.done() and not copy.cancelled() and copy.exception() is None:
+                    return copy.result()
+            if all(copy.done() for copy in env.copies):
+                last = env.copies[-1]
+                raise last.exception() if not last.cancelled() else asyncio.CancelledError()
+
+    async def _settle(self, env: _Envelope) -> list:
+        """The envelope's results, once one copy answered; then its slot and budget are given back."""
+        ok = False
+        try:
+            results = await self._first_answer(env)
+            if len(results) != len(env.group):
+                raise RuntimeError(f"{len(results)} results for an envelope of {len(env.group)}")
+            ok = True
+            return results
+        finally:
+            self._out.pop(env, None)
+            for copy in env.copies:
+                if not copy.done():
+                    copy.cancel()  # the answer is in (or nobody waits): a copy still out is not waited for
+                elif not copy.cancelled():
+                    copy.exception()  # retrieved: a failed copy beside a good one is no news
+            self._release(env.cost, env.epoch)
+            if ok and env.group[0].lane == "small":
+                self._answered(len(env.group))
+            self._pump()
+
+    async def _run(self, env: _Envelope) -> None:
+        try:
+            results = await self._settle(env)
+        except _Split:
+            return  # its units are queued again, each to be sent alone: their futures wait for that
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the units
+            for unit in env.group:
+                if not unit.future.done():
+                    unit.future.set_exception(exc)
+                    unit.future.exception()
+        else:
+            for unit, result in zip(env.group, results):
+                if not unit.future.done():
+                    unit.future.set_result(result)

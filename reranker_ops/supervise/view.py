@@ -1,0 +1,69 @@
+"""What the front reads of the supervisor (``front.health.HealthSource``), and nothing it could change: state,
+probes, capacity, the current generation's address, the metric families only the supervisor knows."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+
+class SupervisorView:
+    def __init__(self, sup: Any) -> None:  # the Supervisor (which imports this module)
+        self._sup = sup
+
+    model_name = property(lambda self: self._sup.model_name)
+    precision = property(lambda self: self._sup.precision)  # changes with a reload
+    metrics = property(lambda self: self._sup.metrics)
+    started_mono = property(lambda self: self._sup.started_mono)
+    loop_tick = property(lambda self: self._sup.loop_tick)
+    state_name = property(lambda self: self._sup.sm.state.value)
+    state_reason = property(lambda self: self._sup.sm.reason)
+    last_probe = property(lambda self: self._sup.canary.last)
+    restarts = property(lambda self: self._sup.restarts)
+    http = property(lambda self: self._sup.front.session if self._sup.front is not None else None)
+
+    def capacity(self) -> dict:
+        return self._sup.watch.capacity()
+
+    def scored_totals(self) -> tuple[int, int]:
+        return self._sup.watch.scored_totals()
+
+    def upstream(self):
+        """Where the gate sends: the current generation while its main process lives, else None."""
+        from ..front.upstream import Upstream
+
+        gen = self._sup.gen
+        if gen is None or gen.exit_code is not None:
+            return None
+        return Upstream(gen.port, gen.secret, gen.number, gen.model_name, gen.max_length, gen.pid)
+
+    def mosec_metrics_url(self) -> Optional[str]:
+        gen = self._sup.gen
+        return None if gen is None or gen.exit_code is not None else f"http://127.0.0.1:{gen.port}/metrics"
+
+    def index(self) -> dict:
+        from ..protocol.api import ROUTES
+        from ..addresses import base_url
+
+        s = self._sup.settings
+        return {"name": "rerankctl", "model": self._sup.model_name, "routes": list(ROUTES),
+                "health": f"{base_url(s.host, s.health_port)}/health"}
+
+    def extra_metrics(self) -> list:
+        """The families only the supervisor knows, read when scraped: connections by port, batching."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from ..front.metrics import counter, gauge, labelled
+
+        front, watch = self._sup.front, self._sup.watch
+        out = [labelled(GaugeMetricFamily if kind == "gauge" else CounterMetricFamily, name.removesuffix("_total"),
+                        what, "door", values)
+               for name, kind, what, values in (front.connection_metrics() if front is not None else [])]
+        batches, requests = watch.batches()
+        in_flight = front.in_flight if front is not None else 0
+        return out + [
+            gauge("reranker_in_flight_per_worker", "Requests in flight per live score worker (a scaling signal).",
+                  round(in_flight / max(1, watch.capacity()["score"]["live"]), 3)),
+            counter("reranker_batches", "Envelopes the live score workers scored (one scoring call each).", batches),
+            counter("reranker_batched_requests", "Requests in those envelopes (over batches: the average batch).",
+                    requests),
+        ]

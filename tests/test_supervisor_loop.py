@@ -1,0 +1,111 @@
+"""The supervisor's own bookkeeping, without a model: one waiter per generation, /metrics with a MOSEC that
+does not answer, the process tree it watches."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from reranker_ops.settings import Settings
+from reranker_ops.supervise.sdnotify import Notifier
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_waiting_on_the_child_keeps_one_waiter(tmp_path):
+    """Each tick used to wait on child.wait() and cancel it; asyncio keeps every such waiter until the
+    child exits (~4 MB a day). A generation has one waiter for its whole life."""
+    import logging
+    from collections import deque
+
+    from reranker_ops.supervise.generation import Generation, generation_config
+    from reranker_ops.supervise.supervisor import Supervisor
+
+    async def main() -> int:
+        settings = Settings(run_dir=tmp_path / "run")
+        sup = Supervisor(settings, tmp_path, "m", Notifier(None))
+        sup._wake = asyncio.Event()
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "import time; time.sleep(30)",
+                                                    stdout=asyncio.subprocess.PIPE)
+        config = generation_config(settings, 1, tmp_path / "g1", tmp_path, "m", False, port=0, secret=b"0" * 32)
+        gen = Generation(1, proc, config, tmp_path, 60, logging.getLogger("t"), deque(maxlen=10))
+        sup.gen = gen
+        for _ in range(300):
+            await sup.sleep(0.0005)
+        waiters = len(proc._transport._exit_waiters)  # asyncio's own list for this process
+        proc.kill()
+        await gen.exited.wait()
+        return waiters
+
+    assert asyncio.run(main()) <= 1
+
+
+def test_metrics_survive_a_mosec_that_does_not_answer(tmp_path):
+    """/metrics asks MOSEC for its own metrics with a 1 s deadline; a silent MOSEC costs that, not a 500."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from reranker_ops.supervise.supervisor import Supervisor
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts, never answers
+
+    async def main() -> tuple[int, float, str]:
+        import aiohttp
+
+        from reranker_ops.front.front import Front
+
+        from reranker_ops.supervise.view import SupervisorView
+
+        sup = Supervisor(Settings(run_dir=tmp_path / "run"), tmp_path, "m", Notifier(None))
+        view = SupervisorView(sup)
+        view.mosec_metrics_url = lambda: f"http://127.0.0.1:{silent.getsockname()[1]}/metrics"  # type: ignore
+        sup.front = Front(sup.settings, sup.metrics, sup.log, view.upstream, sup.probe_token, view.index, view)
+        sup.front.session = aiohttp.ClientSession()
+        app = web.Application()
+        app.router.add_get("/metrics", sup.front.health.handle_metrics)
+        async with TestClient(TestServer(app)) as client:
+            t0 = time.monotonic()
+            r = await client.get("/metrics")
+            text = await r.text()
+        await sup.front.session.close()
+        return r.status, time.monotonic() - t0, text
+
+    try:
+        status, took, text = asyncio.run(main())
+    finally:
+        silent.close()
+    assert status == 200 and took < 3 and "reranker_up 0" in text and 'reranker_state{state="starting"} 1' in text
+
+
+def test_process_tree_walks_every_threads_children_like_psutil_but_only_this_tree():
+    """roles.tree reads the kernel's per-thread children lists: a child started from a second thread and a
+    grandchild are found, exactly the set psutil finds by scanning every process on the machine."""
+    from conftest import wait_until
+
+    from reranker_ops.supervise import roles
+
+    code = ("import subprocess, threading, time\n"
+            "subprocess.Popen(['sh', '-c', 'sleep 60 & wait'])\n"  # a child with a child of its own
+            "t = threading.Thread(target=lambda: subprocess.Popen(['sleep', '60']).wait())\n"
+            "t.start(); time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        proc = psutil.Process(parent.pid)
+        wait_until(lambda: len(proc.children(recursive=True)) >= 3, 20, 0.05, what="the tree being started")
+        expected = {parent.pid} | {p.pid for p in proc.children(recursive=True)}
+        assert roles._descendants(parent.pid) is not None, "this kernel has /proc/<pid>/task/<tid>/children"
+        assert {p.pid for p in roles.tree(parent.pid)} == expected and len(expected) == 4
+    finally:
+        for p in psutil.Process(parent.pid).children(recursive=True):
+            p.kill()
+        parent.kill()
+        parent.wait(10)
+    assert roles.tree(parent.pid) == []
