@@ -11,7 +11,7 @@ import pytest
 from conftest import DOCS, QUERY
 from mosec import ClientError
 
-from reranker_ops.protocol.api import ROUTE_TAGS
+from reranker_ops.protocol.api import ROUTE_TAGS, Limits
 from reranker_ops.protocol.envelope import (
     REFUSED,
     EnvelopeError,
@@ -26,6 +26,7 @@ from reranker_ops.protocol.envelope import (
     seal_answer,
     split_answers,
 )
+from reranker_ops.protocol.genconfig import GenerationConfig, MosecArgs
 from reranker_ops.worker.score import CONFIG_ENV, Score
 
 pytestmark = pytest.mark.timeout(120)
@@ -34,15 +35,18 @@ SECRET = "0123456789abcdef" * 2
 
 @pytest.fixture()
 def worker(tiny_fp32, tmp_path, monkeypatch) -> Score:
-    cfg = {
-        "variant_dir": str(tiny_fp32), "model_name": "tiny", "threads": 1, "pin_threads": False,
-        "token_budget": 2048, "attention_budget": 512 * 512, "max_length": 0,
-        "limits": {"max_documents": 1000, "max_document_chars": 100_000, "windows": 1, "max_windows": 8},
-        "window_stride": 64, "worker_dir": str(tmp_path / "workers"), "generation": 1, "gate_secret": SECRET,
-    }
+    """The worker reads the file the supervisor writes: built with the same class, so the two cannot drift."""
     (tmp_path / "workers").mkdir()
+    cfg = GenerationConfig(
+        generation=1, variant_dir=str(tiny_fp32), model_name="tiny", secret=SECRET,
+        worker_dir=str(tmp_path / "workers"), workers=1, threads=1, pin_threads=False,
+        token_budget=2048, attention_budget=512 * 512, max_length=0, window_stride=64,
+        limits=Limits(max_documents=1000, max_document_chars=100_000, windows=1, max_windows=8),
+        mosec=MosecArgs(address="127.0.0.1", port=1, timeout_ms=1000, capacity=16,
+                        path=str(tmp_path / "ipc"), max_request_size=1 << 20),
+    )
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(cfg))
+    cfg.write(path)
     monkeypatch.setenv(CONFIG_ENV, str(path))
     return Score()
 
