@@ -39,3 +39,26 @@ def unavailable() -> web.Response:
 def unauthorized() -> web.Response:
     return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                           {"WWW-Authenticate": "Bearer"})
+
+
+# text-embeddings-inference's error kinds, by the status it answers them with (its router's ErrorType)
+_TEI_TYPES = {400: "Empty", 413: "Validation", 422: "Validation", 424: "Backend", 429: "Overloaded",
+              503: "Unhealthy"}
+
+
+def tei_error(resp: web.Response) -> web.Response:
+    """An error answer in text-embeddings-inference's shape, ``{"error", "error_type"}``, with TEI's status for
+    it: the model failing is its 424 (Backend); the rest keep their status. The headers (Retry-After, Allow,
+    WWW-Authenticate) stay."""
+    try:
+        message = json.loads(resp.text or "{}").get("message") or resp.reason
+    except ValueError:
+        message = resp.text or resp.reason
+    status = 424 if resp.status in (500, 502) else resp.status
+    body = json.dumps({"error": message, "error_type": _TEI_TYPES.get(status, "Backend" if status >= 500 else
+                                                                       "Validation")}, ensure_ascii=False)
+    headers = {k: v for k, v in resp.headers.items() if k.lower() not in ("content-type", "content-length")}
+    out = web.Response(status=status, text=body, content_type=JSON, headers=headers)
+    if resp.keep_alive is False:
+        out.force_close()
+    return out
