@@ -169,7 +169,7 @@ class Settings(BaseSettings):
     log_backups: int = Field(3, ge=0, description="Rotated daemon logs kept.")
 
     log_format: Literal["text", "json"] = Field("text", description="The server's log lines: text, or one JSON object a line (journald and Loki friendly). Lines written for a request carry its X-Request-Id either way.")
-    access_log: bool = Field(True, description="One log line per API request: route, status, time, documents, and its request id.")
+    access_log: bool = Field(True, description="One log line per API request: method, route, status, milliseconds and body bytes, with its request id.")
     debug: bool = Field(False, description="Show tracebacks and debug logs.")
 
     def __init__(self, **given: Any) -> None:

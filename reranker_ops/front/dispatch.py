@@ -34,11 +34,11 @@ from typing import Callable, Optional
 from aiohttp import web
 
 from ..protocol.api import CHUNK, ROUTE_TAGS, Job, Limits, RequestError, build_response, chunk_body, parse_job
-from ..protocol.envelope import (NO_TIMING, PART_HEAD_LEN, Buffer, EnvelopeError, Timing, Untrusted, open_answer,
+from ..protocol.envelope import (NO_TIMING, PART_HEAD_LEN, EnvelopeError, Untrusted, open_answer,
                                  part_head, read_answers, seal)
 from ..settings import Settings
 from .metrics import Metrics
-from .responses import JSON, error_response, unavailable
+from .responses import JSON, error_response, timing_headers, unavailable
 from .scheduler import Dropped, FairScheduler, Poisoned, Unit
 from .upstream import Refused, Upstream, UpstreamClient, UpstreamError, listener_is_ours
 
@@ -62,31 +62,12 @@ QUARANTINED = ("this request (byte for byte) made the model server's worker die 
 Result = tuple  # (status, answer, model, Timing) of one unit
 
 
-def is_tei(route: str, body: Buffer) -> bool:
-    """A /rerank body in text-embeddings-inference's shape ("texts", no "documents"): its errors are TEI's too.
-    Read from the bytes, so the gate answers even a body it never parses in the shape its client reads."""
-    return route == "/rerank" and bytes(body).find(b'"texts"') >= 0 and bytes(body).find(b'"documents"') < 0
-
-
-def timing_headers(request: web.Request, timing: Timing, queued_s: float) -> dict:
-    """TEI's timing headers (milliseconds), on every rerank answer: the whole time since the request came,
-    its time queued in the gate, tokenizing it and in the model call its pairs were in (the score worker
-    measured those), and the tokens and characters scored."""
-    total_ms = int((time.monotonic() - request.get("t0", time.monotonic())) * 1000)
-    return {"x-compute-type": "cpu", "x-compute-time": str(total_ms), "x-total-time": str(total_ms),
-            "x-compute-tokens": str(timing.tokens), "x-compute-characters": str(timing.chars),
-            "x-tokenization-time": str(timing.tokenize_us // 1000), "x-queue-time": str(int(queued_s * 1000)),
-            "x-inference-time": str(timing.inference_us // 1000)}
-
-
 def _clean_mosec_message(text: str) -> str:
     # MOSEC prefixes the kind ("request validation error: ..."); the JSON 'error' field carries it instead.
     for prefix in ("request validation error: ", "bad request: ", "validation error: "):
         if text.startswith(prefix):
             return text[len(prefix):]
     return text
-
-
 
 
 class Dispatch:
@@ -244,7 +225,8 @@ class Dispatch:
             self.metrics.count_untrusted("answer")
             self.log.error("an answer on MOSEC's port %d did not prove generation %d's secret: refused", up.port,
                            up.generation)
-            return [(502, b"an answer from the model server could not be trusted", up.model_name, NO_TIMING)] * len(parts)
+            return [(502, b"an answer from the model server could not be trusted", up.model_name,
+                     NO_TIMING)] * len(parts)
         except EnvelopeError as exc:
             self.log.error("an envelope's answer could not be read: %s", exc)
             return [(502, b"unreadable answer from the score worker", up.model_name, NO_TIMING)] * len(parts)
@@ -326,7 +308,8 @@ class Dispatch:
         return self.limits
 
     def _windows_asked(self, body: bytearray) -> bool:
-        return self.limits.default_windows > 1 or b'"windows"' in body
+        # Cohere v1's max_chunks_per_doc is windows under another name
+        return self.limits.default_windows > 1 or b'"windows"' in body or b'"max_chunks_per_doc"' in body
 
 
     def _job_cost(self, job: Job, start: int, end: int) -> int:

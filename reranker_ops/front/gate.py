@@ -39,10 +39,10 @@ from ..protocol.envelope import PART_HEAD_LEN
 from ..protocol.openapi import openapi_document
 from ..settings import Settings
 from ..observe import REQUEST_ID_HEADER, request_id, request_id_from
-from .dispatch import Dispatch, is_tei
+from .dispatch import Dispatch
 from .listener import FrontDoor
 from .metrics import Metrics
-from .responses import error_response, tei_error, unauthorized
+from .responses import error_response, is_tei, tei_error, unauthorized
 from .tracing import Tracing
 
 PROBE_HEADER = "X-Reranker-Probe"
@@ -275,7 +275,6 @@ class Gate:
             self.metrics.in_flight = self.in_flight
         if self.taken == 0:
             self.idle.set()
-
 
     async def handle_api(self, request: web.Request) -> web.StreamResponse:
         route = request.path

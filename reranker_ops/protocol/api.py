@@ -31,6 +31,7 @@ class RequestError(Exception):
 
 
 TEI = "tei"  # a /rerank body with "texts" and no "documents": text-embeddings-inference's request and answer
+EMPTY_TEXTS = "`texts` cannot be empty"  # TEI's one "Empty" error (400); its other 400s are malformed bodies
 SIDES = ("right", "left")
 
 
@@ -86,6 +87,8 @@ class Job:
         out: dict = {}
         if self.side != "right":
             out["side"] = self.side
+        if self.style:
+            out["style"] = self.style  # a worker's errors for it are in the request's dialect
         if self.max_tokens is not None:
             out["max_tokens"] = self.max_tokens
         if self.doc_tokens is not None:
@@ -227,15 +230,17 @@ def parse_chunk(data: Buffer) -> Job:
               and all(isinstance(x, str) for x in queries + passages))
         windows, offset = int(body.get("windows", 1)), int(body.get("offset", 0))
         side = body.get("side", "right")
+        style = body.get("style", "")
         max_tokens = None if body.get("max_tokens") is None else int(body["max_tokens"])
         doc_tokens = None if body.get("doc_tokens") is None else int(body["doc_tokens"])
-        ok = ok and side in SIDES
+        ok = ok and side in SIDES and style in ("", TEI)
     except (TypeError, KeyError, ValueError, AttributeError):
         ok = False
     if not ok:
         raise RequestError(400, "malformed chunk")
     return Job(route=CHUNK, queries=queries, passages=passages, truncate=bool(body.get("truncate", True)),
-               windows=windows, side=side, max_tokens=max_tokens, doc_tokens=doc_tokens, extra={"offset": offset})
+               windows=windows, side=side, style=style, max_tokens=max_tokens, doc_tokens=doc_tokens,
+               extra={"offset": offset})
 
 
 def chunk_body(job: Job, start: int, end: int) -> bytes:
@@ -327,7 +332,7 @@ def _parse_tei(body: dict, limits: Limits) -> Job:
     refused (422), as TEI refuses it."""
     texts = body.get("texts")
     if isinstance(texts, list) and not texts:
-        raise RequestError(400, "`texts` cannot be empty")
+        raise RequestError(400, EMPTY_TEXTS)
     if isinstance(texts, list) and len(texts) > limits.max_documents:
         raise RequestError(422, f"batch size {len(texts)} > maximum allowed batch size {limits.max_documents}")
     if "query" not in body:

@@ -85,7 +85,7 @@ class SupervisorView:
             "rerankctl": {
                 "aliases": names[1:],
                 "precision": sup.precision,
-                "long_documents": "truncate" if s.windows <= 1 else f"best of up to {s.windows} windows",
+                "long_documents": "truncate" if s.windows <= 1 else "windows",  # windows: the best of up to that many
                 "windows": s.windows,
                 "max_windows": s.max_windows,
                 "window_stride": s.window_stride,
