@@ -233,8 +233,16 @@ def test_rank_fields_and_object_documents_come_back_as_sent(server, reference):
     texts = [f"title: {d['title']}\ntext: {d['text']}" for d in docs]
     expected = reference(QUERY, texts)
     assert {x["index"]: x["relevance_score"] for x in results} == pytest.approx(dict(enumerate(expected)), abs=1e-4)
+    # a document with none of the rank_fields is scored by its text; one without either is refused
     r = post(server, "/v1/rerank", {"query": QUERY, "documents": docs, "rank_fields": ["summary"]})
-    assert r.status_code == 422 and "summary" in r.json()["message"]
+    assert r.status_code == 200, r.text
+    assert {x["index"]: x["relevance_score"] for x in r.json()["results"]} == pytest.approx(
+        dict(enumerate(reference(QUERY, [d["text"] for d in docs]))), abs=1e-4)
+    r = post(server, "/v1/rerank", {"query": QUERY, "documents": [{"id": 1, "title": "x"}], "rank_fields": ["summary"]})
+    assert r.status_code == 422 and "summary" in r.json()["message"] and "text" in r.json()["message"]
+    # a field that is not text is ranked as its JSON
+    r = post(server, "/v1/rerank", {"query": QUERY, "documents": [{"text": "t", "n": [1, 2]}], "rank_fields": ["n"]})
+    assert r.json()["results"][0]["relevance_score"] == pytest.approx(reference(QUERY, ["n: [1, 2]"])[0], abs=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from modelkit.trained import make_task
 
@@ -75,6 +75,7 @@ def test_a_pair_is_split_like_transformers(pair_tokenizers, q, p, length):
 
 @PROFILE
 @given(q=texts, p=texts, length=st.sampled_from([8, 16, 24, 48, 512]), side=st.sampled_from(["right", "left"]))
+@example(q="борода борода борода борода", p="борода борода", length=8, side="right")  # found: only the query cut
 def test_a_pair_cut_to_any_length_from_either_end_is_cut_like_transformers(pair_tokenizers, q, p, length, side):
     """A request's own cut (vLLM's truncate_prompt_tokens, TEI's and vLLM's truncation side) is transformers'
     ``truncation=True, max_length=n`` with ``truncation_side``, on a model whose window is larger."""

@@ -199,23 +199,23 @@ def _rank_fields(body: dict) -> Optional[list[str]]:
 
 
 def _object_text(doc: dict, i: int, fields: Optional[list[str]], limits: Limits) -> Any:
-    """The text scored for an object document: its ``text``, or with ``rank_fields`` those fields as
-    ``name: value`` lines, in the order given (as Cohere turns an object into text); fields it lacks are
-    skipped."""
-    if fields is None:
-        if "text" not in doc:
-            raise RequestError(422, f"documents[{i}] is an object without 'text' (or send rank_fields)")
-        return doc["text"]
+    """The text scored for an object document: its ``text``, or with ``rank_fields`` those of its fields as
+    ``name: value`` lines, in the order given (as Cohere turns an object into text; a value that is not text is
+    written as JSON). Fields it lacks are skipped; one with none of them is scored by its ``text``, so every
+    document the API's schema allows (an object with a text) is scored."""
     lines = []
-    for f in fields:
+    for f in fields or ():
         if f in doc:
             value = doc[f]
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise RequestError(422, f"documents[{i}].{f} must be text or a number to be ranked, got {_type(value)}")
+            if not isinstance(value, str):
+                value = json.dumps(value, ensure_ascii=False)
             lines.append(f"{f}: {value}")
-    if not lines:
-        raise RequestError(422, f"documents[{i}] has none of the rank_fields {fields}")
-    return "\n".join(lines)
+    if lines:
+        return "\n".join(lines)
+    if "text" not in doc:
+        raise RequestError(422, f"documents[{i}] is an object without 'text'"
+                                + (f" or any of the rank_fields {fields}" if fields else " (or send rank_fields)"))
+    return doc["text"]
 
 
 def parse_chunk(data: Buffer) -> Job:

@@ -7,6 +7,8 @@ against the real routes and fuzzes a real server with it (schemathesis). Standar
 
 from __future__ import annotations
 
+import json
+
 from typing import Any
 
 from .. import __version__
@@ -57,15 +59,14 @@ def openapi_document(limits: Limits, *, model: str = "", ops_on_api_port: bool =
                  "items": _text(limits.max_document_chars, "A document.")}
     cohere_documents = dict(documents, items={"oneOf": [
         _text(limits.max_document_chars, "A document."),
-        {"type": "object", "required": ["text"],
-         "properties": {"text": _text(limits.max_document_chars, "A document.")}},
-        {"type": "object", "description": "With rank_fields: the fields scored, as 'name: value' lines.",
-         "additionalProperties": True}]})
+        {"type": "object", "required": ["text"], "description": "Its other fields (an id, metadata) come back as"
+         " sent; with rank_fields, the fields scored, as 'name: value' lines (the text when it has none of them).",
+         "properties": {"text": _text(limits.max_document_chars, "A document.")}}]})
     side = {"enum": ["right", "left"], "description": "Which end of a too-long text is cut (default right)."}
     cut = {"type": "integer", "minimum": 1, "description": "Tokens a text is cut to (at most the model's window)."}
     long_docs = {  # the long-document options, under the names the clients send (README: "Long documents")
-        "truncation_side": side, "truncate_prompt_tokens": {"type": "integer", "minimum": -1, "description": "vLLM:"
-        " the pair cut to this many tokens (-1: the model's window)."}, "max_tokens_per_doc": dict(cut, description=
+        "truncation_side": side, "truncate_prompt_tokens": {"anyOf": [{"const": -1}, {"type": "integer", "minimum": 1}],
+        "description": "vLLM: the pair cut to this many tokens (-1: the model's window)."}, "max_tokens_per_doc": dict(cut, description=
         "Cohere v2: each document cut to this many tokens."), "max_chunks_per_doc": dict(count, description="Cohere"
         " v1: windows per document (at most RERANKER_MAX_WINDOWS)."), "rank_fields": {"type": "array", "minItems": 1,
         "items": {"type": "string", "minLength": 1}, "description": "Cohere v1: the fields of object documents"
@@ -121,6 +122,13 @@ def openapi_document(limits: Limits, *, model: str = "", ops_on_api_port: bool =
             "status": {"enum": ["healthy", "degraded", "unhealthy"]}, "reason": {"type": "string"},
             "state": {"type": "string"}, "model": {"type": "string"}}},
     }
+
+    # null is "not given" for every optional field (Python clients send None for what they leave unset)
+    for name in ("RerankRequest", "TeiRequest", "CohereRequest"):
+        props, required = schemas[name]["properties"], schemas[name]["required"]
+        for key, prop in props.items():
+            if key not in required and "null" not in json.dumps(prop):
+                props[key] = {"anyOf": [prop, {"type": "null"}]}
 
     def post(summary: str, request: str, response: str, errors: str = "Error") -> dict:
         return {"post": {

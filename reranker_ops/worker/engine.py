@@ -110,10 +110,11 @@ class Tokenizer:
             if nq < len(q):
                 q = type(q).merge([q])  # a copy: the query's tokens are shared by every pair of the request
                 q.truncate(nq, direction=side)
+                cut = True
             if np_ < len(p):
                 p.truncate(np_, direction=side)
                 cut = True
-            out.append(self._joined(self._plain, q, p, cut or nq < len(q)))
+            out.append(self._joined(self._plain, q, p, cut))
         return out
 
     def encode_pairs(self, query: str, passages: Sequence[str]) -> list[Encoded]:
