@@ -215,16 +215,16 @@ def run_load(
     pool = (httpx.Client(timeout=timeout, headers=headers, limits=httpx.Limits(max_connections=concurrency + 4))
             if client == "httpx" else None)
 
-    def sender() -> tuple[Callable[[dict], tuple[int, bytes]], Callable[[], None]]:
-        """One client's way to POST a request: (status, body)."""
+    def sender() -> tuple[Callable[[dict], tuple[int, bytes, Optional[str]]], Callable[[], None]]:
+        """One client's way to POST a request: (status, body, its x-compute-tokens header)."""
         if client == "httpx":
-            def send(req: dict) -> tuple[int, bytes]:
+            def send(req: dict) -> tuple[int, bytes, Optional[str]]:
                 assert pool is not None
                 r = pool.post(endpoint, json=req)
-                return r.status_code, r.content
+                return r.status_code, r.content, r.headers.get(COMPUTE_TOKENS)
             return send, lambda: None
         lean = LeanClient(endpoint, headers, timeout)
-        return lean.post, lean.close
+        return (lambda req: (*lean.post(req), lean.header(COMPUTE_TOKENS))), lean.close
 
     try:
         send, close = sender()
@@ -250,15 +250,9 @@ def run_load(
                         return
                     t0 = time.perf_counter()
                     try:
-                        status, data = send(req)
+                        status, data, compute_tokens = send(req)
                         dt = time.perf_counter() - t0
-                        tokens = 0
-                        if status == 200:
-                            try:
-                                usage = json.loads(data).get("usage") or {}
-                                tokens = int(usage.get("total_tokens") or 0)
-                            except (ValueError, AttributeError):
-                                pass
+                        tokens = answer_tokens(data, compute_tokens) if status == 200 else 0
                         with lock:
                             result.codes[status] += 1
                             result.requests += 1
@@ -289,6 +283,22 @@ def run_load(
     return result
 
 
+COMPUTE_TOKENS = "x-compute-tokens"  # TEI's header (and ours): the tokens an answer cost
+
+
+def answer_tokens(data: bytes, compute_tokens: Optional[str]) -> int:
+    """The tokens a 200 answer cost: its ``usage.total_tokens`` (ours, infinity's), else the x-compute-tokens
+    header (text-embeddings-inference answers a bare list), else 0: tokens/s then reads 0, not a guess."""
+    try:
+        body = json.loads(data)
+        usage = body.get("usage") if isinstance(body, dict) else None
+        if isinstance(usage, dict) and usage.get("total_tokens"):
+            return int(usage["total_tokens"])
+    except (ValueError, TypeError):
+        pass
+    return int(compute_tokens) if compute_tokens and compute_tokens.isdigit() else 0
+
+
 class LeanClient:
     """POST JSON over one kept-alive blocking socket, with h11 (``http1.py``) for the HTTP: the lightest a
     client gets, so a lone request's latency is the server's, not the client library's. On a 2-core machine
@@ -307,6 +317,7 @@ class LeanClient:
                          *headers.items()]
         self._sock = None
         self._http: Optional[ClientConnection] = None
+        self._last: Optional[list] = None  # the last answer's headers
 
     def post(self, body: dict) -> tuple[int, bytes]:
         data = json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -321,6 +332,7 @@ class LeanClient:
                     answer = self._http.receive(self._sock.recv(1 << 16))
                     if answer is not None:
                         break
+                self._last = self._http.headers
                 if not self._http.reusable():
                     self.close()
                 return answer
@@ -332,6 +344,13 @@ class LeanClient:
                 if not again:
                     raise ConnectionError(str(exc) or type(exc).__name__) from exc
         raise AssertionError("unreachable")
+
+    def header(self, name: str) -> Optional[str]:
+        """A header of the last answer (None when it had none)."""
+        if self._last is None:
+            return None
+        wanted = name.lower().encode("ascii")
+        return next((v.decode("latin-1") for k, v in self._last if k == wanted), None)
 
     def close(self) -> None:
         if self._sock is not None:

@@ -28,13 +28,14 @@ class ClientConnection:
     """One client connection's HTTP state: ``request`` gives the bytes to send, ``receive`` takes the bytes
     that came back (``b""`` at the end of the stream) until it returns ``(status, body)``."""
 
-    __slots__ = ("_h", "_status", "_body", "answered")
+    __slots__ = ("_h", "_status", "_body", "answered", "headers")
 
     def __init__(self, head_limit: int = HEAD_LIMIT) -> None:
         self._h = h11.Connection(h11.CLIENT, max_incomplete_event_size=head_limit)
         self._status = 0
         self._body: list = []
         self.answered = False  # a byte of the current answer came
+        self.headers: list = []  # the last answer's, as h11 gives them: (lowercase name, value) bytes
 
     def request(self, target: str, headers: Iterable[tuple[str, str]], body: Sequence[bytes | bytearray | memoryview],
                 method: str = "POST") -> list:
@@ -63,7 +64,7 @@ class ClientConnection:
                 if event is h11.NEED_DATA:
                     return None
                 if isinstance(event, h11.Response):
-                    self._status = event.status_code
+                    self._status, self.headers = event.status_code, event.headers
                 elif isinstance(event, h11.Data):
                     self._body.append(event.data)
                 elif isinstance(event, h11.EndOfMessage):

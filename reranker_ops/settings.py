@@ -100,6 +100,7 @@ class Settings(BaseSettings):
     precision: Precision = Field("auto", description="Which converted variant serve loads; auto: the one `convert --precision auto` chose (fp32 until it has run).")
     auto_min_speedup: float = Field(1.05, ge=0.0, description="auto serves a reduced precision that passed the fidelity check only when it is at least this many times fp32's speed (below 1: also when slower, e.g. for INT8's smaller memory).")
     model_format: Literal["openvino", "onnx"] = Field("openvino", description="Which converted format serve loads.")
+    model_aliases: str = Field("", description="Other names a request's \"model\" may give for the served model, comma-separated (e.g. the Cohere model a client hard-codes); any other name gets 404.")
 
     # --- network -------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address of the API.")
@@ -167,6 +168,8 @@ class Settings(BaseSettings):
     log_max_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Rotate the daemon log at this size.")
     log_backups: int = Field(3, ge=0, description="Rotated daemon logs kept.")
 
+    log_format: Literal["text", "json"] = Field("text", description="The server's log lines: text, or one JSON object a line (journald and Loki friendly). Lines written for a request carry its X-Request-Id either way.")
+    access_log: bool = Field(True, description="One log line per API request: method, route, status, milliseconds and body bytes, with its request id.")
     debug: bool = Field(False, description="Show tracebacks and debug logs.")
 
     def __init__(self, **given: Any) -> None:
@@ -208,6 +211,12 @@ class Settings(BaseSettings):
             out.append("api_key is a placeholder, not a key: set RERANKER_API_KEY to a secret of your own"
                        " (e.g. from: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
         return out
+
+    @property
+    def served_models(self) -> tuple[str, ...]:
+        """The aliases of the served model, as a request's ``model`` may give them (the model's own name is the
+        supervisor's to add: it comes from what is served)."""
+        return tuple(dict.fromkeys(a.strip() for a in self.model_aliases.split(",") if a.strip()))
 
     @property
     def ops_need_key(self) -> bool:

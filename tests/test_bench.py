@@ -379,3 +379,43 @@ def test_perf_checks_every_target_on_its_median_and_names_what_it_did_not_measur
     no_int8 = run(int8=None)
     assert no_int8["misses"] == [] and no_int8["unmeasured"] == ["INT8 memory"]
     assert perf.verdict(no_int8) == "Every measured target met; not measured: INT8 memory."
+
+
+def test_tokens_per_s_from_usage_or_from_teis_header():
+    """Tokens/s beside pairs/s: from ``usage.total_tokens`` (ours, infinity's) or, for a server answering a bare
+    list as text-embeddings-inference does, from its ``x-compute-tokens`` header. TEI cannot run here: a
+    loopback stand-in answers in its shape."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from reranker_ops.bench import answer_tokens, run_load
+
+    class TeiShaped(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            out = json.dumps([{"index": i, "score": 0.5} for i in range(len(body["documents"]))]).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("X-Compute-Tokens", str(7 * len(body["documents"])))
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), TeiShaped)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        for client in ("stdlib", "httpx"):
+            r = run_load(f"http://127.0.0.1:{httpd.server_address[1]}", workload="tiny", concurrency=2,
+                         duration=None, requests=8, client=client)
+            assert r.requests == 8 and r.tokens == 7 * r.pairs > 0, (client, r.tokens, r.pairs)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert answer_tokens(b'{"usage": {"total_tokens": 12}}', "99") == 12  # the body's own count first
+    assert answer_tokens(b'[{"index": 0}]', "31") == 31
+    assert answer_tokens(b'[{"index": 0}]', None) == answer_tokens(b"{oops", "x1") == 0

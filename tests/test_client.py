@@ -195,7 +195,7 @@ def test_api_key_sent(make_server):
 
 
 # --- LangChain --------------------------------------------------------------------------------------------
-def test_langchain_compressor(shared_server):
+def test_langchain_compressor(shared_server, reference_scorer):
     from langchain_core.documents import Document
 
     from reranker_ops.integrations.langchain import RerankerCompressor
@@ -206,6 +206,9 @@ def test_langchain_compressor(shared_server):
     with RerankerClient(shared_server.base) as client:
         expected = client.rerank(QUERY, DOCS, top_k=2)
     assert [d.page_content for d in out] == [r.document for r in expected]
+    reference = reference_scorer(QUERY, DOCS)  # the ranking the transformers model gives
+    assert [d.metadata["source"] for d in out] == [f"doc{i}" for i in sorted(range(len(DOCS)),
+                                                                               key=lambda i: -reference[i])[:2]]
     for d, r in zip(out, expected):
         assert d.metadata["source"] == f"doc{r.index}" and d.metadata["relevance_score"] == pytest.approx(r.score)
     assert all("relevance_score" not in d.metadata for d in docs)  # inputs untouched

@@ -55,3 +55,26 @@ def test_a_unit_dropped_at_its_deadline_is_a_504_not_a_503():
 
     status, body = asyncio.run(main())
     assert status == 504 and "deadline" in body["message"], body
+
+
+def test_windows_asked_under_cohere_name_cost_what_windows_cost():
+    """A small request asking for windows is costed by its windows in the fair scheduler (each window is a
+    model call); Cohere v1's ``max_chunks_per_doc`` is the same ask and must cost the same, not one window."""
+    import logging
+
+    from reranker_ops.front.dispatch import Dispatch
+    from reranker_ops.front.gate import limits_of
+    from reranker_ops.front.metrics import Metrics
+    from reranker_ops.protocol.api import parse_job
+    from reranker_ops.protocol.envelope import PART_HEAD_LEN
+
+    settings = Settings()
+    gate = Dispatch(settings, Metrics(), logging.getLogger("test"), lambda: None, limits_of(settings))
+    long = "слово " * 2000
+    costs = []
+    for ask in ({"windows": 4}, {"max_chunks_per_doc": 4}, {}):
+        raw = bytearray(b"\0" * PART_HEAD_LEN + json.dumps({"query": "q", "documents": [long], **ask}).encode())
+        assert gate._windows_asked(raw) == bool(ask)
+        job = parse_job("/v1/rerank", memoryview(raw)[PART_HEAD_LEN:], gate._limits())
+        costs.append(gate._job_cost(job, 0, 1))
+    assert costs[0] == costs[1] > costs[2]

@@ -38,7 +38,8 @@ def test_the_document_names_exactly_the_routes_the_server_answers(shared_server,
             assert c.post(missing, json={}).status_code == 404
     # the limits in the document are the server's (defaults here)
     request = document["components"]["schemas"]["RerankRequest"]["properties"]
-    assert request["documents"]["maxItems"] == 1000 and request["windows"]["maximum"] == 8
+    windows = request["windows"]["anyOf"]  # an optional field: the bound, or null for "not given"
+    assert request["documents"]["maxItems"] == 1000 and windows[0]["maximum"] == 8 and windows[1] == {"type": "null"}
     assert request["query"]["maxLength"] == 8192
 
 
@@ -67,3 +68,22 @@ def test_fuzzed_requests_get_documented_answers_and_never_a_server_error(shared_
             case.call_and_validate(base_url=shared_server.base, timeout=60)
 
         fuzz()
+
+
+def test_an_object_document_is_documented_as_the_server_takes_it():
+    """Found by the fuzz above: the document allowed any object as a Cohere document, and the server refused one
+    without ``text`` (422). An object needs its text; with rank_fields, the fields it has are scored instead."""
+    from reranker_ops.protocol.api import Limits, RequestError, parse_job
+    from reranker_ops.protocol.openapi import openapi_document
+
+    doc = openapi_document(Limits())
+    items = doc["components"]["schemas"]["CohereRequest"]["properties"]["documents"]["items"]["oneOf"]
+    objects = [i for i in items if i.get("type") == "object"]
+    assert objects and all(o.get("required") == ["text"] for o in objects)
+    body = b'{"query": "q", "documents": [{"t": 1}]}'
+    with pytest.raises(RequestError) as err:
+        parse_job("/v1/rerank", body, Limits())
+    assert err.value.status == 422 and "'text'" in err.value.message
+    job = parse_job("/v1/rerank", b'{"query": "q", "documents": [{"text": "x", "t": 1}], "rank_fields": ["z"]}',
+                    Limits())
+    assert job.passages == ["x"]

@@ -60,7 +60,8 @@ def test_rerank_contract_and_reference_scores(shared_server, reference_scorer):
 @pytest.mark.parametrize("route", ["/v1/rerank", "/v2/rerank"])
 def test_cohere_routes(shared_server, reference_scorer, route):
     docs = [DOCS[0], {"text": DOCS[1]}, DOCS[2]]
-    r = post(shared_server, route, {"model": "whatever", "query": QUERY, "documents": docs, "top_n": 2,
+    served = httpx.get(shared_server.base + "/info", timeout=10).json()["model_id"]  # another name is a 404
+    r = post(shared_server, route, {"model": served, "query": QUERY, "documents": docs, "top_n": 2,
                                     "return_documents": True, "rank_fields": None})
     assert r.status_code == 200, r.text
     body = r.json()

@@ -67,7 +67,7 @@ def test_metrics_survive_a_mosec_that_does_not_answer(tmp_path):
         sup = Supervisor(Settings(run_dir=tmp_path / "run"), tmp_path, "m", Notifier(None))
         view = SupervisorView(sup)
         view.mosec_metrics_url = lambda: f"http://127.0.0.1:{silent.getsockname()[1]}/metrics"  # type: ignore
-        sup.front = Front(sup.settings, sup.metrics, sup.log, view.upstream, sup.probe_token, view.index, view)
+        sup.front = Front(sup.settings, sup.metrics, sup.log, sup.probe_token, view)
         sup.front.session = aiohttp.ClientSession()
         app = web.Application()
         app.router.add_get("/metrics", sup.front.health.handle_metrics)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from modelkit.trained import make_task
 
@@ -71,6 +71,24 @@ def test_a_pair_is_split_like_transformers(pair_tokenizers, q, p, length):
     assert _ours([got]) == _ids(ref, q, p, truncation=True, max_length=length)
     full = len(ref(q, p)["input_ids"])
     assert got.truncated == (full > length)
+
+
+@PROFILE
+@given(q=texts, p=texts, length=st.sampled_from([8, 16, 24, 48, 512]), side=st.sampled_from(["right", "left"]))
+@example(q="борода борода борода борода", p="борода борода", length=8, side="right")  # found: only the query cut
+def test_a_pair_cut_to_any_length_from_either_end_is_cut_like_transformers(pair_tokenizers, q, p, length, side):
+    """A request's own cut (vLLM's truncate_prompt_tokens, TEI's and vLLM's truncation side) is transformers'
+    ``truncation=True, max_length=n`` with ``truncation_side``, on a model whose window is larger."""
+    ref, path = pair_tokenizers
+    ours = Tokenizer(path, 512)
+    [got] = ours.encode_items([(q, p)], side=side, max_tokens=length)
+    ref.truncation_side = side
+    try:
+        want = _ids(ref, q, p, truncation=True, max_length=length)
+    finally:
+        ref.truncation_side = "right"
+    assert _ours([got]) == want
+    assert got.truncated == (len(ref(q, p)["input_ids"]) > length)
 
 
 @PROFILE
@@ -147,7 +165,9 @@ json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
     lambda children: st.lists(children, max_size=5) | st.dictionaries(
         st.sampled_from(["query", "documents", "top_n", "top_k", "windows", "truncate", "text", "passage",
-                         "return_documents", "raw_scores", "model", "x"]), children, max_size=6),
+                         "return_documents", "raw_scores", "model", "x", "texts", "truncation_direction",
+                         "return_text", "max_chunks_per_doc", "max_tokens_per_doc", "truncate_prompt_tokens",
+                         "truncation_side", "rank_fields"]), children, max_size=6),
     max_leaves=30)
 
 

@@ -14,8 +14,10 @@ from mosec import ClientError
 from reranker_ops.protocol.api import ROUTE_TAGS, Limits
 from reranker_ops.protocol.envelope import (
     REFUSED,
+    NO_TIMING,
     EnvelopeError,
     Failed,
+    Timing,
     Untrusted,
     open_answer,
     open_envelope,
@@ -65,9 +67,13 @@ def envelope(parts: list[bytes], secret: str = SECRET, envelope_id: int = ENVELO
     return seal(secret.encode(), envelope_id, parts) + b"".join(parts)
 
 
-def answers_of(worker: Score, parts: list[bytes]) -> list[bytes]:
+def answered(worker: Score, parts: list[bytes]) -> list[tuple[bytes, Timing]]:
     answer = worker.serialize(worker.forward(envelope(parts)))
     return split_answers(open_answer(SECRET.encode(), ENVELOPE_ID, answer), len(parts))
+
+
+def answers_of(worker: Score, parts: list[bytes]) -> list[bytes]:
+    return [a for a, _ in answered(worker, parts)]
 
 
 def test_a_request_that_fails_its_checks_fails_alone_in_its_envelope(worker, reference_scorer):
@@ -79,7 +85,8 @@ def test_a_request_that_fails_its_checks_fails_alone_in_its_envelope(worker, ref
         sent("9", good),  # a route tag nobody sends: 400
         sent("/v1/rerank", {"query": QUERY, "documents": DOCS[:2], "top_n": 1}),
     ]
-    answers = answers_of(worker, parts)
+    timed = answered(worker, parts)
+    answers = [a for a, _ in timed]
     failures = [Failed.decode(a) for a in answers]
     assert failures[0] is None and failures[4] is None
     assert failures[1].status == 400
@@ -91,6 +98,12 @@ def test_a_request_that_fails_its_checks_fails_alone_in_its_envelope(worker, ref
     alone = json.loads(answers_of(worker, parts[:1])[0])
     np.testing.assert_allclose(alone["scores"], scores, atol=1e-6)
     assert len(json.loads(answers[4])["results"]) == 1
+    # each scored request says what it cost: its tokens, its characters, and the time of the model call
+    first, last = timed[0][1], timed[4][1]
+    assert first.tokens == json.loads(answers[0])["usage"]["total_tokens"] > 0
+    assert first.chars == len(QUERY) * len(DOCS) + sum(map(len, DOCS))
+    assert first.inference_us > 0 and first.inference_us == last.inference_us  # one model call for both
+    assert timed[1][1].tokens == timed[1][1].inference_us == 0  # an undecodable request was never scored
     d = worker.hb.data
     assert d["requests"] == 6 and d["errors"] == 3 and d["batches"] == 2
 
@@ -125,15 +138,20 @@ def test_envelope_framing_round_trips_and_refuses_what_it_cannot_frame():
     with pytest.raises(Untrusted):
         open_envelope(secret, envelope(parts, secret="e" * 32))
     answers = [b'{"scores":[0.5]}', Failed(422, "too long").encode(), b""]
-    sealed = seal_answer(secret, 7, pack_answers(answers))
-    assert split_answers(open_answer(secret, 7, sealed), 3) == answers
+    timings = [Timing(1, 2, 3, 4), NO_TIMING, Timing(10**9, 0, 7, 0)]
+    packed = pack_answers(list(zip(answers, timings)))
+    sealed = seal_answer(secret, 7, packed)
+    assert split_answers(open_answer(secret, 7, sealed), 3) == list(zip(answers, timings))
     for other_secret, other_id in ((b"e" * 32, 7), (secret, 8)):  # another generation's, another envelope's
         with pytest.raises(Untrusted):
             open_answer(other_secret, other_id, sealed)
     with pytest.raises(Untrusted):
         open_answer(secret, 7, sealed[:-1] + b"x")  # a changed answer
-    assert read_answers(pack_answers(answers), 3) == [(200, answers[0]), (422, b"too long"), (200, b"")]
-    for bad, n in ((pack_answers(answers), 2), (pack_answers(answers), 4), (pack_answers(answers)[:-2] + b"9\n", 3)):
+    assert read_answers(packed, 3) == [(200, answers[0], timings[0]), (422, b"too long", NO_TIMING),
+                                       (200, b"", timings[2])]
+    assert Timing(1, 2, 3, 4) + Timing(1, 1, 1, 1) == Timing(2, 3, 4, 5)
+    for bad, n in ((packed, 2), (packed, 4), (packed.replace(b"0 1000000000", b"9 1000000000"), 3), (packed.replace(b"1,2,3,4", b"1,2,3"), 3),
+                   (packed.replace(b"1,2,3,4", b"1,-2,3,4"), 3)):
         with pytest.raises(EnvelopeError):
             split_answers(bad, n)
 

@@ -53,21 +53,28 @@ class _JournalFormatter(logging.Formatter):
 
 def _setup_logging(log_file: Optional[Path], settings, to_stderr: bool = False) -> logging.Logger:
     """The rotated log file in the run dir, always (``rerankctl logs`` reads it); in the foreground also
-    stderr, which systemd sends to the journal."""
+    stderr, which systemd sends to the journal. RERANKER_LOG_FORMAT picks text or JSON lines; a line written
+    while a request is handled carries its id either way (``observe.py``)."""
+    from ..observe import RequestContext, formatter
+
     log = logging.getLogger("rerankctl")
     log.setLevel(logging.DEBUG if settings.debug else logging.INFO)
     log.handlers.clear()
-    plain = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    plain = formatter(settings.log_format)
+    context = RequestContext()
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handler: logging.Handler = logging.handlers.RotatingFileHandler(
             log_file, maxBytes=settings.log_max_bytes, backupCount=settings.log_backups, encoding="utf-8"
         )
         handler.setFormatter(plain)
+        handler.addFilter(context)
         log.addHandler(handler)
     if to_stderr or log_file is None:
         err = logging.StreamHandler(sys.stderr)
-        err.setFormatter(_JournalFormatter("%(levelname)s %(message)s") if os.environ.get("JOURNAL_STREAM") else plain)
+        journal = os.environ.get("JOURNAL_STREAM") and settings.log_format == "text"
+        err.setFormatter(_JournalFormatter("%(levelname)s %(message)s") if journal else plain)
+        err.addFilter(context)
         log.addHandler(err)
     log.propagate = False
     return log

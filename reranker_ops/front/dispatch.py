@@ -21,6 +21,7 @@ was scored beside it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -33,10 +34,11 @@ from typing import Callable, Optional
 from aiohttp import web
 
 from ..protocol.api import CHUNK, ROUTE_TAGS, Job, Limits, RequestError, build_response, chunk_body, parse_job
-from ..protocol.envelope import PART_HEAD_LEN, EnvelopeError, Untrusted, open_answer, part_head, read_answers, seal
+from ..protocol.envelope import (NO_TIMING, PART_HEAD_LEN, EnvelopeError, Untrusted, open_answer,
+                                 part_head, read_answers, seal)
 from ..settings import Settings
 from .metrics import Metrics
-from .responses import JSON, error_response, unavailable
+from .responses import JSON, error_response, timing_headers, unavailable
 from .scheduler import Dropped, FairScheduler, Poisoned, Unit
 from .upstream import Refused, Upstream, UpstreamClient, UpstreamError, listener_is_ours
 
@@ -57,14 +59,15 @@ QUARANTINED = ("this request (byte for byte) made the model server's worker die 
                " being scored; check its input")
 
 
+Result = tuple  # (status, answer, model, Timing) of one unit
+
+
 def _clean_mosec_message(text: str) -> str:
     # MOSEC prefixes the kind ("request validation error: ..."); the JSON 'error' field carries it instead.
     for prefix in ("request validation error: ", "bad request: ", "validation error: "):
         if text.startswith(prefix):
             return text[len(prefix):]
     return text
-
-
 
 
 class Dispatch:
@@ -134,9 +137,9 @@ class Dispatch:
             await asyncio.sleep(RESTART_POLL_S)
 
 
-    async def _send_group(self, units: list[Unit], envelope_id: int) -> list[tuple[int, bytes, str]]:
-        """One envelope of ``units``: each unit's (status, answer, model). A unit whose body was quarantined is
-        answered here, without being sent; the others go in the envelope."""
+    async def _send_group(self, units: list[Unit], envelope_id: int) -> list[Result]:
+        """One envelope of ``units``: each unit's (status, answer, model, timing). A unit whose body was
+        quarantined is answered here, without being sent; the others go in the envelope."""
         parts, results = [], []
         for unit in units:
             buf, tag = self._body_of(unit)
@@ -144,7 +147,7 @@ class Dispatch:
                 unit.digest = hashlib.sha256(memoryview(buf)[PART_HEAD_LEN:]).digest()
                 if self.quarantine.get(unit.digest, 0) > time.monotonic():
                     self.metrics.count_poisoned("quarantined")
-                    results.append((500, QUARANTINED.encode(), ""))
+                    results.append((500, QUARANTINED.encode(), "", NO_TIMING))
                     continue
             parts.append((buf, tag))
             results.append(None)
@@ -164,7 +167,7 @@ class Dispatch:
 
 
     async def _post(self, parts: list[tuple[bytearray, str]], envelope_id: int, deadline_at: float
-                    ) -> list[tuple[int, bytes, str]]:
+                    ) -> list[Result]:
         """POST one envelope (each part: its body behind a part head's room, and its route) to the current
         generation, decided at each try (a reload or a restart may have replaced it); each part's status,
         answer and model, in order. A refused connection (nothing was sent) is tried again within the
@@ -198,7 +201,7 @@ class Dispatch:
 
 
     async def _post_to(self, up: Upstream, parts: list[tuple[bytearray, str]], envelope_id: int,
-                       deadline_at: float) -> list[tuple[int, bytes, str]]:
+                       deadline_at: float) -> list[Result]:
         for buf, tag in parts:  # each body was read behind room for its head: no copy of a lone request
             buf[:PART_HEAD_LEN] = part_head(ROUTE_TAGS[tag], len(buf) - PART_HEAD_LEN)  # the same bytes each time
         bodies = [buf for buf, _tag in parts]
@@ -215,18 +218,19 @@ class Dispatch:
             else:
                 self.upstream_in_flight.pop(up.generation, None)
         if status != 200:
-            return [(status, data, up.model_name)] * len(parts)  # MOSEC's own error: the whole envelope's
+            return [(status, data, up.model_name, NO_TIMING)] * len(parts)  # MOSEC's own error: the envelope's
         try:
             answers = read_answers(open_answer(up.secret, envelope_id, data), len(parts))
         except Untrusted:
             self.metrics.count_untrusted("answer")
             self.log.error("an answer on MOSEC's port %d did not prove generation %d's secret: refused", up.port,
                            up.generation)
-            return [(502, b"an answer from the model server could not be trusted", up.model_name)] * len(parts)
+            return [(502, b"an answer from the model server could not be trusted", up.model_name,
+                     NO_TIMING)] * len(parts)
         except EnvelopeError as exc:
             self.log.error("an envelope's answer could not be read: %s", exc)
-            return [(502, b"unreadable answer from the score worker", up.model_name)] * len(parts)
-        return [(st, answer, up.model_name) for st, answer in answers]
+            return [(502, b"unreadable answer from the score worker", up.model_name, NO_TIMING)] * len(parts)
+        return [(st, answer, up.model_name, timing) for st, answer, timing in answers]
 
 
     async def _wait_units(self, request: web.Request, units: list[Unit], deadline_at: float) -> list | web.Response:
@@ -293,8 +297,19 @@ class Dispatch:
                                    " (RERANKER_REQUEST_TIMEOUT_S)")
 
 
+    def _limits(self) -> Limits:
+        """The limits a request is parsed with here: the served model's names are the current generation's."""
+        up = self.upstream()
+        if up is None or not up.model_name:
+            return self.limits
+        names = (up.model_name, *(a for a in self.settings.served_models if a != up.model_name))
+        if self.limits.served_models != names:
+            self.limits = dataclasses.replace(self.limits, served_models=names)
+        return self.limits
+
     def _windows_asked(self, body: bytearray) -> bool:
-        return self.limits.default_windows > 1 or b'"windows"' in body
+        # Cohere v1's max_chunks_per_doc is windows under another name
+        return self.limits.default_windows > 1 or b'"windows"' in body or b'"max_chunks_per_doc"' in body
 
 
     def _job_cost(self, job: Job, start: int, end: int) -> int:
@@ -317,7 +332,7 @@ class Dispatch:
         that the scheduler interleaves with everyone else's work, merged in input order. A chunk's body is
         built when it is sent, from the one parsed request: the query is never copied once per chunk."""
         try:
-            job = parse_job(route, memoryview(body)[PART_HEAD_LEN:], self.limits)
+            job = parse_job(route, memoryview(body)[PART_HEAD_LEN:], self._limits())
         except RequestError as exc:
             return error_response(exc.status, exc.message)
         hold(request, job_bytes(job))  # what the gate holds now is the parsed request, not the body
@@ -333,18 +348,25 @@ class Dispatch:
         if isinstance(results, web.Response):
             return results
         logits: list[float] = []
-        tokens = windows = 0
+        tokens = windows = truncated = 0
         model = ""
-        for status, data, model in results:
+        timing = NO_TIMING
+        for status, data, model, part_timing in results:
             if status != 200:
                 return self._upstream_error(status, data)
             part = json.loads(data)
             logits.extend(part["logits"])
             tokens += int(part["tokens"])
             windows += int(part["windows"])
-        answer = build_response(job, logits, tokens, model, windows)
+            truncated += int(part.get("truncated", 0))
+            timing = timing + part_timing
+        answer = build_response(job, logits, tokens, model, windows, truncated)
+        first = min(units, key=lambda u: u.enqueued)
+        queued = max((u.dispatched or 0.0) - u.enqueued for u in units)
+        request["timing"] = timing
+        request["queue"] = (first.enqueued, first.enqueued + max(0.0, queued))
         return web.Response(status=200, body=json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode(),
-                            content_type=JSON)
+                            content_type=JSON, headers=timing_headers(request, timing, max(0.0, queued)))
 
 
     def _upstream_error(self, status: int, data: bytes) -> web.Response:
@@ -385,7 +407,7 @@ class Dispatch:
         if self._windows_asked(body):
             # windows multiply a request's work: its cost is counted from its parsed pairs (a small body: cheap)
             try:
-                job = parse_job(route, memoryview(body)[PART_HEAD_LEN:], self.limits)
+                job = parse_job(route, memoryview(body)[PART_HEAD_LEN:], self._limits())
             except RequestError as exc:
                 return error_response(exc.status, exc.message)
             cost = max(size, self._job_cost(job, 0, len(job.passages)))
@@ -395,7 +417,7 @@ class Dispatch:
         if ticket is not None:  # a worker is free and nothing waits: sent now, in this task
             t_sent = time.monotonic()
             try:
-                status, data, _model = await self.scheduler.send_now(unit, ticket)
+                status, data, _model, timing = await self.scheduler.send_now(unit, ticket)
             except asyncio.TimeoutError:
                 return self._past_deadline()
             except Poisoned:
@@ -409,9 +431,13 @@ class Dispatch:
             results = await self._wait_units(request, [unit], deadline_at)
             if isinstance(results, web.Response):
                 return results
-            status, data, _model = results[0]
+            status, data, _model, timing = results[0]
         if status == 200:
-            return web.Response(status=200, body=data, content_type=JSON)
+            queued = 0.0 if unit.dispatched is None else max(0.0, unit.dispatched - unit.enqueued)
+            request["timing"] = timing
+            request["queue"] = (unit.enqueued, unit.enqueued + queued)
+            return web.Response(status=200, body=data, content_type=JSON,
+                                headers=timing_headers(request, timing, queued))
         return self._upstream_error(status, data)
 
 

@@ -26,7 +26,7 @@ from .gate import Gate, limits_of
 from .health import Health, HealthSource
 from .listener import FrontDoor, tracked
 from .metrics import Metrics
-from .upstream import Upstream
+from .tracing import Tracing
 
 # The health port: probes and scrapers, a few connections each
 HEALTH_CONNECTIONS = 256
@@ -55,13 +55,15 @@ def connection_budget(wanted: int) -> int:
 
 
 class Front:
-    def __init__(self, settings: Settings, metrics: Metrics, log: logging.Logger,
-                 upstream: Callable[[], Optional[Upstream]], probe_token: str, index: Callable[[], dict],
+    def __init__(self, settings: Settings, metrics: Metrics, log: logging.Logger, probe_token: str,
                  source: HealthSource) -> None:
+        """``source``: what the front reads of whoever supervises it (health, the current upstream, the index and
+        ``/info``, the served names); it never changes it."""
         self.settings = settings
         self.log = log
-        self.dispatch = Dispatch(settings, metrics, log, upstream, limits_of(settings))
-        self.gate = Gate(settings, metrics, log, self.dispatch, probe_token, index)
+        self.dispatch = Dispatch(settings, metrics, log, source.upstream, limits_of(settings))
+        self.tracing = Tracing(log)
+        self.gate = Gate(settings, metrics, log, self.dispatch, probe_token, source, self.tracing)
         self.health = Health(settings, source)
         self.session: Optional[aiohttp.ClientSession] = None  # the supervisor's own calls: canary, MOSEC's metrics
         self.doors: list[FrontDoor] = []
@@ -117,6 +119,7 @@ class Front:
             auto_decompress=False,
         )
         await self.dispatch.start()
+        self.tracing.start()
         s = self.settings
         health_app = self.health.app()
         health_app.middlewares.append(tracked(lambda: self.doors[1] if len(self.doors) > 1 else None))
@@ -159,6 +162,7 @@ class Front:
             except Exception:  # noqa: BLE001 - closing must go on
                 pass
         await self.dispatch.close()
+        self.tracing.close()
         if self.session is not None:
             await self.session.close()
 

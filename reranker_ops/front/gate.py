@@ -28,7 +28,7 @@ import asyncio
 import hmac
 import logging
 import time
-from typing import Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 import aiohttp
 from aiohttp import web
@@ -38,10 +38,12 @@ from ..protocol.api import ROUTES, Limits
 from ..protocol.envelope import PART_HEAD_LEN
 from ..protocol.openapi import openapi_document
 from ..settings import Settings
+from ..observe import REQUEST_ID_HEADER, request_id, request_id_from
 from .dispatch import Dispatch
 from .listener import FrontDoor
 from .metrics import Metrics
-from .responses import error_response, unauthorized
+from .responses import error_response, is_tei, tei_error, unauthorized
+from .tracing import Tracing
 
 PROBE_HEADER = "X-Reranker-Probe"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -60,12 +62,14 @@ def limits_of(settings: Settings) -> Limits:
 
 class Gate:
     def __init__(self, settings: Settings, metrics: Metrics, log: logging.Logger, dispatch: Dispatch,
-                 probe_token: str, index: Callable[[], dict]) -> None:
+                 probe_token: str, source: Any, tracing: Tracing) -> None:
         self.settings = settings
         self.metrics = metrics
         self.log = log
         self.dispatch = dispatch
-        self.index = index
+        self.source = source  # the index, /info and the served names (front.health.HealthSource)
+        self.index = source.index
+        self.tracing = tracing
         self.probe_token = probe_token
         self.door: Optional[FrontDoor] = None
         self.in_flight = 0  # user requests admitted (their bodies read) and not yet answered
@@ -93,6 +97,8 @@ class Gate:
             app.router.add_route("*", route, self.handle_api)
         app.router.add_get("/", self.handle_index)
         app.router.add_get("/openapi.json", self.handle_openapi)
+        app.router.add_get("/info", self.handle_info)
+        app.router.add_get("/v1/models", self.handle_models)
         for method, path, handler in extra_routes:
             app.router.add_route(method, path, handler)
         return app
@@ -146,6 +152,22 @@ class Gate:
     async def handle_index(self, request: web.Request) -> web.Response:
         return web.json_response(self.index())
 
+
+    async def handle_info(self, request: web.Request) -> web.Response:
+        """text-embeddings-inference's ``GET /info`` (what clients size their requests from), and ours."""
+        if not self._authorized(request):
+            return unauthorized()
+        return web.json_response(self.source.info())
+
+    async def handle_models(self, request: web.Request) -> web.Response:
+        """OpenAI's model list: the served model, and each alias a request's ``model`` may use for it."""
+        if not self._authorized(request):
+            return unauthorized()
+        names = self.source.served_names()
+        created = int(time.time())
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "rerankctl",
+                 **({"root": names[0]} if i else {})} for i, name in enumerate(names)]
+        return web.json_response({"object": "list", "data": data})
 
     async def handle_openapi(self, request: web.Request) -> web.Response:
         doc = openapi_document(self.limits, model=str(self.index().get("model", "")),
@@ -228,6 +250,7 @@ class Gate:
             return self._busy()
         self.in_flight += 1
         request["admitted"] = True
+        request["admitted_at"] = time.monotonic()
         request["owner"] = id(request)
         self.metrics.in_flight = self.in_flight
         return None
@@ -253,30 +276,45 @@ class Gate:
         if self.taken == 0:
             self.idle.set()
 
-
     async def handle_api(self, request: web.Request) -> web.StreamResponse:
         route = request.path
-        t0 = time.perf_counter()
+        t0 = request["t0"] = time.monotonic()
         probe = self._is_probe(request)
-        resp = self._refuse_early(request, route)
-        if resp is None and not probe and self.in_flight >= self.max_in_flight:
-            resp = self._busy()  # full: said before a byte of the body is read
-        if resp is None:
+        rid = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+        bound = request_id.set(rid)  # every log line written for this request carries it (observe.py)
+        span = None if probe else self.tracing.request_span(request, route, rid)
+        resp: Optional[web.StreamResponse] = None
+        try:
+            resp = self._refuse_early(request, route)
+            if resp is None and not probe and self.in_flight >= self.max_in_flight:
+                resp = self._busy()  # full: said before a byte of the body is read
+            if resp is None:
+                if not probe:
+                    self.taken += 1
+                    self.idle.clear()
+                try:
+                    resp = await self._take(request, route, probe)
+                except asyncio.CancelledError:  # the client went away
+                    raise
+                except Exception as exc:  # noqa: BLE001 - never a dropped connection for a gate bug
+                    self.log.exception("gate error on %s", route)
+                    resp = error_response(500, f"internal error in the gate: {type(exc).__name__}")
+                finally:
+                    self._release(request, probe)
+            if request.get("tei") and resp.status >= 400:
+                resp = tei_error(resp)  # text-embeddings-inference's status and body, for its clients
+            resp.headers[REQUEST_ID_HEADER] = rid
             if not probe:
-                self.taken += 1
-                self.idle.clear()
-            try:
-                resp = await self._take(request, route, probe)
-            except asyncio.CancelledError:  # the client went away
-                raise
-            except Exception as exc:  # noqa: BLE001 - never a dropped connection for a gate bug
-                self.log.exception("gate error on %s", route)
-                resp = error_response(500, f"internal error in the gate: {type(exc).__name__}")
-            finally:
-                self._release(request, probe)
-        if not probe:
-            self.metrics.observe_request(route, resp.status, time.perf_counter() - t0)
-        return resp
+                took = time.monotonic() - t0
+                self.metrics.observe_request(route, resp.status, took)
+                if self.settings.access_log:
+                    self.log.info("%s %s %d %.1fms %d bytes", request.method, route, resp.status, took * 1000,
+                                  request.get("bytes", 0))
+            return resp
+        finally:
+            if span is not None:
+                self.tracing.end_request(span, request, resp.status if resp is not None else 499)
+            request_id.reset(bound)
 
     async def _take(self, request: web.Request, route: str, probe: bool) -> web.StreamResponse:
         """The body, then a place in flight, then the dispatcher's answer."""
@@ -284,6 +322,8 @@ class Gate:
         body = await self._read_body(request, b"\0" * PART_HEAD_LEN)
         if isinstance(body, web.Response):
             return body
+        request["tei"] = is_tei(route, memoryview(body)[PART_HEAD_LEN:])
+        request["bytes"] = len(body) - PART_HEAD_LEN
         refused = self._admit(request, probe)
         if refused is not None:
             return refused

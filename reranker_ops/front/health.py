@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -57,6 +57,10 @@ class HealthSource(Protocol):
     def capacity(self) -> dict[str, dict[str, int]]: ...
     def scored_totals(self) -> tuple[int, int]: ...
     def extra_metrics(self) -> list: ...  # metric families of its own, read when scraped
+    def upstream(self) -> Optional[Any]: ...  # where the gate sends now (front.upstream.Upstream), or None
+    def index(self) -> dict: ...
+    def info(self) -> dict: ...  # GET /info
+    def served_names(self) -> list[str]: ...  # the model's name, then its aliases
 
 
 class Health:

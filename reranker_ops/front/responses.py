@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Optional
 
 from aiohttp import web
+
+from ..protocol.api import EMPTY_TEXTS
+from ..protocol.envelope import Buffer, Timing
 
 JSON = "application/json"
 ERROR_KINDS = {
@@ -39,3 +43,43 @@ def unavailable() -> web.Response:
 def unauthorized() -> web.Response:
     return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                           {"WWW-Authenticate": "Bearer"})
+
+
+# text-embeddings-inference's error kinds, by the status it answers them with (its router's ErrorType)
+_TEI_TYPES = {400: "Validation", 413: "Validation", 422: "Validation", 424: "Backend", 429: "Overloaded",
+              503: "Unhealthy"}
+
+
+def tei_error(resp: web.Response) -> web.Response:
+    """An error answer in text-embeddings-inference's shape, ``{"error", "error_type"}``, with TEI's status for
+    it: the model failing is its 424 (Backend); the rest keep their status. The headers (Retry-After, Allow,
+    WWW-Authenticate) stay."""
+    try:
+        message = json.loads(resp.text or "{}").get("message") or resp.reason
+    except ValueError:
+        message = resp.text or resp.reason
+    status = 424 if resp.status in (500, 502) else resp.status
+    kind = "Empty" if message == EMPTY_TEXTS else _TEI_TYPES.get(status, "Backend" if status >= 500 else "Validation")
+    body = json.dumps({"error": message, "error_type": kind}, ensure_ascii=False)
+    headers = {k: v for k, v in resp.headers.items() if k.lower() not in ("content-type", "content-length")}
+    out = web.Response(status=status, text=body, content_type=JSON, headers=headers)
+    if resp.keep_alive is False:
+        out.force_close()
+    return out
+
+
+def is_tei(route: str, body: Buffer) -> bool:
+    """A /rerank body in text-embeddings-inference's shape ("texts", no "documents"): its errors are TEI's too.
+    Read from the bytes, so the gate answers even a body it never parses in the shape its client reads."""
+    return route == "/rerank" and bytes(body).find(b'"texts"') >= 0 and bytes(body).find(b'"documents"') < 0
+
+
+def timing_headers(request: web.Request, timing: Timing, queued_s: float) -> dict:
+    """TEI's timing headers (milliseconds), on every rerank answer: the whole time since the request came,
+    its time queued in the gate, tokenizing it and in the model call its pairs were in (the score worker
+    measured those), and the tokens and characters scored."""
+    total_ms = int((time.monotonic() - request.get("t0", time.monotonic())) * 1000)
+    return {"x-compute-type": "cpu", "x-compute-time": str(total_ms), "x-total-time": str(total_ms),
+            "x-compute-tokens": str(timing.tokens), "x-compute-characters": str(timing.chars),
+            "x-tokenization-time": str(timing.tokenize_us // 1000), "x-queue-time": str(int(queued_s * 1000)),
+            "x-inference-time": str(timing.inference_us // 1000)}

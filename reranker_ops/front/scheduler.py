@@ -32,6 +32,7 @@ chunk's JSON length.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -341,7 +342,12 @@ class FairScheduler:
             now = self.clock.now()
             for unit in group:
                 unit.dispatched = now
-            asyncio.ensure_future(self._run(self._launch(group, cost, self.epoch)))
+            # in a context of its own: an envelope is nobody's request, and its log lines must not carry the
+            # request id of whichever request happened to pump (observe.py)
+            contextvars.Context().run(self._start, group, cost, self.epoch)
+
+    def _start(self, group: list[Unit], cost: int, epoch: int) -> None:
+        asyncio.ensure_future(self._run(self._launch(group, cost, epoch)))
 
     def _launch(self, group: list[Unit], cost: int, epoch: int) -> _Envelope:
         env = _Envelope(group, cost, epoch)

@@ -30,6 +30,11 @@ class RequestError(Exception):
         self.message = message
 
 
+TEI = "tei"  # a /rerank body with "texts" and no "documents": text-embeddings-inference's request and answer
+EMPTY_TEXTS = "`texts` cannot be empty"  # TEI's one "Empty" error (400); its other 400s are malformed bodies
+SIDES = ("right", "left")
+
+
 @dataclass
 class Limits:
     max_documents: int = 1000
@@ -37,12 +42,18 @@ class Limits:
     windows: int = 1  # the server's default: windows scored per passage (1 = truncate at the model's window)
     max_windows: int = 8  # the most a request may ask for
     max_query_chars: int = 8192
+    # the names a request's "model" may say: the served model's first, then its aliases; empty: any name
+    served_models: tuple = ()
+
+    def __post_init__(self) -> None:
+        self.served_models = tuple(self.served_models)
 
     @classmethod
     def from_mapping(cls, m: dict) -> "Limits":
         return cls(max_documents=int(m["max_documents"]), max_document_chars=int(m["max_document_chars"]),
                    windows=int(m["windows"]), max_windows=int(m["max_windows"]),
-                   max_query_chars=int(m.get("max_query_chars", cls.max_query_chars)))
+                   max_query_chars=int(m.get("max_query_chars", cls.max_query_chars)),
+                   served_models=tuple(m.get("served_models", ())))
 
     @property
     def default_windows(self) -> int:
@@ -63,7 +74,26 @@ class Job:
     truncate: bool = True
     model: Optional[str] = None
     windows: int = 1  # > 1: score up to this many overlapping windows of each passage, keep the best
+    style: str = ""  # the answer's shape when the route has two: TEI for text-embeddings-inference's
+    side: str = "right"  # which end of a too-long text is cut (TEI's truncation_direction, vLLM's truncation_side)
+    max_tokens: Optional[int] = None  # the pair cut to at most this many tokens (vLLM's truncate_prompt_tokens)
+    doc_tokens: Optional[int] = None  # each document cut to at most this many tokens (Cohere's max_tokens_per_doc)
+    originals: Optional[list] = None  # the documents as sent (objects keep their ids and fields), to echo back
     extra: dict = field(default_factory=dict)
+
+    @property
+    def options(self) -> dict:
+        """The per-request tokenization options, as a chunk carries them (only those not at their default)."""
+        out: dict = {}
+        if self.side != "right":
+            out["side"] = self.side
+        if self.style:
+            out["style"] = self.style  # a worker's errors for it are in the request's dialect
+        if self.max_tokens is not None:
+            out["max_tokens"] = self.max_tokens
+        if self.doc_tokens is not None:
+            out["doc_tokens"] = self.doc_tokens
+        return out
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -136,27 +166,56 @@ def _opt_bool(body: dict, name: str, default: bool) -> bool:
     return v
 
 
-def _documents(body: dict, limits: Limits, *, allow_objects: bool) -> list[str]:
-    if "documents" not in body:
-        raise RequestError(422, "documents is required (a list of strings)")
-    docs = body["documents"]
+def _documents(body: dict, limits: Limits, *, allow_objects: bool, name: str = "documents") -> list[str]:
+    if name not in body:
+        raise RequestError(422, f"{name} is required (a list of strings)")
+    docs = body[name]
     if not isinstance(docs, list):
-        raise RequestError(422, f"documents must be a list, got {_type(docs)}")
+        raise RequestError(422, f"{name} must be a list, got {_type(docs)}")
     if not docs:
-        raise RequestError(422, "documents must not be empty")
+        raise RequestError(422, f"{name} must not be empty")
     if len(docs) > limits.max_documents:
         raise RequestError(
             422,
             f"{len(docs)} documents, over the limit of {limits.max_documents} per request (RERANKER_MAX_DOCUMENTS)",
         )
+    fields = _rank_fields(body) if allow_objects else None
     out = []
     for i, d in enumerate(docs):
         if allow_objects and isinstance(d, dict):
-            if "text" not in d:
-                raise RequestError(422, f"documents[{i}] is an object without 'text'")
-            d = d["text"]
-        out.append(_check_text(f"documents[{i}]", d, limits))
+            d = _object_text(d, i, fields, limits)
+        out.append(_check_text(f"{name}[{i}]", d, limits))
     return out
+
+
+def _rank_fields(body: dict) -> Optional[list[str]]:
+    """Cohere v1's ``rank_fields``: which fields of object documents are scored, in that order."""
+    fields = body.get("rank_fields")
+    if fields is None:
+        return None
+    if not isinstance(fields, list) or not fields or not all(isinstance(f, str) and f for f in fields):
+        raise RequestError(422, "rank_fields must be a non-empty list of field names")
+    return fields
+
+
+def _object_text(doc: dict, i: int, fields: Optional[list[str]], limits: Limits) -> Any:
+    """The text scored for an object document: its ``text``, or with ``rank_fields`` those of its fields as
+    ``name: value`` lines, in the order given (as Cohere turns an object into text; a value that is not text is
+    written as JSON). Fields it lacks are skipped; one with none of them is scored by its ``text``, so every
+    document the API's schema allows (an object with a text) is scored."""
+    lines = []
+    for f in fields or ():
+        if f in doc:
+            value = doc[f]
+            if not isinstance(value, str):
+                value = json.dumps(value, ensure_ascii=False)
+            lines.append(f"{f}: {value}")
+    if lines:
+        return "\n".join(lines)
+    if "text" not in doc:
+        raise RequestError(422, f"documents[{i}] is an object without 'text'"
+                                + (f" or any of the rank_fields {fields}" if fields else " (or send rank_fields)"))
+    return doc["text"]
 
 
 def parse_chunk(data: Buffer) -> Job:
@@ -170,12 +229,18 @@ def parse_chunk(data: Buffer) -> Job:
         ok = (isinstance(queries, list) and isinstance(passages, list) and len(queries) == len(passages)
               and all(isinstance(x, str) for x in queries + passages))
         windows, offset = int(body.get("windows", 1)), int(body.get("offset", 0))
+        side = body.get("side", "right")
+        style = body.get("style", "")
+        max_tokens = None if body.get("max_tokens") is None else int(body["max_tokens"])
+        doc_tokens = None if body.get("doc_tokens") is None else int(body["doc_tokens"])
+        ok = ok and side in SIDES and style in ("", TEI)
     except (TypeError, KeyError, ValueError, AttributeError):
         ok = False
     if not ok:
         raise RequestError(400, "malformed chunk")
     return Job(route=CHUNK, queries=queries, passages=passages, truncate=bool(body.get("truncate", True)),
-               windows=windows, extra={"offset": offset})
+               windows=windows, side=side, style=style, max_tokens=max_tokens, doc_tokens=doc_tokens,
+               extra={"offset": offset})
 
 
 def chunk_body(job: Job, start: int, end: int) -> bytes:
@@ -183,18 +248,54 @@ def chunk_body(job: Job, start: int, end: int) -> bytes:
     same = job.extra.get("one_query", False)
     queries: Any = job.queries[start] if same else job.queries[start:end]
     return json.dumps({"q": queries, "p": job.passages[start:end], "truncate": job.truncate,
-                       "windows": job.windows, "offset": start}, ensure_ascii=False).encode("utf-8")
+                       "windows": job.windows, "offset": start, **job.options}, ensure_ascii=False).encode("utf-8")
 
 
 def _windows(body: dict, limits: Limits) -> int:
-    """``"windows": n`` (1 to the server's RERANKER_MAX_WINDOWS), or the server's RERANKER_WINDOWS."""
+    """``"windows": n`` (1 to the server's RERANKER_MAX_WINDOWS), or the server's RERANKER_WINDOWS. Cohere v1's
+    ``max_chunks_per_doc`` is the same number under Cohere's name: it is at most what a client allows, so one
+    above the server's cap gets the cap, not an error."""
     n = _opt_int(body, "windows")
     if n is None:
-        return limits.default_windows
+        chunks = _opt_int(body, "max_chunks_per_doc")
+        return limits.default_windows if chunks is None else min(chunks, limits.max_windows)
     if n > limits.max_windows:
         raise RequestError(422, f"windows is {n}, over the limit of {limits.max_windows} per passage"
                                 " (RERANKER_MAX_WINDOWS)")
     return n
+
+
+def _side(body: dict, *names: str) -> str:
+    """Which end of a too-long text is cut: TEI's ``truncation_direction``, vLLM's ``truncation_side``."""
+    for name in names:
+        v = body.get(name)
+        if v is None:
+            continue
+        if not isinstance(v, str) or v.lower() not in SIDES:
+            raise RequestError(422, f"{name} must be \"right\" or \"left\", got {json.dumps(v)[:40]}")
+        return v.lower()
+    return "right"
+
+
+def _model(body: dict, limits: Limits) -> Optional[str]:
+    """The ``model`` a request names: one of the served names (the model's, or an alias), else 404."""
+    model = body.get("model")
+    if model is None:
+        return None
+    if not isinstance(model, str):
+        raise RequestError(422, f"model must be a string, got {_type(model)}")
+    if limits.served_models and model not in limits.served_models:
+        raise RequestError(404, f"model {model[:200]!r} is not served here; served: "
+                                f"{', '.join(limits.served_models)} (RERANKER_MODEL_ALIASES adds names)")
+    return model
+
+
+def _tokens_cap(body: dict, name: str) -> Optional[int]:
+    """vLLM's ``truncate_prompt_tokens`` (-1: the model's maximum) or Cohere's ``max_tokens_per_doc``."""
+    v = body.get(name)
+    if v == -1 and name == "truncate_prompt_tokens":
+        return None
+    return _opt_int(body, name)
 
 
 def parse_job(route: str, data: Buffer, limits: Limits) -> Job:
@@ -205,38 +306,45 @@ def parse_job(route: str, data: Buffer, limits: Limits) -> Job:
         return _parse_inference(body, limits)
     if not isinstance(body, dict):
         raise RequestError(422, f"body must be a JSON object, got {_type(body)}")
+    if route == "/rerank" and "texts" in body and "documents" not in body:
+        return _parse_tei(body, limits)
     if "query" not in body:
         raise RequestError(422, "query is required (a string)")
     query = _check_text("query", body["query"], limits, query=True)
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise RequestError(422, f"model must be a string, got {_type(model)}")
+    model = _model(body, limits)
+    common = dict(route=route, return_documents=_opt_bool(body, "return_documents", False),
+                  truncate=_opt_bool(body, "truncate", True), model=model, windows=_windows(body, limits),
+                  side=_side(body, "truncation_side"), max_tokens=_tokens_cap(body, "truncate_prompt_tokens"),
+                  doc_tokens=_tokens_cap(body, "max_tokens_per_doc"), extra={"one_query": True})
     if route == "/rerank":
         docs = _documents(body, limits, allow_objects=False)
-        return Job(
-            route=route,
-            queries=[query] * len(docs),
-            passages=docs,
-            top_n=_opt_int(body, "top_k", "top_n"),
-            return_documents=_opt_bool(body, "return_documents", False),
-            raw_scores=_opt_bool(body, "raw_scores", False),
-            truncate=_opt_bool(body, "truncate", True),
-            model=model,
-            windows=_windows(body, limits),
-            extra={"one_query": True},
-        )
+        return Job(queries=[query] * len(docs), passages=docs, top_n=_opt_int(body, "top_k", "top_n"),
+                   raw_scores=_opt_bool(body, "raw_scores", False), **common)
     docs = _documents(body, limits, allow_objects=True)
-    return Job(
-        route=route,
-        queries=[query] * len(docs),
-        passages=docs,
-        top_n=_opt_int(body, "top_n"),
-        return_documents=_opt_bool(body, "return_documents", False),
-        truncate=_opt_bool(body, "truncate", True),
-        model=model,
-        windows=_windows(body, limits),
-        extra={"one_query": True},
-    )
+    objects = body["documents"] if any(isinstance(d, dict) for d in body["documents"]) else None
+    return Job(queries=[query] * len(docs), passages=docs, top_n=_opt_int(body, "top_n"), originals=objects, **common)
+
+
+def _parse_tei(body: dict, limits: Limits) -> Job:
+    """text-embeddings-inference's ``POST /rerank``: ``{"query", "texts", "truncate", "truncation_direction",
+    "raw_scores", "return_text"}``, answered as TEI answers (a bare list, best first). ``truncate`` unset is
+    the server's default, which truncates (``/info``'s ``auto_truncate``); false: a text over the window is
+    refused (422), as TEI refuses it."""
+    texts = body.get("texts")
+    if isinstance(texts, list) and not texts:
+        raise RequestError(400, EMPTY_TEXTS)
+    if isinstance(texts, list) and len(texts) > limits.max_documents:
+        raise RequestError(422, f"batch size {len(texts)} > maximum allowed batch size {limits.max_documents}")
+    if "query" not in body:
+        raise RequestError(422, "query is required (a string)")
+    query = _check_text("query", body["query"], limits, query=True)
+    docs = _documents(body, limits, allow_objects=False, name="texts")
+    truncate = body.get("truncate")
+    return Job(route="/rerank", queries=[query] * len(docs), passages=docs, style=TEI,
+               return_documents=_opt_bool(body, "return_text", False), raw_scores=_opt_bool(body, "raw_scores", False),
+               truncate=True if truncate is None else _opt_bool(body, "truncate", True),
+               model=_model(body, limits), windows=_windows(body, limits), side=_side(body, "truncation_direction"),
+               extra={"one_query": True})
 
 
 def _parse_inference(body: Any, limits: Limits) -> Job:
@@ -270,19 +378,25 @@ def _sigmoid(x: float) -> float:
     return e / (1.0 + e)
 
 
-def build_response(job: Job, logits: Sequence[float], tokens: int, model_name: str, windows: int = 0) -> Any:
-    """``windows``: how many model windows were scored (one per pair unless the job asked for windows)."""
+def build_response(job: Job, logits: Sequence[float], tokens: int, model_name: str, windows: int = 0,
+                   truncated: int = 0) -> Any:
+    """``windows``: how many model windows were scored (one per pair unless the job asked for windows);
+    ``truncated``: how many documents were cut (the rest of them not scored), which the answer says."""
     windows = windows or len(logits)
     if job.route == CHUNK:
-        return {"logits": [float(x) for x in logits], "tokens": tokens, "windows": windows}
+        return {"logits": [float(x) for x in logits], "tokens": tokens, "windows": windows, "truncated": truncated}
     probs = [_sigmoid(float(x)) for x in logits]
     if job.route == "/inference":
         return probs
     scores = [float(x) for x in logits] if job.raw_scores else probs
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    if job.style == TEI:  # a bare list, best first (TEI has no top_n)
+        return [{"index": i, "score": scores[i], **({"text": job.passages[i]} if job.return_documents else {})}
+                for i in order]
     if job.top_n is not None:
         order = order[: job.top_n]
     rid = uuid.uuid4().hex
+    usage = {"windows": windows, "truncated_documents": truncated}
     if job.route == "/rerank":
         results = []
         for i in order:
@@ -297,13 +411,15 @@ def build_response(job: Job, logits: Sequence[float], tokens: int, model_name: s
             "model": model_name,
             "scores": scores,
             "results": results,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "windows": windows},
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, **usage},
         }
     results = []
     for i in order:
         r = {"index": i, "relevance_score": scores[i]}
         if job.return_documents:
-            r["document"] = {"text": job.passages[i]}
+            original = job.originals[i] if job.originals is not None else None
+            # an object document comes back as it was sent (its id and fields), a text one as {"text"}
+            r["document"] = original if isinstance(original, dict) else {"text": job.passages[i]}
         results.append(r)
     version = "1" if job.route == "/v1/rerank" else "2"
     return {
@@ -314,6 +430,8 @@ def build_response(job: Job, logits: Sequence[float], tokens: int, model_name: s
             "api_version": {"version": version},
             "billed_units": {"search_units": 1},
             "tokens": {"input_tokens": tokens, "output_tokens": 0},
+            **({"warnings": [f"{truncated} document(s) were longer than the model's window and were truncated"]}
+               if truncated else {}),
         },
-        "usage": {"total_tokens": tokens, "windows": windows},
+        "usage": {"total_tokens": tokens, **usage},
     }

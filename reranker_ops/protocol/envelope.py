@@ -25,8 +25,8 @@ Buffer = Union[bytes, bytearray, memoryview]
 # id and every part under the generation's secret: only the gate knows the secret, so a request sent straight
 # to MOSEC's port is refused whole, and the secret itself never travels (a listener that took the internal
 # port first learns nothing it could answer with). The worker answers ``<mac>\n`` and each part in order,
-# ``<length>\n<data>``, where data is the route's JSON answer or, for a request that failed its checks,
-# ``!<status> <message>`` (``Failed``); the answer's mac covers the envelope's id and the answers, so the gate
+# ``<length> <timing>\n<data>``, where data is the route's JSON answer or, for a request that failed its checks,
+# ``!<status> <message>`` (``Failed``), and timing is what the worker measured for it (``Timing``); the answer's mac covers the envelope's id and the answers, so the gate
 # takes scores only from the generation it started. One bad request never fails the others of its envelope.
 SECRET_LEN = 32  # hex characters of a generation's secret
 MAGIC = b"RKE1"
@@ -117,31 +117,60 @@ def _is_hex(field: bytes) -> bool:
     return bool(field) and all(c in b"0123456789abcdef" for c in field)
 
 
-def read_answers(data: bytes, count: int) -> list[tuple[int, bytes]]:
-    """Each part's status and body, from the answer to an envelope of ``count`` parts that MOSEC answered 200:
-    200 and the route's JSON, or a failed request's own status and message (``Failed``)."""
+@dataclass(frozen=True)
+class Timing:
+    """What the worker measured for one request: microseconds tokenizing it, microseconds of the model call
+    its pairs were in (shared with the envelope's other requests), its tokens and its characters of text."""
+
+    tokenize_us: int = 0
+    inference_us: int = 0
+    tokens: int = 0
+    chars: int = 0
+
+    def encode(self) -> bytes:
+        return b"%d,%d,%d,%d" % (self.tokenize_us, self.inference_us, self.tokens, self.chars)
+
+    @staticmethod
+    def decode(field: bytes) -> "Timing":
+        values = field.split(b",")
+        if len(values) != 4 or not all(v.isdigit() for v in values):
+            raise EnvelopeError("not an answer's timing")
+        return Timing(*(int(v) for v in values))
+
+    def __add__(self, other: "Timing") -> "Timing":
+        return Timing(self.tokenize_us + other.tokenize_us, self.inference_us + other.inference_us,
+                      self.tokens + other.tokens, self.chars + other.chars)
+
+
+NO_TIMING = Timing()
+
+
+def read_answers(data: bytes, count: int) -> list[tuple[int, bytes, Timing]]:
+    """Each part's status, body and timing, from the answer to an envelope of ``count`` parts that MOSEC
+    answered 200: 200 and the route's JSON, or a failed request's own status and message (``Failed``)."""
     out = []
-    for answer in split_answers(data, count):
+    for answer, timing in split_answers(data, count):
         failed = Failed.decode(answer)
-        out.append((200, answer) if failed is None else (failed.status, failed.message.encode("utf-8")))
+        out.append((200, answer, timing) if failed is None else (failed.status, failed.message.encode("utf-8"), timing))
     return out
 
 
-def pack_answers(answers: Sequence[bytes]) -> bytes:
-    return b"".join(b"%d\n%s" % (len(a), a) for a in answers)
+def pack_answers(answers: Sequence[tuple[bytes, Timing]]) -> bytes:
+    return b"".join(b"%d %s\n%s" % (len(a), t.encode(), a) for a, t in answers)
 
 
-def split_answers(data: bytes, count: int) -> list[bytes]:
-    """The ``count`` answers of an envelope's answer, in order."""
+def split_answers(data: bytes, count: int) -> list[tuple[bytes, Timing]]:
+    """The ``count`` answers of an envelope's answer, in order, each with its timing."""
     out, pos = [], 0
     while pos < len(data) and len(out) < count:
-        nl = data.find(b"\n", pos, pos + 21)
-        if nl < 0 or not data[pos:nl].isdigit():
+        nl = data.find(b"\n", pos, pos + 100)
+        length, _, timing = data[pos:nl].partition(b" ") if nl >= 0 else (b"", b"", b"")
+        if nl < 0 or not length.isdigit():
             raise EnvelopeError("not an answer's length")
-        pos = nl + 1 + int(data[pos:nl])
+        pos = nl + 1 + int(length)
         if pos > len(data):
             raise EnvelopeError("an answer longer than the envelope's answer")
-        out.append(data[nl + 1 : pos])
+        out.append((data[nl + 1 : pos], Timing.decode(timing)))
     if len(out) != count or pos != len(data):
         raise EnvelopeError(f"{len(out)} answers for {count} requests")
     return out

@@ -263,7 +263,7 @@ class Canary:
                         status, raw = resp.status, await resp.read()
                         try:
                             if status == 200:
-                                [(status, raw)] = read_answers(open_answer(gen.secret, envelope_id, raw), 1)
+                                [(status, raw, _timing)] = read_answers(open_answer(gen.secret, envelope_id, raw), 1)
                             answer: object = json.loads(raw)
                         except ValueError:  # an EnvelopeError (Untrusted too) is one
                             answer = raw.decode("utf-8", "replace")

@@ -111,7 +111,8 @@ def generation_config(settings, number: int, folder: Path, variant_dir: Path, mo
         token_budget=s.token_budget, attention_budget=s.attention_budget, max_length=s.max_length,
         window_stride=s.window_stride,
         limits=Limits(max_documents=s.max_documents, max_document_chars=s.max_document_chars, windows=s.windows,
-                      max_windows=s.max_windows, max_query_chars=s.max_query_chars),
+                      max_windows=s.max_windows, max_query_chars=s.max_query_chars,
+                      served_models=(model_name, *(a for a in s.served_models if a != model_name))),
         mosec=MosecArgs(
             address="127.0.0.1", port=port,
             # above the gate's deadline: only the gate fails a late request, alone (MOSEC would fail the whole

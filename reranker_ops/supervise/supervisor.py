@@ -122,7 +122,7 @@ class Supervisor:
         with frozen_imports():  # they live as long as the supervisor
             from ..front.front import Front
         view = SupervisorView(self)
-        self.front = Front(self.settings, self.metrics, self.log, view.upstream, self.probe_token, view.index, view)
+        self.front = Front(self.settings, self.metrics, self.log, self.probe_token, view)
         self.watch.front = self.front
         await self.front.start()
         self.rundir.write_pidfile(pidfile_data(self))

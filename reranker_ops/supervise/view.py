@@ -41,12 +41,59 @@ class SupervisorView:
         return None if gen is None or gen.exit_code is not None else f"http://127.0.0.1:{gen.port}/metrics"
 
     def index(self) -> dict:
-        from ..protocol.api import ROUTES
         from ..addresses import base_url
+        from ..protocol.api import ROUTES
 
         s = self._sup.settings
         return {"name": "rerankctl", "model": self._sup.model_name, "routes": list(ROUTES),
-                "health": f"{base_url(s.host, s.health_port)}/health"}
+                "models": self.served_names(), "health": f"{base_url(s.host, s.health_port)}/health"}
+
+    def served_names(self) -> list[str]:
+        """The served model's name, then its aliases (RERANKER_MODEL_ALIASES): what a request's model may say."""
+        name = self._sup.model_name
+        return [name, *(a for a in self._sup.settings.served_models if a != name)]
+
+    def info(self) -> dict:
+        """``GET /info``: text-embeddings-inference's fields (clients size their requests from them), then ours."""
+        from .. import __version__
+        from ..protocol.api import ROUTES
+        from ..protocol.manifest import read_variant_manifest
+
+        sup, s = self._sup, self._sup.settings
+        manifest = read_variant_manifest(sup.variant_dir)
+        gen = sup.gen
+        window = gen.max_length if gen is not None else int(manifest.get("max_length") or 512)
+        dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8",
+                 "int8-weights": "int8"}.get(sup.precision, sup.precision)
+        names = self.served_names()
+        return {
+            "model_id": names[0],
+            "model_sha": (manifest.get("source") or {}).get("commit"),
+            "model_dtype": dtype,
+            "served_model_name": names[0],
+            "model_type": {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}},
+            "max_concurrent_requests": s.effective_max_in_flight(),
+            "max_input_length": window,
+            "max_batch_tokens": s.token_budget,
+            "max_batch_requests": s.max_batch_requests,
+            "max_client_batch_size": s.max_documents,
+            "auto_truncate": True,  # a text over the window is cut (or windowed) unless a request says truncate: false
+            "tokenization_workers": s.workers,
+            "version": __version__,
+            "sha": None,
+            "docker_label": None,
+            "rerankctl": {
+                "aliases": names[1:],
+                "precision": sup.precision,
+                "long_documents": "truncate" if s.windows <= 1 else "windows",  # windows: the best of up to that many
+                "windows": s.windows,
+                "max_windows": s.max_windows,
+                "window_stride": s.window_stride,
+                "max_document_chars": s.max_document_chars,
+                "max_query_chars": s.max_query_chars,
+                "routes": list(ROUTES),
+            },
+        }
 
     def extra_metrics(self) -> list:
         """The families only the supervisor knows, read when scraped: connections by port, batching."""

@@ -10,7 +10,7 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -34,6 +34,20 @@ class Encoded:
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
+
+
+def longest_first(n_query: int, n_passage: int, budget: int) -> tuple[int, int]:
+    """How many tokens of each text a pair keeps within ``budget``: tokenizers' ``longest_first`` rule (the
+    shorter text whole if it fits in half, the longer gets the rest; else half each)."""
+    if n_query + n_passage <= budget:
+        return n_query, n_passage
+    swap = n_query > n_passage
+    n1, n2 = (n_passage, n_query) if swap else (n_query, n_passage)
+    n2 = n1 if n1 > budget else max(n1, budget - n1)
+    if n1 + n2 > budget:
+        n1 = budget // 2
+        n2 = n1 + budget % 2
+    return (n2, n1) if swap else (n1, n2)
 
 
 class Tokenizer:
@@ -74,12 +88,34 @@ class Tokenizer:
         e = tok.post_process(q, p)
         return Encoded(np.asarray(e.ids, dtype=np.int64), np.asarray(e.type_ids, dtype=np.int64), truncated)
 
-    def encode_items(self, pairs: Iterable[tuple[str, str]]) -> list[Encoded]:
+    def encode_items(self, pairs: Iterable[tuple[str, str]], *, side: str = "right", max_tokens: Optional[int] = None,
+                     doc_tokens: Optional[int] = None) -> list[Encoded]:
+        """Each pair joined and cut to the model's window as transformers cuts it. A request may ask for less:
+        ``max_tokens`` for the pair, ``doc_tokens`` for the passage alone, and ``side`` says which end of a
+        text is cut (the same longest-first rule, from the left)."""
         pairs = list(pairs)
         queries = self._queries([q for q, _ in pairs])
         passages = self._alone([p for _, p in pairs])
         limit = self.max_length - self.pair_specials
-        return [self._joined(self._tok, q, p, len(q) + len(p) > limit) for q, p in zip(queries, passages)]
+        if side == "right" and max_tokens is None and doc_tokens is None:
+            return [self._joined(self._tok, q, p, len(q) + len(p) > limit) for q, p in zip(queries, passages)]
+        budget = max(1, min(limit, (max_tokens or self.max_length) - self.pair_specials))
+        out = []
+        for q, p in zip(queries, passages):
+            cut = False
+            if doc_tokens is not None and len(p) > doc_tokens:
+                p.truncate(doc_tokens, direction=side)
+                cut = True
+            nq, np_ = longest_first(len(q), len(p), budget)
+            if nq < len(q):
+                q = type(q).merge([q])  # a copy: the query's tokens are shared by every pair of the request
+                q.truncate(nq, direction=side)
+                cut = True
+            if np_ < len(p):
+                p.truncate(np_, direction=side)
+                cut = True
+            out.append(self._joined(self._plain, q, p, cut))
+        return out
 
     def encode_pairs(self, query: str, passages: Sequence[str]) -> list[Encoded]:
         return self.encode_items([(query, p) for p in passages])
@@ -96,8 +132,8 @@ class Tokenizer:
             stride = room // 2
         return room, stride, room + (windows - 1) * (room - stride)
 
-    def encode_windows(self, pairs: Sequence[tuple[str, str]], windows: int, stride: int
-                       ) -> tuple[list[Encoded], list[int]]:
+    def encode_windows(self, pairs: Sequence[tuple[str, str]], windows: int, stride: int,
+                       doc_tokens: Optional[int] = None) -> tuple[list[Encoded], list[int]]:
         """Up to ``windows`` overlapping windows of each pair's passage, each with the whole query, exactly as
         transformers makes them: ``tokenizer(q, p, truncation="only_second", max_length=L, stride=S,
         return_overflowing_tokens=True)``, first ``windows`` of them. Returns the windows and, for each, the index
@@ -114,6 +150,8 @@ class Tokenizer:
         owners: list[int] = []
         limit = self.max_length - self.pair_specials
         for i, (q, p) in enumerate(zip(queries, passages)):
+            if doc_tokens is not None and len(p) > doc_tokens:
+                p.truncate(doc_tokens)  # the document as the request allows it, then its windows
             room, step_overlap, used = self.window_plan(len(q), windows, stride)
             if room <= 0:
                 encs.append(self._joined(self._tok, q, p, len(q) + len(p) > limit))

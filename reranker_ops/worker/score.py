@@ -34,8 +34,8 @@ from .engine import (
     configure_process_threads,
     trim_heap,
 )
-from ..protocol.api import TAG_ROUTES, RequestError, build_response, parse_job
-from ..protocol.envelope import REFUSED, EnvelopeError, Failed, open_envelope, pack_answers, seal_answer
+from ..protocol.api import TAG_ROUTES, TEI, RequestError, build_response, parse_job
+from ..protocol.envelope import REFUSED, EnvelopeError, Failed, Timing, open_envelope, pack_answers, seal_answer
 from ..protocol.genconfig import CONFIG_ENV, GenerationConfig
 from ..protocol.heartbeat import Heartbeat
 
@@ -159,34 +159,47 @@ class Score(Worker):
     def forward(self, data: bytes) -> bytes:
         """One envelope in (MOSEC's max_batch_size is 1: the gate batches), its parts' answers out, sealed."""
         envelope_id, bodies = self._gated(data)
-        out = self._forward(envelope_id, bodies)
-        packed = pack_answers([o.encode() if isinstance(o, Failed) else self._json(o) for o in out])
+        out, timings = self._forward(envelope_id, bodies)
+        packed = pack_answers([(o.encode() if isinstance(o, Failed) else self._json(o), t)
+                               for o, t in zip(out, timings)])
         return seal_answer(self._secret, envelope_id, packed)
 
-    def _forward(self, envelope_id: int, bodies: list[tuple[bytes, bytes]]) -> list:
-        """(route tag, body) of each request -> each one's answer (a dict) or why it failed (``Failed``)."""
+    def _forward(self, envelope_id: int, bodies: list[tuple[bytes, bytes]]) -> tuple[list, list[Timing]]:
+        """(route tag, body) of each request -> each one's answer (a dict) or why it failed (``Failed``), and what
+        was measured for it (its tokenization alone; the model call its pairs were in)."""
         now = time.monotonic()
         # the envelope's id: if this process dies scoring it, the supervisor knows which envelope it took along
         self.hb.write(busy_since=now, progress_at=now, envelope=envelope_id)
-        items = [self._prepare_alone(tag, body) for tag, body in bodies]
+        items, spent = [], []
+        for tag, body in bodies:
+            t0 = time.perf_counter()
+            items.append(self._prepare_alone(tag, body))
+            spent.append(int((time.perf_counter() - t0) * 1e6))
         good = [it for it in items if not isinstance(it, Failed)]
+        t0 = time.perf_counter()
         scored = iter(self._score_alone(good))
-        out = []
+        inference_us = int((time.perf_counter() - t0) * 1e6) if good else 0
+        out, timings = [], []
         tokens_total = pairs_total = 0
-        for item in items:
+        for item, tokenize_us in zip(items, spent):
             mine = item if isinstance(item, Failed) else next(scored)
             if isinstance(mine, Failed):
                 # one line in the server's log, as MOSEC writes for a request its worker refuses
-                print(f"score worker: request refused ({mine.status}): {(mine.detail or mine.message)[:300]}", file=sys.stderr, flush=True)
+                print(f"score worker: request refused ({mine.status}): {(mine.detail or mine.message)[:300]}",
+                      file=sys.stderr, flush=True)
                 out.append(mine)
+                timings.append(Timing(tokenize_us=tokenize_us))
                 continue
             n = len(item["encs"])
             tokens = sum(len(e) for e in item["encs"])
             tokens_total += tokens
             pairs_total += n
+            truncated = item["truncated"]
             if item["owners"] is not None:  # windows: each pair keeps its best window
                 mine = best_of_windows(mine, item["owners"], max(item["owners"]) + 1)  # every pair has one
-            out.append(build_response(item["job"], mine.tolist(), tokens, self.model_name, windows=n))
+            out.append(build_response(item["job"], mine.tolist(), tokens, self.model_name, windows=n,
+                                      truncated=truncated))
+            timings.append(Timing(tokenize_us, inference_us, tokens, item["chars"]))
         d = self.hb.data
         d["batches"] += 1
         d["requests"] += len(bodies)
@@ -194,7 +207,7 @@ class Score(Worker):
         d["pairs"] += pairs_total
         d["tokens"] += tokens_total
         self.hb.write(busy_since=None, progress_at=time.monotonic(), envelope=0)
-        return out
+        return out, timings
 
     def _score_alone(self, good: list[dict]) -> list:
         """Each request's logits (or ``Failed``), its pairs scored together with every other request's; if that
@@ -252,25 +265,32 @@ class Score(Worker):
         except RequestError as exc:
             return Failed(exc.status, exc.message)
         owners = None
+        pairs = list(zip(job.queries, job.passages))
         if job.windows > 1:
-            encs, owners = self.tokenizer.encode_windows(list(zip(job.queries, job.passages)), job.windows,
-                                                         self.window_stride)
+            encs, owners = self.tokenizer.encode_windows(pairs, job.windows, self.window_stride, job.doc_tokens)
         else:
-            encs = self.tokenizer.encode_items(zip(job.queries, job.passages))
-        if not job.truncate:
-            over = [i for i, e in enumerate(encs) if e.truncated]
-            if over:
-                pair = (owners[over[0]] if owners else over[0]) + job.extra.get("offset", 0)
-                if owners:
-                    return Failed(422, f"pair {pair} needs more than {job.windows} windows of"
-                                       f" {self.tokenizer.max_length} tokens and truncate is false; send more windows"
-                                       " (up to RERANKER_MAX_WINDOWS), truncate: true or shorter text")
-                return Failed(422, f"pair {pair} is longer than the model's {self.tokenizer.max_length} tokens and"
-                                   " truncate is false; send truncate: true, windows, or shorter text")
+            encs = self.tokenizer.encode_items(pairs, side=job.side, max_tokens=job.max_tokens,
+                                               doc_tokens=job.doc_tokens)
+        over = [i for i, e in enumerate(encs) if e.truncated]
+        if over and not job.truncate:
+            pair = (owners[over[0]] if owners else over[0]) + job.extra.get("offset", 0)
+            if job.style == TEI:  # TEI's own words for it
+                longest = max(len(e) for e in encs)
+                return Failed(422, f"Input validation error: `inputs` must have less than"
+                                   f" {self.tokenizer.max_length} tokens. Given: {longest}")
+            if owners:
+                return Failed(422, f"pair {pair} needs more than {job.windows} windows of"
+                                   f" {self.tokenizer.max_length} tokens and truncate is false; send more windows"
+                                   " (up to RERANKER_MAX_WINDOWS), truncate: true or shorter text")
+            return Failed(422, f"pair {pair} is longer than the model's {self.tokenizer.max_length} tokens and"
+                               " truncate is false; send truncate: true, windows, or shorter text")
+        truncated = len({owners[i] for i in over}) if owners else len(over)
+        chars = sum(len(q) + len(p) for q, p in pairs)
         job.queries = []
         if not job.return_documents:
             job.passages = []
-        return {"job": job, "encs": encs, "owners": owners}
+            job.originals = None
+        return {"job": job, "encs": encs, "owners": owners, "truncated": truncated, "chars": chars}
 
     @staticmethod
     def _json(answer: dict) -> bytes:
