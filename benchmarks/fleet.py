@@ -27,38 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-NGINX_CONF = """
-worker_processes 1;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    upstream rerankctl {{
-{servers}
-        keepalive 32;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        client_max_body_size 4m;
-        location / {{
-            proxy_pass http://rerankctl;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_next_upstream error timeout http_502 http_503 non_idempotent;
-            proxy_next_upstream_tries 3;
-            proxy_next_upstream_timeout 30s;
-            proxy_connect_timeout 2s;
-            proxy_read_timeout 35s;
-            proxy_request_buffering on;
-        }}
-    }}
-}}
-"""
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=120.0)
@@ -67,8 +35,9 @@ def main() -> int:
     from chaos import Load, build_model
     from conftest import ServerHandle, free_port
 
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(nginx).exists():
+    from nginxkit import Nginx, nginx_binary
+
+    if nginx_binary() is None:
         raise SystemExit("nginx is not installed: apt-get install nginx")
     model = build_model(Path(tempfile.gettempdir()) / "rerankctl-chaos-model")
     tmp = Path(tempfile.mkdtemp(prefix="fleet-"))
@@ -77,11 +46,8 @@ def main() -> int:
     for r in replicas:
         r.env["PATH"] = f"{REPO / '.venv' / 'bin'}:{r.env.get('PATH', '')}"
         r.start()
-    port = free_port()
-    servers = "\n".join(f"        server 127.0.0.1:{r.port} max_fails=1 fail_timeout=5s;" for r in replicas)
-    (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, servers=servers, port=port))
-    ng = subprocess.Popen([nginx, "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"], stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
+    ng = Nginx(tmp / "nginx", [r.port for r in replicas], free_port())  # deploy/nginx/rerankctl.conf as shipped
+    base = ng.base
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
@@ -116,8 +82,7 @@ def main() -> int:
         marks["end"] = time.monotonic()
     finally:
         load.stop()
-        ng.send_signal(signal.SIGQUIT)
-        ng.wait(timeout=30)
+        ng.stop()
         for r in replicas:
             r.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)

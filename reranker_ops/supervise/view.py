@@ -107,10 +107,32 @@ class SupervisorView:
                for name, kind, what, values in (front.connection_metrics() if front is not None else [])]
         batches, requests = watch.batches()
         in_flight = front.in_flight if front is not None else 0
-        return out + [
+        return out + self._memory() + [
+            gauge("reranker_max_in_flight", "Requests admitted at once (RERANKER_MAX_IN_FLIGHT): beyond, 429.",
+                  self._sup.settings.effective_max_in_flight()),
             gauge("reranker_in_flight_per_worker", "Requests in flight per live score worker (a scaling signal).",
                   round(in_flight / max(1, watch.capacity()["score"]["live"]), 3)),
             counter("reranker_batches", "Envelopes the live score workers scored (one scoring call each).", batches),
             counter("reranker_batched_requests", "Requests in those envelopes (over batches: the average batch).",
                     requests),
         ]
+
+    def _memory(self) -> list:
+        """PSS by role (the supervisor, MOSEC's main process, its controller, score workers, helpers): what the
+        dashboard draws and ``rerankctl status`` lists. Read at scrape time: a read of smaps_rollup a process."""
+        import os
+
+        import psutil
+        from prometheus_client.core import GaugeMetricFamily
+
+        from ..front.metrics import labelled
+
+        procs = [(psutil.Process(os.getpid()), "supervisor"), *self._sup.watch.processes(self._sup.gen)]
+        by_role: dict[str, float] = {}
+        for proc, role in procs:
+            try:
+                by_role[role] = by_role.get(role, 0.0) + proc.memory_full_info().pss
+            except (psutil.Error, AttributeError):  # gone meanwhile, or no PSS on this kernel
+                continue
+        return [labelled(GaugeMetricFamily, "reranker_process_memory_bytes", "Proportional set size (PSS) of the"
+                         " server's processes, summed by role.", "role", sorted(by_role.items()))]
