@@ -180,7 +180,9 @@ def test_a_real_prometheus_scrapes_every_metric_the_alerts_and_the_dashboard_rea
         filled = (expr.replace("$__rate_interval", "1m").replace("$__range", "5m").replace("$job", ".*")
                   .replace("$instance", ".*"))
         query(base, filled)
-    assert query(base, 'sum(rate(reranker_pairs_scored_total{job="rerankctl"}[1m]))')
+    # and reads the traffic (rate needs two scrapes of the counter after it moved)
+    wait_until(lambda: query(base, 'sum(rate(reranker_pairs_scored_total{job="rerankctl"}[1m])) > 0'), timeout=30,
+               what="pairs/s as the dashboard reads them")
 
 
 def test_the_deployments_probe_paths_answer_on_a_real_server(make_server):
