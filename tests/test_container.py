@@ -286,3 +286,100 @@ def test_the_kubernetes_manifests_validate(version, tmp_path):
     assert by_port["http"] == [{"podSelector": {}}]
     assert by_port["health"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
     assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "rerankctl"}
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_the_rendered_manifests_run_under_podman_kube_play(image, tiny_fp32, tmp_path):
+    """deploy/k8s rendered by ``kubectl kustomize`` and played by podman: the pod comes up, its probe paths
+    answer, it serves a rerank (with the Secret's key) through its port; then PID 1 is killed with SIGKILL from
+    the host (what an OOM kill does), the pod's restart policy starts the container again with its run-dir
+    volume (the emptyDir) kept, and it is ready and serving again.
+
+    Changed for podman, and only that: the image is the one built here (never pulled); the model's PVC (there is
+    no provisioner here) is a host folder with the tiny model, which the ConfigMap names; the ports get host
+    ports on loopback; the Secret is handed to podman as a podman secret; and the kinds podman does not play (Namespace, Service, NetworkPolicy, HPA, PDB, the
+    adapter's rules) are left out."""
+    import json
+    import os
+    import signal
+
+    import yaml
+
+    model = tmp_path / "models" / "tiny-model"
+    shutil.copytree(tiny_fp32.parent, model, symlinks=True, ignore=shutil.ignore_patterns("onnx-*", "*int8*", "*fp16*"))
+    for p in [model.parent, *model.rglob("*")]:
+        p.chmod(p.stat().st_mode | 0o044 | (0o011 if p.is_dir() else 0))
+    key = "a-real-key-0123456789"
+    res = render_k8s(tmp_path, key=key)
+    assert res.returncode == 0, res.stderr
+    docs = [d for d in yaml.safe_load_all(res.stdout)
+            if d["kind"] in ("ConfigMap", "Secret", "Deployment") and d["metadata"]["name"] != "rerankctl-adapter-rules"]
+    [deployment] = [d for d in docs if d["kind"] == "Deployment"]
+    [env] = [d for d in docs if d["kind"] == "ConfigMap"]
+    env["data"].update(RERANKER_MODEL="/models/tiny-model", RERANKER_PROBE_INTERVAL_S="1")
+    spec = deployment["spec"]["template"]["spec"]
+    [container] = spec["containers"]
+    container.update(image=image, imagePullPolicy="Never")
+    port, hport = free_port(), free_port()
+    for p in container["ports"]:
+        p.update(hostPort={"http": port, "health": hport}[p["name"]], hostIP="127.0.0.1")
+    [models] = [v for v in spec["volumes"] if v["name"] == "models"]
+    models.clear()
+    models.update(name="models", hostPath={"path": str(model.parent), "type": "Directory"})
+    deployment["spec"]["replicas"] = 1
+    # podman 4 reads a secretRef from a podman secret holding the Secret's data as JSON (name -> base64), not
+    # from a Secret in the YAML: made from the rendered Secret's own data
+    [secret] = [d for d in docs if d["kind"] == "Secret"]
+    docs.remove(secret)
+    secret_file = tmp_path / "secret.json"
+    secret_file.write_text(json.dumps(secret["data"]))
+    secret_name = secret["metadata"]["name"]
+    podman("secret", "rm", secret_name)
+    made = podman("secret", "create", secret_name, str(secret_file))
+    assert made.returncode == 0, made.stderr
+    play = tmp_path / "play.yaml"
+    play.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    # this machine refuses podman's default open-files limit (as run_container's --ulimit says): the same
+    # limits for the pod's containers, through containers.conf
+    conf = tmp_path / "containers.conf"
+    conf.write_text('[containers]\ndefault_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]\n')
+    env = dict(os.environ, CONTAINERS_CONF=str(conf))
+    try:
+        out = subprocess.run(sdbox.podman_args() + ["kube", "play", str(play)], capture_output=True, text=True,
+                             timeout=300, env=env)
+        assert out.returncode == 0, out.stdout + out.stderr
+        # podman names the pod <deployment>-pod[-n] and its container <pod>-<container>
+        names = podman("ps", "--format", "{{.Names}}").stdout.split()
+        [name] = [n for n in names if n.startswith(f"{deployment['metadata']['name']}-pod")
+                  and n.endswith(f"-{container['name']}")]
+        wait_until(lambda: _get(f"http://127.0.0.1:{hport}/ready") == 200, 180, 0.3, what="the pod ready")
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            path = container[probe]["httpGet"]["path"]
+            assert _get(f"http://127.0.0.1:{hport}{path}") == 200, probe
+        auth = {"Authorization": f"Bearer {key}"}
+        r = httpx.post(f"http://127.0.0.1:{port}/rerank", json={"query": QUERY, "documents": DOCS}, headers=auth,
+                       timeout=30)
+        assert r.status_code == 200 and len(r.json()["scores"]) == 3, r.text
+        assert httpx.post(f"http://127.0.0.1:{port}/rerank", json={"query": QUERY, "documents": DOCS},
+                          timeout=30).status_code == 401  # the Secret's key is required
+        user = podman("exec", name, "id", "-u").stdout.strip()
+        assert user == "10001", user  # the pod's securityContext, not the image's default
+        # PID 1 killed from the host, as the OOM killer does: the restart policy brings the container back
+        pid = int(podman("inspect", "--format", "{{.State.Pid}}", name).stdout.strip())
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: podman("inspect", "--format", "{{.RestartCount}}", name).stdout.strip() not in ("", "0"),
+                   60, 0.3, what="the container restarted by the pod's policy")
+        wait_until(lambda: _get(f"http://127.0.0.1:{hport}/ready") == 200, 180, 0.3, what="ready again")
+        r = httpx.post(f"http://127.0.0.1:{port}/rerank", json={"query": QUERY, "documents": DOCS}, headers=auth,
+                       timeout=30)
+        assert r.status_code == 200, r.text
+        # the run dir's volume outlived the container: the log holds both starts
+        log = podman("exec", name, "cat", "/run/rerankctl/run/rerankctl.log").stdout
+        assert log.count("state starting -> running") >= 2, log[-3000:]
+        state = json.loads(podman("exec", name, "cat", "/run/rerankctl/run/state.json").stdout)
+        assert state["state"] == "running"
+    finally:
+        subprocess.run(sdbox.podman_args() + ["kube", "down", str(play)], capture_output=True, timeout=120, env=env)
+        podman("secret", "rm", secret_name)
