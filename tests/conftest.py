@@ -255,6 +255,13 @@ def kill_marked(run_dir: Path) -> None:
 
 QUERY = "Как приготовить борщ?"
 DOCS = ["Борщ — суп из свёклы.", "Завтра дождь.", "Нейронные сети."]
+# four documents of mixed scripts, emoji and lengths: the API tests' and the client dialects' default
+MIXED_DOCS = [
+    "Борщ — традиционный свекольный суп, его варят с капустой.",
+    "Вчера была хорошая погода для прогулки 🌞",
+    "Машинное обучение использует нейронные сети.",
+    "How to cook borscht: beets, cabbage and broth. 🍲",
+]
 
 
 class Clients:

@@ -11,19 +11,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import ServerHandle
+from conftest import MIXED_DOCS, ServerHandle
 
 import reranker_ops
 
 pytestmark = pytest.mark.timeout(300)
 
 QUERY = "Как приготовить борщ?"
-DOCS = [
-    "Борщ — традиционный свекольный суп, его варят с капустой.",
-    "Вчера была хорошая погода для прогулки 🌞",
-    "Машинное обучение использует нейронные сети.",
-    "How to cook borscht: beets, cabbage and broth. 🍲",
-]
+DOCS = MIXED_DOCS
 LONG = "борщ суп свёкла капуста " * 300 + "финал текста о погоде"  # well over the tiny model's 512 tokens
 ALIASES = "rerank-v3.5,rerank-multilingual-v3.0"
 TIMING_HEADERS = ("x-compute-type", "x-compute-time", "x-total-time", "x-compute-tokens", "x-compute-characters",

@@ -95,13 +95,16 @@ def test_every_kind_of_leftover_is_removed_before_anything_binds(make_server):
     (run / "mosec").mkdir(mode=0o700)
     (run / "workers").mkdir(mode=0o700)
     planted = []
-    # MOSEC's IPC sockets and config of earlier generations, in the old layout (g1, g2) and in the new one
-    for folder in ("g1", "g2", "0123456789ab.g1"):
+    # MOSEC's IPC sockets and config of earlier generations, in the old layout (g1, g2) and in today's
+    # (<8 hex digits of the instance>.g<n>); a 12-digit tag of the release before is planted as a folder below
+    for folder in ("g1", "g2", "01234567.g1"):
         _bound_socket(run / "mosec" / folder / "ipc_Score_1.socket")
         (run / "mosec" / folder / "config.json").write_text("{}")
         planted += [run / "mosec" / folder]
-    for name in ("mosec-config-1.json", "mosec/0123456789ab.g1.json"):
-        (run / name).write_text(json.dumps({"gate_secret": "0" * 32}))
+    (run / "mosec" / "0123456789ab.g1").mkdir()
+    planted.append(run / "mosec" / "0123456789ab.g1")
+    for name in ("mosec-config-1.json", "mosec/01234567.g1.json", "mosec/0123456789ab.g1.json"):
+        (run / name).write_text(json.dumps({"secret": "0" * 32}))
         planted.append(run / name)
     # a worker's heartbeat and info of a pid that is not a worker of ours (this test's own)
     for suffix in (".hb", ".json"):

@@ -16,17 +16,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import clean_env, free_port, in_flight, run_cli, sample, wait_until
+from conftest import MIXED_DOCS, clean_env, free_port, in_flight, run_cli, sample, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
 QUERY = "Как приготовить борщ?"
-DOCS = [
-    "Борщ — традиционный свекольный суп, его варят с капустой.",
-    "Вчера была хорошая погода для прогулки 🌞",
-    "Машинное обучение использует нейронные сети.",
-    "How to cook borscht: beets, cabbage and broth. 🍲",
-]
+DOCS = MIXED_DOCS
 
 
 def post(server, route: str, body, timeout: float = 30, **kw) -> httpx.Response:

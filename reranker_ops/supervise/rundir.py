@@ -301,7 +301,9 @@ class RunDir:
 
     def generation_paths(self, number: int) -> tuple[Path, Path]:
         """(config file, MOSEC's folder) of generation ``number``: unique to this server and generation."""
-        tag = f"{self.instance[:12]}.g{number}"
+        # 8 hex digits of the instance tell this server's generations from a dead one's, and leave a Unix
+        # socket's 107 bytes as much of the run dir's path as they can
+        tag = f"{self.instance[:8]}.g{number}"
         folder = self.settings.mosec_dir / tag
         # MOSEC puts its IPC sockets in the folder: a Unix socket's path has at most 107 bytes
         socket = folder / "ipc_Score_1.socket"
