@@ -44,7 +44,9 @@ def image_exists(tag: str) -> bool:
     return subprocess.run(podman_args() + ["image", "exists", tag], capture_output=True).returncode == 0
 
 
-def debian_mirror() -> str:
+def debian_mirror() -> str | None:
+    """The mirror this machine's apt uses (debootstrap then fetches from where apt can); None: debootstrap's
+    own default."""
     for path in ("/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list"):
         try:
             text = Path(path).read_text()
@@ -56,7 +58,7 @@ def debian_mirror() -> str:
                 return line.split()[1]
             if line.startswith("deb ") and "security" not in line:
                 return line.split()[1]
-    return "http://deb.debian.org/debian"
+    return None
 
 
 def ensure_base_image() -> str:
@@ -64,8 +66,9 @@ def ensure_base_image() -> str:
         return BASE_TAG
     with tempfile.TemporaryDirectory(prefix="rrk-rootfs-", dir="/var/tmp") as tmp:
         rootfs = Path(tmp) / "rootfs"
+        mirror = debian_mirror()
         subprocess.run(["debootstrap", "--variant=minbase", f"--include={PACKAGES}", "bookworm", str(rootfs),
-                        debian_mirror()], check=True, capture_output=True, timeout=900)
+                        *([mirror] if mirror else [])], check=True, capture_output=True, timeout=900)
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
         subprocess.run(podman_args() + ["import", "-", BASE_TAG], stdin=tar.stdout, check=True,
                        capture_output=True, timeout=600)
