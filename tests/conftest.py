@@ -267,9 +267,10 @@ MIXED_DOCS = [
 class Clients:
     """Clients sending requests in a loop (bounded by time), recording every outcome."""
 
-    def __init__(self, base: str, deadline_s: float, n: int = 3) -> None:
+    def __init__(self, base: str, deadline_s: float, n: int = 3, headers: dict | None = None) -> None:
         self.base = base
         self.deadline_s = deadline_s
+        self.headers = headers or {}
         self.records: list[tuple[float, float, object]] = []  # start, seconds, status or error
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(n)]
@@ -280,7 +281,7 @@ class Clients:
             t0 = time.monotonic()
             try:
                 r = httpx.post(self.base + "/rerank", json={"query": QUERY, "documents": DOCS},
-                               timeout=self.deadline_s + 10)
+                               headers=self.headers, timeout=self.deadline_s + 10)
                 outcome: object = r.status_code
                 if r.status_code == 200 and len(r.json().get("scores", [])) != 3:
                     outcome = "wrong answer"  # judged by the test, in the main thread

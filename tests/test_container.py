@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import sdbox
-from conftest import DOCS, QUERY, REPO, free_port, wait_until
+from conftest import DOCS, QUERY, REPO, Clients, free_port, wait_until
 
 IMAGE = "localhost/rerankctl-test:latest"
 
@@ -318,7 +318,8 @@ def test_the_rendered_manifests_run_under_podman_kube_play(image, tiny_fp32, tmp
             if d["kind"] in ("ConfigMap", "Secret", "Deployment") and d["metadata"]["name"] != "rerankctl-adapter-rules"]
     [deployment] = [d for d in docs if d["kind"] == "Deployment"]
     [env] = [d for d in docs if d["kind"] == "ConfigMap"]
-    env["data"].update(RERANKER_MODEL="/models/tiny-model", RERANKER_PROBE_INTERVAL_S="1")
+    # two score workers: the kill below takes a pod that serves with more than one
+    env["data"].update(RERANKER_MODEL="/models/tiny-model", RERANKER_PROBE_INTERVAL_S="1", RERANKER_WORKERS="2")
     spec = deployment["spec"]["template"]["spec"]
     [container] = spec["containers"]
     container.update(image=image, imagePullPolicy="Never")
@@ -366,18 +367,29 @@ def test_the_rendered_manifests_run_under_podman_kube_play(image, tiny_fp32, tmp
                           timeout=30).status_code == 401  # the Secret's key is required
         user = podman("exec", name, "id", "-u").stdout.strip()
         assert user == "10001", user  # the pod's securityContext, not the image's default
-        # PID 1 killed from the host, as the OOM killer does: the restart policy brings the container back
-        pid = int(podman("inspect", "--format", "{{.State.Pid}}", name).stdout.strip())
-        os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: podman("inspect", "--format", "{{.RestartCount}}", name).stdout.strip() not in ("", "0"),
-                   60, 0.3, what="the container restarted by the pod's policy")
-        wait_until(lambda: _get(f"http://127.0.0.1:{hport}/ready") == 200, 180, 0.3, what="ready again")
-        r = httpx.post(f"http://127.0.0.1:{port}/rerank", json={"query": QUERY, "documents": DOCS}, headers=auth,
-                       timeout=30)
-        assert r.status_code == 200, r.text
-        # the run dir's volume outlived the container: the log holds both starts
+        assert httpx.get(f"http://127.0.0.1:{hport}/health", timeout=10).json()["capacity"]["score"]["live"] == 2
+        # PID 1 killed from the host, as the OOM killer does, while clients send: the restart policy brings the
+        # container back, and the clients are served again
+        with Clients(f"http://127.0.0.1:{port}", deadline_s=30, n=3, headers=auth) as clients:
+            wait_until(lambda: sum(1 for *_, o in list(clients.records) if o == 200) >= 10, 60, 0.1,
+                       what="load on the pod")
+            pid = int(podman("inspect", "--format", "{{.State.Pid}}", name).stdout.strip())
+            os.kill(pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            wait_until(lambda: podman("inspect", "--format", "{{.RestartCount}}", name).stdout.strip()
+                       not in ("", "0"), 60, 0.3, what="the container restarted by the pod's policy")
+            wait_until(lambda: _get(f"http://127.0.0.1:{hport}/ready") == 200, 180, 0.3, what="ready again")
+            ready_at = time.monotonic()
+            wait_until(lambda: sum(1 for t0, _, o in list(clients.records) if t0 > ready_at and o == 200) >= 10,
+                       60, 0.1, what="the clients served again")
+        # what failed, failed while the pod was down (its requests in flight, then nothing listening)
+        late = [(t0 - ready_at, o) for t0, _, o in clients.records if o != 200 and t0 > ready_at]
+        assert not late, late
+        assert any(o != 200 for t0, _, o in clients.records if t0 >= killed_at - 1), "the kill was not felt"
+        # the run dir's volume outlived the container: the log holds both starts (each leaves "starting": for
+        # running, or for degraded while the second of two workers still loads)
         log = podman("exec", name, "cat", "/run/rerankctl/run/rerankctl.log").stdout
-        assert log.count("state starting -> running") >= 2, log[-3000:]
+        assert log.count("state starting -> ") >= 2, log[-3000:]
         state = json.loads(podman("exec", name, "cat", "/run/rerankctl/run/state.json").stdout)
         assert state["state"] == "running"
     finally:

@@ -62,3 +62,24 @@ def test_responses_order_and_cut():
     out = build_response(job, [-1.0, 1.0], tokens=4, model_name="m")
     assert out["results"][0] == {"index": 1, "relevance_score": pytest.approx(0.7310585786)}
     assert out["meta"]["api_version"]["version"] == "2"
+
+
+def test_the_gates_byte_rules_agree_with_the_parser():
+    """The gate reads two things from a body's bytes before (or without) parsing it: whether it is TEI's shape
+    (its errors are then TEI's) and whether it may ask for windows (it is then costed from its parsed pairs).
+    Both must say what parse_job decides, and read from an offset without a copy of the body."""
+    from reranker_ops.protocol.api import TEI, asks_for_windows, tei_shaped
+
+    head = b"\0" * 16
+    bodies = [{"query": "q", "texts": ["a"]}, {"query": "q", "documents": ["a"]},
+              {"query": "q", "documents": ["texts"], "texts": ["b"]}, {"query": "q", "texts": ["a"], "windows": 2},
+              {"query": "q", "documents": ["a"], "max_chunks_per_doc": 3}]
+    for body in bodies:
+        raw = bytearray(head + json.dumps(body).encode())
+        job = parse_job("/rerank", raw[len(head):], Limits())
+        assert tei_shaped("/rerank", raw, len(head)) == (job.style == TEI), body
+        assert asks_for_windows(raw) == (job.windows > 1), body
+    assert not tei_shaped("/v1/rerank", b'{"query": "q", "texts": ["a"]}')
+    before = b'"documents"'  # bytes before the offset (the gate's room for a part head) are not read
+    assert tei_shaped("/rerank", before + b'{"query": "q", "texts": ["a"]}', len(before))
+    assert not tei_shaped("/rerank", before + b'{"query": "q", "texts": ["a"]}')

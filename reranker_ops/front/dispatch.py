@@ -33,7 +33,8 @@ from typing import Callable, Optional
 
 from aiohttp import web
 
-from ..protocol.api import CHUNK, ROUTE_TAGS, Job, Limits, RequestError, build_response, chunk_body, parse_job
+from ..protocol.api import (CHUNK, ROUTE_TAGS, Job, Limits, RequestError, asks_for_windows, build_response,
+                                chunk_body, parse_job)
 from ..protocol.envelope import (NO_TIMING, PART_HEAD_LEN, EnvelopeError, Untrusted, open_answer,
                                  part_head, read_answers, seal)
 from ..settings import Settings
@@ -308,8 +309,7 @@ class Dispatch:
         return self.limits
 
     def _windows_asked(self, body: bytearray) -> bool:
-        # Cohere v1's max_chunks_per_doc is windows under another name
-        return self.limits.default_windows > 1 or b'"windows"' in body or b'"max_chunks_per_doc"' in body
+        return self.limits.default_windows > 1 or asks_for_windows(body)
 
 
     def _job_cost(self, job: Job, start: int, end: int) -> int:

@@ -34,7 +34,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from ..protocol.api import ROUTES, Limits
+from ..protocol.api import ROUTES, Limits, tei_shaped
 from ..protocol.envelope import PART_HEAD_LEN
 from ..protocol.openapi import openapi_document
 from ..settings import Settings
@@ -42,7 +42,7 @@ from ..observe import REQUEST_ID_HEADER, request_id, request_id_from
 from .dispatch import Dispatch
 from .listener import FrontDoor
 from .metrics import Metrics
-from .responses import error_response, is_tei, tei_error, unauthorized
+from .responses import error_response, tei_error, unauthorized
 from .tracing import Tracing
 
 PROBE_HEADER = "X-Reranker-Probe"
@@ -322,7 +322,7 @@ class Gate:
         body = await self._read_body(request, b"\0" * PART_HEAD_LEN)
         if isinstance(body, web.Response):
             return body
-        request["tei"] = is_tei(route, memoryview(body)[PART_HEAD_LEN:])
+        request["tei"] = tei_shaped(route, body, PART_HEAD_LEN)
         request["bytes"] = len(body) - PART_HEAD_LEN
         refused = self._admit(request, probe)
         if refused is not None:

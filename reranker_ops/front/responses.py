@@ -9,7 +9,7 @@ from typing import Optional
 from aiohttp import web
 
 from ..protocol.api import EMPTY_TEXTS
-from ..protocol.envelope import Buffer, Timing
+from ..protocol.envelope import Timing
 
 JSON = "application/json"
 ERROR_KINDS = {
@@ -66,12 +66,6 @@ def tei_error(resp: web.Response) -> web.Response:
     if resp.keep_alive is False:
         out.force_close()
     return out
-
-
-def is_tei(route: str, body: Buffer) -> bool:
-    """A /rerank body in text-embeddings-inference's shape ("texts", no "documents"): its errors are TEI's too.
-    Read from the bytes, so the gate answers even a body it never parses in the shape its client reads."""
-    return route == "/rerank" and bytes(body).find(b'"texts"') >= 0 and bytes(body).find(b'"documents"') < 0
 
 
 def timing_headers(request: web.Request, timing: Timing, queued_s: float) -> dict:

@@ -251,13 +251,23 @@ def chunk_body(job: Job, start: int, end: int) -> bytes:
                        "windows": job.windows, "offset": start, **job.options}, ensure_ascii=False).encode("utf-8")
 
 
+WINDOW_KEYS = ("windows", "max_chunks_per_doc")  # the names a request asks for windows by (``_windows``)
+_WINDOW_KEYS_RAW = tuple(b'"%s"' % key.encode() for key in WINDOW_KEYS)
+
+
+def asks_for_windows(raw: bytes | bytearray) -> bool:
+    """Whether a body may ask for windows, read from its bytes without parsing it (a key, or a text that
+    happens to hold one: then the body is parsed for nothing, never costed short)."""
+    return any(key in raw for key in _WINDOW_KEYS_RAW)
+
+
 def _windows(body: dict, limits: Limits) -> int:
     """``"windows": n`` (1 to the server's RERANKER_MAX_WINDOWS), or the server's RERANKER_WINDOWS. Cohere v1's
     ``max_chunks_per_doc`` is the same number under Cohere's name: it is at most what a client allows, so one
     above the server's cap gets the cap, not an error."""
-    n = _opt_int(body, "windows")
+    n = _opt_int(body, WINDOW_KEYS[0])
     if n is None:
-        chunks = _opt_int(body, "max_chunks_per_doc")
+        chunks = _opt_int(body, WINDOW_KEYS[1])
         return limits.default_windows if chunks is None else min(chunks, limits.max_windows)
     if n > limits.max_windows:
         raise RequestError(422, f"windows is {n}, over the limit of {limits.max_windows} per passage"
@@ -306,7 +316,7 @@ def parse_job(route: str, data: Buffer, limits: Limits) -> Job:
         return _parse_inference(body, limits)
     if not isinstance(body, dict):
         raise RequestError(422, f"body must be a JSON object, got {_type(body)}")
-    if route == "/rerank" and "texts" in body and "documents" not in body:
+    if route == "/rerank" and "texts" in body and "documents" not in body:  # as tei_shaped reads the bytes
         return _parse_tei(body, limits)
     if "query" not in body:
         raise RequestError(422, "query is required (a string)")
@@ -323,6 +333,13 @@ def parse_job(route: str, data: Buffer, limits: Limits) -> Job:
     docs = _documents(body, limits, allow_objects=True)
     objects = body["documents"] if any(isinstance(d, dict) for d in body["documents"]) else None
     return Job(queries=[query] * len(docs), passages=docs, top_n=_opt_int(body, "top_n"), originals=objects, **common)
+
+
+def tei_shaped(route: str, raw: bytes | bytearray, start: int = 0) -> bool:
+    """The rule ``parse_job`` applies to the parsed body ("texts", no "documents"), read from the bytes from
+    ``start`` on, so the gate answers even a body it never parses in the shape its client reads. In place (no
+    copy of the body), and "documents" first: the common shapes stop at their first key, not after the body."""
+    return route == "/rerank" and raw.find(b'"documents"', start) < 0 and raw.find(b'"texts"', start) >= 0
 
 
 def _parse_tei(body: dict, limits: Limits) -> Job:

@@ -8,12 +8,11 @@ added on one side and forgotten on the other fails loudly in the tests, not in p
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .api import Limits
+from .atomic import write_json_atomic
 
 CONFIG_ENV = "RERANKER_WORKER_CONFIG"  # MOSEC's main process points its workers at the file with it
 
@@ -68,19 +67,9 @@ class GenerationConfig:
         return cls(**values)
 
     def write(self, path: Path) -> None:
-        """Atomically, private (0600) from the moment it exists: it holds the generation's secret."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self.to_dict(), fh, ensure_ascii=False)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        """Atomically, private (0600) from the moment it exists: it holds the generation's secret. Not synced:
+        it is written anew at every start, and a start removes what a dead server left."""
+        write_json_atomic(path, self.to_dict(), indent=None, sync=False)
 
     @classmethod
     def read(cls, path: Path) -> "GenerationConfig":

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import AlreadyRunning, ServerStartError
-from ..models.store import write_json_atomic
+from ..protocol.atomic import write_json_atomic
 from .procs import identify, kill_instance
 
 

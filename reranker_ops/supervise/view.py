@@ -127,7 +127,9 @@ class SupervisorView:
 
         from ..front.metrics import labelled
 
-        procs = [(psutil.Process(os.getpid()), "supervisor"), *self._sup.watch.processes(self._sup.gen)]
+        watch = self._sup.watch  # the roles from the heartbeats its last tick read, not the worker dir again
+        procs = [(psutil.Process(os.getpid()), "supervisor"),
+                 *watch.processes(self._sup.gen, watch.beats or None)]
         by_role: dict[str, float] = {}
         for proc, role in procs:
             try:

@@ -46,58 +46,46 @@ def generated_corpus(n: int = 2000, seed: int = 0) -> list[str]:
     return lines
 
 
-def build_model(out_dir: Path, *, shape: str = "tiny", seed: int = 0, max_position: int = 512) -> Path:
-    """Write a random ``BertForSequenceClassification`` (1 label) and its tokenizer to ``out_dir``."""
+def bert_tokenizer(corpus: list[str], vocab_size: int, max_length: int):
+    """A BERT WordPiece tokenizer (lower-cased, [CLS] q [SEP] p [SEP] with segment ids) trained on ``corpus``, as
+    transformers' ``BertTokenizerFast``: the tokenizer of every model built here."""
     try:
-        import torch
-        from tokenizers import (
-            Tokenizer,
-            models,
-            normalizers,
-            pre_tokenizers,
-            processors,
-            trainers,
-        )
-        from transformers import (
-            BertConfig,
-            BertForSequenceClassification,
-            BertTokenizerFast,
-        )
+        from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+        from transformers import BertTokenizerFast
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise missing_extra("convert", exc) from exc
 
-    dims = dict(TINY if shape == "tiny" else DITY_SHAPE)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    vocab_size = dims.pop("vocab_size", 1000)
-    corpus = generated_corpus(seed=seed)
-    if shape == "tiny":
-        trainer = trainers.WordPieceTrainer(vocab_size=1000, special_tokens=specials)
-    else:
-        rng = random.Random(seed)
-        corpus += [" ".join(rng.choice(BENCH_RU_WORDS) for _ in range(20)) for _ in range(2000)]
-        trainer = trainers.WordPieceTrainer(vocab_size=DITY_TOKENIZER_VOCAB, special_tokens=specials)
-    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.train_from_iterator(corpus, trainer=trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
-    fast = BertTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=max_position,
-    )
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    return BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                             sep_token="[SEP]", mask_token="[MASK]", model_max_length=max_length)
+
+
+def build_model(out_dir: Path, *, shape: str = "tiny", seed: int = 0, max_position: int = 512) -> Path:
+    """Write a random ``BertForSequenceClassification`` (1 label) and its tokenizer to ``out_dir``."""
+    try:
+        import torch
+        from transformers import BertConfig, BertForSequenceClassification
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise missing_extra("convert", exc) from exc
+
+    dims = dict(TINY if shape == "tiny" else DITY_SHAPE)
+    vocab_size = dims.pop("vocab_size", 1000)
+    corpus = generated_corpus(seed=seed)
+    if shape != "tiny":
+        rng = random.Random(seed)
+        corpus += [" ".join(rng.choice(BENCH_RU_WORDS) for _ in range(20)) for _ in range(2000)]
+    fast = bert_tokenizer(corpus, 1000 if shape == "tiny" else DITY_TOKENIZER_VOCAB, max_position)
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=max(vocab_size, tok.get_vocab_size()),
+        vocab_size=max(vocab_size, fast.backend_tokenizer.get_vocab_size()),
         max_position_embeddings=max_position,
         num_labels=1,
         type_vocab_size=2,

@@ -22,6 +22,8 @@ from pathlib import Path
 from reranker_ops.errors import missing_extra
 from reranker_ops.models.evalset import mrr, ndcg_at, ranking_quality  # noqa: F401  (re-exported for the tests)
 
+from .synthetic import bert_tokenizer
+
 VERSION = 1
 TOPICS = 12
 WORDS_PER_TOPIC = 8
@@ -78,19 +80,7 @@ def train_model(out_dir: Path, *, seed: int = 0, steps: int = 300, batch: int = 
     """Train, evaluate on held-out queries, and save with ``save_pretrained`` (plus eval/calibration sets)."""
     try:
         import torch
-        from tokenizers import (
-            Tokenizer,
-            models,
-            normalizers,
-            pre_tokenizers,
-            processors,
-            trainers,
-        )
-        from transformers import (
-            BertConfig,
-            BertForSequenceClassification,
-            BertTokenizerFast,
-        )
+        from transformers import BertConfig, BertForSequenceClassification
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise missing_extra("convert", exc) from exc
 
@@ -100,19 +90,9 @@ def train_model(out_dir: Path, *, seed: int = 0, steps: int = 300, batch: int = 
     topics, fillers = make_task(0)
     corpus = [" ".join(t) for t in topics] + [" ".join(fillers)]
     corpus += [it["query"] + " " + p for it in train[:200] for p in it["passages"]]
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(corpus, trainer=trainers.WordPieceTrainer(vocab_size=600, special_tokens=specials))
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
-    fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                             sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
+    fast = bert_tokenizer(corpus, 600, 512)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=tok.get_vocab_size(), max_position_embeddings=512, num_labels=1,
+    config = BertConfig(vocab_size=fast.backend_tokenizer.get_vocab_size(), max_position_embeddings=512, num_labels=1,
                         type_vocab_size=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **SHAPE)
     model = BertForSequenceClassification(config)
     pairs = [(it["query"], p, g / 2.0) for it in train for p, g in zip(it["passages"], it["grades"])]
