@@ -412,3 +412,67 @@ def test_cancel_drops_every_queued_unit_of_a_request_at_once():
         assert [await f for f in theirs] == ["answer t", "answer u"]
         assert all("c" not in g[0] for g in w.groups)
     run(main())
+
+
+def test_with_nobody_small_around_an_envelope_of_chunks_grows_to_the_quiet_time_at_the_measured_speed():
+    """Issue 36: the budget's share bounds what a short request waits behind; with none around, splitting buys
+    nothing, and on fast silicon more pairs in one envelope pack into fuller calls. The share grows to
+    ``quiet_s`` of work at the speed learned from answered envelopes, and shrinks back once a short request
+    comes (a canary is not one: nobody waits behind it)."""
+    async def main():
+        clock = FakeClock()
+        w, s = worker_and_scheduler(300, slots=1, quiet_s=1.0, clock=clock)  # a share of 300
+        first = s.submit(unit("a", lane="chunk", cost=300, owner=1))
+        await w.sent(1)
+        assert s.speed == 0 and s.grown_share() == 300  # no speed known yet: the budget's share
+        await clock.advance(0.5)  # 300 of cost answered in half a second: 600 a second
+        w.release(0)
+        await first
+        assert s.speed == pytest.approx(600) and s.grown_share() == 600
+        # the worker is busy with one chunk while two requests' chunks queue: the next envelope takes 600 of them
+        busy = s.submit(unit("b0", lane="chunk", cost=100, owner=2))
+        await w.sent(2)
+        rest = [s.submit(unit(f"{o}{i}", lane="chunk", cost=100, owner=o)) for o in "cd" for i in range(4)]
+        await clock.advance(1 / 6)  # 600 a second again
+        w.release(1)
+        await busy
+        await w.sent(3)
+        assert w.groups[2] == ["c0", "d0", "c1", "d1", "c2", "d2"]  # round-robin still, six of 100
+        # a canary queued meanwhile does not count as a short request
+        probe = Unit(cost=10, lane="small", owner=9, payload="probe", alive=lambda: True, probe=True)
+        probe_answer = s.submit(probe)
+        w.release(2)
+        await w.sent(4)
+        assert w.groups[3] == ["probe"]
+        w.release(3)
+        assert await probe_answer == "answer probe"
+        await w.sent(5)
+        assert w.groups[4] == ["c3", "d3"] and s.grown_share() == 600
+        w.release(4)
+        await asyncio.gather(*rest)
+        # a short request: back to the budget's share, until quiet_s without one has passed
+        short = s.submit(unit("s"))
+        await w.sent(6)
+        assert s.grown_share() == 300
+        w.release(5)
+        await short
+        await clock.advance(0.9)
+        assert s.grown_share() == 300
+        await clock.advance(0.1)
+        assert s.grown_share() == 600
+    run(main())
+
+
+def test_the_share_never_shrinks_below_the_budget_and_stays_put_without_a_quiet_time():
+    async def main():
+        clock = FakeClock()
+        for quiet_s, slow in ((0.0, False), (1.0, True)):
+            w, s = worker_and_scheduler(300, slots=1, quiet_s=quiet_s, clock=clock)
+            answer = s.submit(unit("a", lane="chunk", cost=300, owner=1))
+            await w.sent(1)
+            await clock.advance(10.0 if slow else 0.01)  # slow: 30 a second, a second of it less than the share
+            w.release(0)
+            await answer
+            assert s.speed > 0
+            assert s.grown_share() == 300
+    run(main())

@@ -86,7 +86,7 @@ class Dispatch:
         self.upstream_in_flight: dict[int, int] = {}  # requests sent to each MOSEC generation, not answered
         self.scheduler = FairScheduler(settings.effective_schedule_budget(), self._send_group, slots=settings.workers,
                                        max_group=settings.max_batch_requests, linger_s=settings.batch_wait_ms / 1000,
-                                       on_drop=self._dropped)
+                                       on_drop=self._dropped, quiet_s=settings.quiet_batch_ms / 1000)
         self.quarantine: OrderedDict[bytes, float] = OrderedDict()  # body digest -> monotonic time it ends
         self._foreign_ports: set[int] = set()
 
@@ -412,8 +412,8 @@ class Dispatch:
                 return error_response(exc.status, exc.message)
             cost = max(size, self._job_cost(job, 0, len(job.passages)))
         unit = Unit(cost=cost, lane="small", owner=id(request), payload=(body, route), deadline_at=deadline_at,
-                    alive=lambda: self._alive(request, deadline_at))
-        ticket = self.scheduler.enter_now(cost)
+                    alive=lambda: self._alive(request, deadline_at), probe=bool(request.get("probe")))
+        ticket = self.scheduler.enter_now(cost, probe=unit.probe)
         if ticket is not None:  # a worker is free and nothing waits: sent now, in this task
             t_sent = time.monotonic()
             try:

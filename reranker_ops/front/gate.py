@@ -324,6 +324,7 @@ class Gate:
             return body
         request["tei"] = tei_shaped(route, body, PART_HEAD_LEN)
         request["bytes"] = len(body) - PART_HEAD_LEN
+        request["probe"] = probe
         refused = self._admit(request, probe)
         if refused is not None:
             return refused

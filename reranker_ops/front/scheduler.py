@@ -15,6 +15,13 @@ and the batches:
 - when a worker frees up with fewer small units waiting than it just answered, the gate waits up to
   ``linger_s`` for those clients to come back, so closed-loop clients are batched together instead of
   splitting into a group of one and a group of the rest that take turns;
+- when no small request has come for ``quiet_s`` and none waits, an envelope of chunks may hold up to
+  ``quiet_s`` of work at the speed the workers were measured at (cost answered per second of an envelope's
+  round trip) instead of its share of the budget: splitting a large request buys fairness only when someone
+  waits behind it, and on fast silicon (bf16, INT8, AMX) whole RAG requests scored together pack their pairs
+  into fuller, less padded calls than one request's chunks (benchmarks/HISTORY.md, issue 36). A short request
+  that comes then waits for at most ``quiet_s`` of work, never more than the budget's own share takes on the
+  slowest precision (the share is the floor: nothing grows where the budget already takes longer);
 - a unit whose request is gone (its client disconnected, or its deadline passed) is dropped before it
   reaches MOSEC, and counted;
 - MOSEC never answers the envelope of a worker that died. A worker names the envelope it is scoring in its
@@ -68,6 +75,7 @@ class Unit:
     strikes: int = 0  # worker deaths it was in an envelope of
     alone: bool = False  # sent in an envelope of its own from now on (a worker died with it)
     digest: bytes = b""  # its body's, once it had a strike (or bodies are quarantined): see the gate
+    probe: bool = False  # the watchdog's canary: no client waits behind it, so it never keeps envelopes small
 
 
 # Sends one envelope (its units and its id); answers one result per unit, in order (or raises: every unit of it
@@ -120,7 +128,7 @@ class LoopClock:
 class FairScheduler:
     def __init__(self, budget: int, send: SendGroup, *, slots: int = 1, max_group: int = 32,
                  linger_s: float = 0.0, on_drop: Optional[Callable[[Unit], None]] = None,
-                 clock: Any = LoopClock) -> None:
+                 clock: Any = LoopClock, quiet_s: float = 0.0) -> None:
         self.clock = clock
         self.budget = max(1, budget)
         self.send = send
@@ -138,21 +146,28 @@ class FairScheduler:
         self._want_until = 0.0  # ... until then
         self._timer: Any = None  # the clock's timer handle, while a linger is timed
         self._out: dict[_Envelope, None] = {}  # the envelopes out, in the order sent
+        self.quiet_s = max(0.0, quiet_s)
+        self._small_at = float("-inf")  # when the last small unit came
+        self.speed = 0.0  # cost a worker answers per second, from chunk envelopes' round trips (0: not yet known)
 
     def submit(self, unit: Unit) -> asyncio.Future:
         if unit.lane == "small":
+            if not unit.probe:
+                self._small_at = self.clock.now()
             self.small.append(unit)
         else:
             self.chunks.setdefault(unit.owner, deque()).append(unit)
         self._pump()
         return unit.future
 
-    def enter_now(self, cost: int) -> Optional[Ticket]:
+    def enter_now(self, cost: int, probe: bool = False) -> Optional[Ticket]:
         """The fast path: nothing is queued or expected back, a worker is free and the budget has room, so the
         caller sends an envelope of one at once, in its own task (``send_now``)."""
         if (self.small or self.chunks or self.busy >= self.slots or self._lingering(self.clock.now(), arriving=1)
                 or (self.outstanding and self.outstanding + cost > self.budget)):
             return None
+        if not probe:
+            self._small_at = self.clock.now()  # only small requests take the fast path
         self.outstanding += cost
         self.busy += 1
         self._want = 0
@@ -271,6 +286,10 @@ class FairScheduler:
         self._timer = None
         self._pump()
 
+    def _peek_lane(self) -> str:
+        unit = self._peek()
+        return unit.lane if unit is not None else ""
+
     def _peek(self) -> Optional[Unit]:
         has_small, has_chunk = bool(self.small), bool(self.chunks)
         if has_small and has_chunk:
@@ -308,11 +327,32 @@ class FairScheduler:
         if isinstance(exc, Dropped) and self.on_drop is not None:
             self.on_drop(unit)
 
+    def grown_share(self) -> int:
+        """What one envelope of chunks may hold now: ``quiet_s`` of work at the measured speed while no small
+        request is waiting or has come within ``quiet_s``; else (or below it) its share of the budget."""
+        share = max(1, self.budget // self.slots)
+        if (not self.quiet_s or not self.speed or self.small
+                or self.clock.now() - self._small_at < self.quiet_s):
+            return share
+        return max(share, int(self.speed * self.quiet_s))
+
+    def _learn_speed(self, env: _Envelope, answered_at: float) -> None:
+        """Cost per second of a chunk envelope's round trip, smoothed (the speed ``grown_share`` converts time
+        with). Envelopes of chunks only: their cost is text the worker scores, and they are long enough for a
+        round trip's fixed part not to dominate."""
+        started = env.group[0].dispatched
+        if started is None or answered_at <= started or env.resent:
+            return
+        speed = env.cost / (answered_at - started)
+        self.speed = speed if not self.speed else 0.7 * self.speed + 0.3 * speed
+
     def _take(self) -> list[Unit]:
-        """The next envelope: units of one lane, in order, within the budget and an envelope's share of it."""
+        """The next envelope: units of one lane, in order, within the budget and an envelope's share of it
+        (grown while nobody small is around: ``grown_share``)."""
         group: list[Unit] = []
         cost = 0
-        share = max(1, self.budget // self.slots)
+        share = self.grown_share() if self._peek_lane() == "chunk" else max(1, self.budget // self.slots)
+        budget = max(self.budget, share * self.slots)
         while len(group) < self.max_group:
             unit = self._peek()
             if unit is None or (group and (unit.lane != group[0].lane or unit.alone or group[0].alone)):
@@ -321,7 +361,7 @@ class FairScheduler:
                 self._drop(unit)
                 continue
             out = self.outstanding + cost
-            if (out and out + unit.cost > self.budget) or (group and cost + unit.cost > share):
+            if (out and out + unit.cost > budget) or (group and cost + unit.cost > share):
                 break
             self._pop(unit)
             group.append(unit)
@@ -381,6 +421,8 @@ class FairScheduler:
             if len(results) != len(env.group):
                 raise RuntimeError(f"{len(results)} results for an envelope of {len(env.group)}")
             ok = True
+            if env.group[0].lane == "chunk":
+                self._learn_speed(env, self.clock.now())
             return results
         finally:
             self._out.pop(env, None)
