@@ -1,6 +1,10 @@
 """Short requests beside long ones, on a random model with DiTy's exact shape (FP32), side by side in one run:
 
     .venv/bin/python benchmarks/fairness.py [--seconds 60] [--out bench-results]
+                                            [--shape dity-short --precision int8]
+
+``--shape dity-short --precision int8``: each call as short as DiTy's with AMX (perf.py), where the gate's
+envelopes grow while no short request is around (RERANKER_QUIET_BATCH_MS): the targets hold there too.
 
 For each configuration it runs `rerankctl bench --mixed`: 2 clients sending short requests (5 passages of
 60-200 characters) alone, 2 clients sending long ones (100 passages of 1000 characters) alone, then both at
@@ -19,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from perf import Server, cli, dity_model  # noqa: E402
+from perf import Server, cli, model_of_shape  # noqa: E402
 
 
 def main() -> int:
@@ -27,16 +31,21 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     ap.add_argument("--only-default", action="store_true")
+    ap.add_argument("--shape", choices=("dity", "dity-short"), default="dity")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32")
+    ap.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+                    help="a server setting for every configuration, e.g. quiet_batch_ms=0 (repeatable)")
     args = ap.parse_args()
+    common = dict(kv.split("=", 1) for kv in args.setting)
     args.out.mkdir(parents=True, exist_ok=True)
-    model = dity_model(args.out)
+    model = model_of_shape(args.out, args.shape, tuple(dict.fromkeys(("fp32", args.precision))))
     configs = {"fair scheduler (default)": {}}
     if not args.only_default:
         configs["MOSEC order (no split, no budget)"] = {"split_bytes": 0, "schedule_budget_chars": 10**9}
     results = {}
     for name, extra in configs.items():
         print(f"{name} ...", flush=True)
-        with Server(model, args.out / "run-fair", **extra) as srv:  # a 900 s deadline: throughput, not deadlines
+        with Server(model, args.out / "run-fair", precision=args.precision, **{**common, **extra}) as srv:  # a 900 s deadline: throughput, not deadlines
             res = cli(["bench", "--url", srv.url, "--mixed", "--duration", str(args.seconds), "--json",
                        "--timeout", "900"], srv.env, timeout=6 * args.seconds + 1800)
             try:

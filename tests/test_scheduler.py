@@ -476,3 +476,4 @@ def test_the_share_never_shrinks_below_the_budget_and_stays_put_without_a_quiet_
             assert s.speed > 0
             assert s.grown_share() == 300
     run(main())
+
