@@ -1,0 +1,81 @@
+"""Two servers that differ in settings, up at once and measured in alternation: is a setting worth it?
+
+    .venv/bin/python benchmarks/ab.py --shape dity-short --precision int8 --workload rag -c 4 \
+        --b quiet_batch_ms=0 [--a NAME=VALUE ...] [--rounds 4] [--seconds 8] [--out bench-results]
+
+Both servers serve the same model files. Each round measures A then B, or B then A (alternating), so both meet
+the same machine; the report gives every round's figure and the medians. With ``--paired`` each round also
+measures a lone request's added latency (``bench --paired``). Used for the A/B figures of issue 36 in
+benchmarks/HISTORY.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from perf import Server, model_of_shape  # noqa: E402
+
+
+def settings(pairs: list[str]) -> dict:
+    out = {}
+    for kv in pairs:
+        name, sep, value = kv.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"a setting is NAME=VALUE, got {kv!r}")
+        out[name] = value
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=("dity", "dity-short"), default="dity")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32")
+    ap.add_argument("--workload", default="rag")
+    ap.add_argument("-c", "--concurrency", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--a", action="append", default=[], metavar="NAME=VALUE", help="server A's settings")
+    ap.add_argument("--b", action="append", default=[], metavar="NAME=VALUE", help="server B's settings")
+    ap.add_argument("--paired", action="store_true", help="also a lone request's added latency each round")
+    ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    args = ap.parse_args()
+    if args.rounds < 2:
+        ap.error("--rounds must be at least 2 (one each way)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = model_of_shape(args.out, args.shape, tuple(dict.fromkeys(("fp32", args.precision))))
+    configs = {"A": settings(args.a), "B": settings(args.b)}
+    key = "requests_per_s" if args.workload == "tiny" else "pairs_per_s"
+    figures: dict[str, list[float]] = {name: [] for name in configs}
+    added: dict[str, list[float]] = {name: [] for name in configs}
+    with ExitStack() as stack:
+        servers = {name: stack.enter_context(Server(model, args.out / f"run-ab-{name}", precision=args.precision,
+                                                    **extra))
+                   for name, extra in configs.items()}
+        for r in range(args.rounds):
+            for name in (("A", "B") if r % 2 == 0 else ("B", "A")):
+                srv = servers[name]
+                res = srv.bench("--workload", args.workload, "-c", str(args.concurrency), "-z", str(args.seconds),
+                                "--warmup", str(args.concurrency))
+                figures[name].append(res["served"][key])
+                if args.paired:
+                    added[name].append(srv.bench("--workload", "tiny", "--paired", "-z", str(args.seconds),
+                                                 "--warmup", "5")["paired"]["added_ms"]["p50"])
+    print(f"{args.workload} c={args.concurrency}, {args.precision}, shape {args.shape}: {key}, each round")
+    for name, extra in configs.items():
+        line = (f"{name} {extra or '(defaults)'}: " + ", ".join(f"{v:.1f}" for v in figures[name])
+                + f"; median {statistics.median(figures[name]):.1f}")
+        if args.paired:
+            line += f"; tiny c=1 added p50 median {statistics.median(added[name]):.2f} ms"
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
