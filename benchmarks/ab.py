@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/ab.py --shape dity-short --precision int8 --workload rag -c 4 \
         --b quiet_batch_ms=0 [--a NAME=VALUE ...] [--rounds 4] [--seconds 8] [--out bench-results]
+    .venv/bin/python benchmarks/ab.py ... --a-tree ../before      (A serves another checkout's code)
 
 Both servers serve the same model files. Each round measures A then B, or B then A (alternating), so both meet
 the same machine; the report gives every round's figure and the medians. With ``--paired`` each round also
@@ -43,6 +44,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--a", action="append", default=[], metavar="NAME=VALUE", help="server A's settings")
     ap.add_argument("--b", action="append", default=[], metavar="NAME=VALUE", help="server B's settings")
+    ap.add_argument("--a-tree", type=Path, default=None, help="server A runs this checkout's code (a worktree)")
+    ap.add_argument("--b-tree", type=Path, default=None, help="server B runs this checkout's code")
     ap.add_argument("--paired", action="store_true", help="also a lone request's added latency each round")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     args = ap.parse_args()
@@ -55,8 +58,9 @@ def main() -> int:
     figures: dict[str, list[float]] = {name: [] for name in configs}
     added: dict[str, list[float]] = {name: [] for name in configs}
     with ExitStack() as stack:
-        servers = {name: stack.enter_context(Server(model, args.out / f"run-ab-{name}", precision=args.precision,
-                                                    **extra))
+        trees = {"A": args.a_tree, "B": args.b_tree}
+        servers = {name: stack.enter_context(Server(model, args.out / f"run-ab-{name}", tree=trees[name],
+                                                    precision=args.precision, **extra))
                    for name, extra in configs.items()}
         for r in range(args.rounds):
             for name in (("A", "B") if r % 2 == 0 else ("B", "A")):
@@ -69,7 +73,8 @@ def main() -> int:
                                                  "--warmup", "5")["paired"]["added_ms"]["p50"])
     print(f"{args.workload} c={args.concurrency}, {args.precision}, shape {args.shape}: {key}, each round")
     for name, extra in configs.items():
-        line = (f"{name} {extra or '(defaults)'}: " + ", ".join(f"{v:.1f}" for v in figures[name])
+        where = f" [{getattr(args, name.lower() + '_tree')}]" if getattr(args, name.lower() + "_tree") else ""
+        line = (f"{name}{where} {extra or '(defaults)'}: " + ", ".join(f"{v:.1f}" for v in figures[name])
                 + f"; median {statistics.median(figures[name]):.1f}")
         if args.paired:
             line += f"; tiny c=1 added p50 median {statistics.median(added[name]):.2f} ms"

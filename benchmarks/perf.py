@@ -47,15 +47,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import free_port  # noqa: E402  (never the same port twice in one run)
 
 
-def cli(args: list[str], env: dict, timeout: float = 3600) -> subprocess.CompletedProcess:
+def cli(args: list[str], env: dict, timeout: float = 3600, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "reranker_ops", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd)
 
 
 class Server:
-    def __init__(self, model: Path, run_dir: Path, **settings) -> None:
+    def __init__(self, model: Path, run_dir: Path, tree: Path | None = None, **settings) -> None:
+        """``tree``: serve that checkout's code (another commit's worktree): its folder is the working
+        directory and first on PYTHONPATH, since ``-m`` puts the working directory first on sys.path."""
         self.port, self.hport = free_port(), free_port()
+        self.tree = tree
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RERANKER_")}
+        if tree is not None:
+            self.env["PYTHONPATH"] = os.pathsep.join([str(tree), *filter(None, [os.environ.get("PYTHONPATH")])])
         # Throughput runs: a deadline no request here can reach (a rag request takes ~5 s of both cores;
         # four batched take ~20 s; a mixed one up to a minute). Deadlines are tested elsewhere.
         self.env.update(RERANKER_MODEL=str(model), RERANKER_RUN_DIR=str(run_dir), RERANKER_PORT=str(self.port),
@@ -67,20 +72,21 @@ class Server:
 
     def __enter__(self) -> "Server":
         t0 = time.perf_counter()
-        res = cli(["serve", "--daemon"], self.env, timeout=900)
+        res = cli(["serve", "--daemon"], self.env, timeout=900, cwd=self.tree)
         self.start_seconds = time.perf_counter() - t0
         if res.returncode != 0:
             raise SystemExit(f"serve failed: {res.stderr}")
         return self
 
     def __exit__(self, *exc) -> None:
-        cli(["stop"], self.env, timeout=120)
+        cli(["stop"], self.env, timeout=120, cwd=self.tree)
 
     def status(self) -> dict:
-        return json.loads(cli(["status", "--json"], self.env, timeout=60).stdout)
+        return json.loads(cli(["status", "--json"], self.env, timeout=60, cwd=self.tree).stdout)
 
     def bench(self, *args: str) -> dict:
-        res = cli(["bench", "--url", self.url, "--json", "--timeout", "900", *args], self.env, timeout=3600)
+        res = cli(["bench", "--url", self.url, "--json", "--timeout", "900", *args], self.env, timeout=3600,
+                  cwd=self.tree)
         if res.returncode != 0:
             raise SystemExit(f"bench failed: {res.stderr}")
         return json.loads(res.stdout)
