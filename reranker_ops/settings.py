@@ -140,7 +140,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline of one request (408/504 past it).")
 
     # --- fair scheduling: the unit of work is text, not a request ----------------------------------------
-    quiet_batch_ms: int = Field(1000, ge=0, le=60_000, description="While no short request has come for this long (ms), an envelope of a large request's chunks may hold this much work at the workers' measured speed instead of its share of the schedule budget: fast precisions score whole RAG requests together; 0 = always the budget's share.")
+    quiet_batch_ms: int = Field(0, ge=0, le=60_000, description="While no short request has come for this long (ms), an envelope of a large request's chunks may hold this much work at the workers' measured speed instead of its share of the schedule budget: on fast precisions (bf16, INT8, AMX) whole RAG requests are scored together, 3-8 % more pairs/s for ~15 % more score-worker memory (benchmarks/HISTORY.md); 1000 is a good value; 0 (the default) = always the budget's share.")
     split_bytes: int = Field(4096, ge=0, description="Request bodies larger than this are split by the gate into chunks that interleave with other requests; 0 = never.")
     chunk_chars: int = Field(3000, ge=100, description="Characters of query + passage text per chunk of a split request.")
     schedule_budget_chars: int = Field(0, ge=0, description="Characters of work outstanding in MOSEC at once; 0 = 1.5 chunks per worker.")
