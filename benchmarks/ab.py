@@ -21,17 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from perf import Server, model_of_shape  # noqa: E402
-
-
-def settings(pairs: list[str]) -> dict:
-    out = {}
-    for kv in pairs:
-        name, sep, value = kv.partition("=")
-        if not sep or not name:
-            raise SystemExit(f"a setting is NAME=VALUE, got {kv!r}")
-        out[name] = value
-    return out
+from perf import Server, model_of_shape, parse_settings  # noqa: E402
 
 
 def main() -> int:
@@ -53,12 +43,12 @@ def main() -> int:
         ap.error("--rounds must be at least 2 (one each way)")
     args.out.mkdir(parents=True, exist_ok=True)
     model = model_of_shape(args.out, args.shape, tuple(dict.fromkeys(("fp32", args.precision))))
-    configs = {"A": settings(args.a), "B": settings(args.b)}
+    configs = {"A": parse_settings(args.a), "B": parse_settings(args.b)}
+    trees = {"A": args.a_tree, "B": args.b_tree}
     key = "requests_per_s" if args.workload == "tiny" else "pairs_per_s"
     figures: dict[str, list[float]] = {name: [] for name in configs}
     added: dict[str, list[float]] = {name: [] for name in configs}
     with ExitStack() as stack:
-        trees = {"A": args.a_tree, "B": args.b_tree}
         servers = {name: stack.enter_context(Server(model, args.out / f"run-ab-{name}", tree=trees[name],
                                                     precision=args.precision, **extra))
                    for name, extra in configs.items()}
@@ -73,7 +63,7 @@ def main() -> int:
                                                  "--warmup", "5")["paired"]["added_ms"]["p50"])
     print(f"{args.workload} c={args.concurrency}, {args.precision}, shape {args.shape}: {key}, each round")
     for name, extra in configs.items():
-        where = f" [{getattr(args, name.lower() + '_tree')}]" if getattr(args, name.lower() + "_tree") else ""
+        where = f" [{trees[name]}]" if trees[name] else ""
         line = (f"{name}{where} {extra or '(defaults)'}: " + ", ".join(f"{v:.1f}" for v in figures[name])
                 + f"; median {statistics.median(figures[name]):.1f}")
         if args.paired:

@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from perf import Server, cli, model_of_shape  # noqa: E402
+from perf import Server, cli, model_of_shape, parse_settings  # noqa: E402
 
 
 def main() -> int:
@@ -36,7 +36,7 @@ def main() -> int:
     ap.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
                     help="a server setting for every configuration, e.g. quiet_batch_ms=0 (repeatable)")
     args = ap.parse_args()
-    common = dict(kv.split("=", 1) for kv in args.setting)
+    common = parse_settings(args.setting)
     args.out.mkdir(parents=True, exist_ok=True)
     model = model_of_shape(args.out, args.shape, tuple(dict.fromkeys(("fp32", args.precision))))
     configs = {"fair scheduler (default)": {}}

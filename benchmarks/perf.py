@@ -44,7 +44,7 @@ STARTS_PER_ROUND = 3
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import free_port  # noqa: E402  (never the same port twice in one run)
+from conftest import free_port, wait_until  # noqa: E402  (never the same port twice in one run)
 
 
 def cli(args: list[str], env: dict, timeout: float = 3600, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -85,11 +85,26 @@ class Server:
         return json.loads(cli(["status", "--json"], self.env, timeout=60, cwd=self.tree).stdout)
 
     def bench(self, *args: str) -> dict:
-        res = cli(["bench", "--url", self.url, "--json", "--timeout", "900", *args], self.env, timeout=3600,
-                  cwd=self.tree)
-        if res.returncode != 0:
-            raise SystemExit(f"bench failed: {res.stderr}")
-        return json.loads(res.stdout)
+        return run_bench(self.url, self.env, list(args), self.tree)
+
+
+def run_bench(url: str, env: dict, args: list[str], cwd: Path | None = None) -> dict:
+    """``rerankctl bench --json`` against ``url`` (ours or infinity_emb's): its report."""
+    res = cli(["bench", "--url", url, "--json", "--timeout", "900", *args], env, timeout=3600, cwd=cwd)
+    if res.returncode != 0:
+        raise SystemExit(f"bench of {url} failed: {res.stderr}")
+    return json.loads(res.stdout)
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    """``NAME=VALUE`` arguments (``--setting``, ``--a``, ``--b``) as server settings."""
+    out = {}
+    for kv in pairs:
+        name, sep, value = kv.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"a setting is NAME=VALUE, got {kv!r}")
+        out[name] = value
+    return out
 
 
 def ov_compile_seconds(variant: Path, threads: int) -> float:
@@ -198,18 +213,17 @@ class Infinity:
                "--batch-size", "32", "--served-model-name", "bench"]
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
+        def healthy() -> bool:
             if self.proc.poll() is not None:
                 raise SystemExit(f"infinity_emb exited {self.proc.returncode}: see {self.log}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
+                    return r.status == 200
             except OSError:
-                pass
-            time.sleep(0.5)  # a benchmark polling a server it started, under a deadline
-        raise SystemExit(f"infinity_emb not healthy within 600 s: see {self.log}")
+                return False
+
+        wait_until(healthy, 600, interval=0.5, what=f"infinity_emb's /health (its log: {self.log})")
+        return self
 
     def __exit__(self, *exc) -> None:
         import signal
@@ -223,14 +237,10 @@ class Infinity:
                 self.proc.wait(timeout=60)
 
     def bench(self, *args: str) -> dict:
-        res = cli(["bench", "--url", self.url, "--model-name", "bench", "--json", "--timeout", "900", *args],
-                  {k: v for k, v in os.environ.items() if not k.startswith("RERANKER_")}, timeout=3600)
-        if res.returncode != 0:
-            raise SystemExit(f"bench of infinity_emb failed: {res.stderr}")
-        return json.loads(res.stdout)
+        return run_bench(self.url, {k: v for k, v in os.environ.items() if not k.startswith("RERANKER_")},
+                         ["--model-name", "bench", *args])
 
     def pss_bytes(self) -> int:
-        sys.path.insert(0, str(HERE.parent))
         from reranker_ops.supervise.procs import tree_pss
 
         return tree_pss(self.proc.pid) or 0

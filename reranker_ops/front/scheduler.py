@@ -327,10 +327,15 @@ class FairScheduler:
         if isinstance(exc, Dropped) and self.on_drop is not None:
             self.on_drop(unit)
 
+    @property
+    def share(self) -> int:
+        """What one envelope may hold: its worker's share of the budget."""
+        return max(1, self.budget // self.slots)
+
     def grown_share(self) -> int:
         """What one envelope of chunks may hold now: ``quiet_s`` of work at the measured speed while no small
         request is waiting or has come within ``quiet_s``; else (or below it) its share of the budget."""
-        share = max(1, self.budget // self.slots)
+        share = self.share
         if (not self.quiet_s or not self.speed or self.small
                 or self.clock.now() - self._small_at < self.quiet_s):
             return share
@@ -351,7 +356,7 @@ class FairScheduler:
         (grown while nobody small is around: ``grown_share``)."""
         group: list[Unit] = []
         cost = 0
-        share = self.grown_share() if self._peek_lane() == "chunk" else max(1, self.budget // self.slots)
+        share = self.grown_share() if self._peek_lane() == "chunk" else self.share
         budget = max(self.budget, share * self.slots)
         while len(group) < self.max_group:
             unit = self._peek()
