@@ -37,11 +37,22 @@ def _http_ready(settings: Settings, timeout: float = 1.0) -> Optional[dict]:
         conn.request("GET", "/health")
         r = conn.getresponse()
         body = json.loads(r.read())
-        return body if r.status == 200 and isinstance(body, dict) else None
+        if not isinstance(body, dict):
+            return None
+        return body if r.status == 200 or settled_without_some(body) else None
     except (OSError, http.client.HTTPException, ValueError):
         return None
     finally:
         conn.close()
+
+
+def settled_without_some(health: dict) -> bool:
+    """A server of several models that serves, degraded only because a model is down (it could not load, or
+    gave up): started, the state says which (``serve`` prints it); every other model runs."""
+    models = health.get("models") or []
+    return (health.get("status") == "degraded" and len(models) > 1
+            and all(m.get("state") in ("running", "down") for m in models)
+            and any(m.get("state") == "running" for m in models))
 
 
 def tail_file(path: Path, lines: int = 20) -> list[str]:
@@ -121,7 +132,7 @@ def start_daemon(settings: Settings, run: Callable[[int], int],
                     if info is not None and info.pid == pid:
                         return {"pid": pid, "host": settings.host, "port": settings.port,
                                 "health_port": settings.health_port, "model": health.get("model"),
-                                "log": str(settings.log_path)}
+                                "log": str(settings.log_path), "models": health.get("models") or []}
                 if ready_r < 0:
                     time.sleep(POLL)
                 elif select.select([ready_r], [], [], POLL)[0]:
@@ -133,9 +144,12 @@ def start_daemon(settings: Settings, run: Callable[[int], int],
         # Not healthy in time: stop it, leave nothing behind.
         os.kill(pid, signal.SIGTERM)
         t_end = time.monotonic() + settings.stop_timeout_s + 5
-        while time.monotonic() < t_end and os.waitpid(pid, os.WNOHANG)[0] == 0:
-            time.sleep(POLL)
-        if os.waitpid(pid, os.WNOHANG)[0] == 0:
+        reaped = False  # a child is waited for once: a second waitpid raises ChildProcessError
+        while time.monotonic() < t_end and not reaped:
+            reaped = os.waitpid(pid, os.WNOHANG)[0] != 0
+            if not reaped:
+                time.sleep(POLL)
+        if not reaped:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
     raise ServerStartError(
@@ -297,6 +311,9 @@ def _process_rows(sup: psutil.Process, settings: Settings) -> list[dict]:
     from .protocol.heartbeat import read_worker_dir
 
     beats = read_worker_dir(settings.worker_dir)
+    for sub in (settings.worker_dir.iterdir() if settings.worker_dir.is_dir() else ()):
+        if sub.is_dir() and not sub.is_symlink():  # each model's workers, in a server of several
+            beats.update(read_worker_dir(sub))
     try:
         tree = [sup] + sup.children(recursive=True)
     except psutil.NoSuchProcess:
@@ -395,7 +412,21 @@ def collect_status(settings: Settings) -> dict:
     out["processes"] = _process_rows(proc, settings)
     pss = [r["pss_bytes"] for r in out["processes"] if r["pss_bytes"] is not None]
     out["total_pss_bytes"] = sum(pss) if pss else None
+    out["models"] = [{**m, "pss_bytes": _tree_pss(m.get("mosec_pid"), out["processes"])}
+                     for m in state.get("models") or []]
     return out
+
+
+def _tree_pss(mosec_pid: Optional[int], rows: list[dict]) -> Optional[int]:
+    """PSS of one model's MOSEC tree (its main process and every descendant), from the process rows."""
+    if not mosec_pid:
+        return None
+    try:
+        pids = {mosec_pid, *(p.pid for p in psutil.Process(mosec_pid).children(recursive=True))}
+    except psutil.Error:
+        return None
+    found = [r["pss_bytes"] for r in rows if r["pid"] in pids and r["pss_bytes"] is not None]
+    return sum(found) if found else None
 
 
 def reload_server(settings: Settings, request: dict, timeout: Optional[float] = None) -> dict:

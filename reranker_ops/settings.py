@@ -11,10 +11,12 @@ Values come from the arguments, else ``RERANKER_<NAME>`` in the environment (any
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, DotEnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_MODEL = "DiTy/cross-encoder-russian-msmarco"
@@ -26,6 +28,67 @@ ENV_PREFIX = "RERANKER_"
 ENV_FILE = ".env"
 # Kept for callers that name the type; pydantic's SecretStr never shows its value in a repr, log or traceback.
 Secret = SecretStr
+SPEC_KEYS = ("workers", "precision", "aliases")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of ``RERANKER_MODELS``: the model as ``RERANKER_MODEL`` takes it, and what it overrides of the
+    server's settings (``None``: the server's)."""
+
+    model: str
+    workers: Optional[int] = None
+    precision: Optional[str] = None
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """A name for its files (its workers' heartbeat folder): the model, with only safe characters."""
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.model).strip("._-")[-60:] or "model"
+
+
+def parse_model_specs(text: str) -> tuple[list[ModelSpec], list[str]]:
+    """``RERANKER_MODELS``: comma-separated models, each ``MODEL[;workers=N][;precision=P][;aliases=a|b]``;
+    the specs, and every problem found."""
+    specs, problems = [], []
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        model, *opts = (part.strip() for part in item.split(";"))
+        given: dict[str, Any] = {}
+        for opt in opts:
+            key, eq, value = opt.partition("=")
+            key, value = key.strip(), value.strip()
+            if not eq or key not in SPEC_KEYS:
+                problems.append(f"models: {opt!r} in {item!r} is not one of {', '.join(k + '=' for k in SPEC_KEYS)}")
+            elif key == "workers":
+                if not value.isdigit() or not 1 <= int(value) <= 64:
+                    problems.append(f"models: workers={value!r} of {model!r} is not a count from 1 to 64")
+                else:
+                    given["workers"] = int(value)
+            elif key == "precision":
+                if value not in get_args(Precision):
+                    problems.append(f"models: precision={value!r} of {model!r} is not one of "
+                                    f"{', '.join(get_args(Precision))}")
+                else:
+                    given["precision"] = value
+            else:
+                given["aliases"] = tuple(dict.fromkeys(a.strip() for a in value.split("|") if a.strip()))
+        if not model:
+            problems.append(f"models: {item!r} names no model")
+            continue
+        specs.append(ModelSpec(model, **given))
+    seen: dict[str, str] = {}
+    for spec in specs:
+        for name in (spec.model, *spec.aliases):
+            if name in seen:
+                problems.append(f"models: {name!r} is given twice (a model or an alias names one model only)")
+            seen[name] = spec.model
+    keys = [spec.key for spec in {spec.model: spec for spec in specs}.values()]
+    if len(set(keys)) != len(keys):
+        problems.append("models: two models differ only in characters other than letters, digits, '.', '_', '-'")
+    return specs, problems
+
 
 
 def default_run_dir() -> Path:
@@ -101,6 +164,7 @@ class Settings(BaseSettings):
     auto_min_speedup: float = Field(1.05, ge=0.0, description="auto serves a reduced precision that passed the fidelity check only when it is at least this many times fp32's speed (below 1: also when slower, e.g. for INT8's smaller memory).")
     model_format: Literal["openvino", "onnx"] = Field("openvino", description="Which converted format serve loads.")
     model_aliases: str = Field("", description="Other names a request's \"model\" may give for the served model, comma-separated (e.g. the Cohere model a client hard-codes); any other name gets 404.")
+    models: str = Field("", description="Several models in one server, comma-separated, each supervised on its own (its own workers, canary and restart budget); the first is the default for requests that name none. Each is a model as RERANKER_MODEL takes it, then ;workers=N ;precision=P ;aliases=a|b if it differs from the server's. E.g. DiTy/cross-encoder-russian-msmarco;workers=2, BAAI/bge-reranker-v2-m3;precision=int8;aliases=rerank-multilingual. Empty: RERANKER_MODEL alone.")
 
     # --- network -------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address of the API.")
@@ -173,6 +237,8 @@ class Settings(BaseSettings):
     access_log: bool = Field(True, description="One log line per API request: method, route, status, milliseconds and body bytes, with its request id.")
     debug: bool = Field(False, description="Show tracebacks and debug logs.")
 
+    _worker_subdir: str = PrivateAttr("")  # a model's own heartbeat folder when the server has several
+
     def __init__(self, **given: Any) -> None:
         """Each setting from ``given`` (unknown names are ignored, as in a pidfile of an older version),
         else the environment, else ``./.env``, else its default. Raises ``SettingsError`` with every
@@ -211,6 +277,30 @@ class Settings(BaseSettings):
         elif self.api_key and self.api_key.get_secret_value().strip().lower() in PLACEHOLDER_KEYS:
             out.append("api_key is a placeholder, not a key: set RERANKER_API_KEY to a secret of your own"
                        " (e.g. from: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        out += parse_model_specs(self.models)[1]
+        return out
+
+    def model_specs(self) -> list[ModelSpec]:
+        """The served models, the default first: ``models`` when given, else ``model`` alone."""
+        specs = parse_model_specs(self.models)[0]
+        return specs or [ModelSpec(self.model)]
+
+    @property
+    def several_models(self) -> bool:
+        return len(self.model_specs()) > 1
+
+    def for_model(self, spec: ModelSpec, first: bool = False) -> "Settings":
+        """One model's settings in a server of several: the model, its precision and workers, its aliases (the
+        default model's also ``model_aliases``), OpenVINO's threads shared out over every model's workers, and
+        its own folder of heartbeats."""
+        if not self.several_models:
+            return self
+        total = sum(sp.workers or self.workers for sp in self.model_specs())
+        aliases = (*spec.aliases, *(self.served_models if first else ()))
+        out = self.replace(model=spec.model, precision=spec.precision or self.precision,
+                           workers=spec.workers or self.workers, model_aliases=",".join(dict.fromkeys(aliases)),
+                           threads=self.threads or max(1, (os.cpu_count() or 1) // total), models="")
+        out._worker_subdir = spec.key
         return out
 
     @property
@@ -269,8 +359,9 @@ class Settings(BaseSettings):
 
     @property
     def worker_dir(self) -> Path:
-        """Heartbeats and counters that MOSEC workers write, one file each."""
-        return self.run_dir / "workers"
+        """Heartbeats and counters that MOSEC workers write, one file each (a folder per model when the server
+        has several)."""
+        return self.run_dir / "workers" / self._worker_subdir if self._worker_subdir else self.run_dir / "workers"
 
     def effective_max_in_flight(self) -> int:
         """Never more than MOSEC can queue, less one place for the canary: MOSEC itself never says 429."""

@@ -267,10 +267,12 @@ MIXED_DOCS = [
 class Clients:
     """Clients sending requests in a loop (bounded by time), recording every outcome."""
 
-    def __init__(self, base: str, deadline_s: float, n: int = 3, headers: dict | None = None) -> None:
+    def __init__(self, base: str, deadline_s: float, n: int = 3, headers: dict | None = None,
+                 model: str | None = None) -> None:
         self.base = base
         self.deadline_s = deadline_s
         self.headers = headers or {}
+        self.body = {"query": QUERY, "documents": DOCS, **({"model": model} if model else {})}
         self.records: list[tuple[float, float, object]] = []  # start, seconds, status or error
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(n)]
@@ -280,8 +282,8 @@ class Clients:
         while not self._stop.is_set() and time.monotonic() < end:
             t0 = time.monotonic()
             try:
-                r = httpx.post(self.base + "/rerank", json={"query": QUERY, "documents": DOCS},
-                               headers=self.headers, timeout=self.deadline_s + 10)
+                r = httpx.post(self.base + "/rerank", json=self.body, headers=self.headers,
+                               timeout=self.deadline_s + 10)
                 outcome: object = r.status_code
                 if r.status_code == 200 and len(r.json().get("scores", [])) != 3:
                     outcome = "wrong answer"  # judged by the test, in the main thread

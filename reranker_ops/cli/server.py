@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
 from .common import (
     HealthPortOpt,
@@ -33,6 +32,12 @@ from .base import app
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-w", help="Inference workers. \\[env: RERANKER_WORKERS]")]
 ThreadsOpt = Annotated[
     Optional[int], typer.Option("--threads", help="OpenVINO threads per worker, 0 = cores/workers. \\[env: RERANKER_THREADS]")
+]
+ModelsOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--model", "-m", help="Repo id, name under the models dir, or model folder; again for several models"
+                 " in one server (the first is the default; each may add ;workers=N;precision=P;aliases=a|b)."
+                 " \\[env: RERANKER_MODEL, RERANKER_MODELS]"),
 ]
 PrecisionOpt = Annotated[
     Optional[str], typer.Option("--precision", help="Which conversion to serve: auto (what convert --precision auto chose; fp32 until then), fp32, int8, bf16, fp16, int8-weights.")
@@ -83,7 +88,7 @@ def _setup_logging(log_file: Optional[Path], settings, to_stderr: bool = False) 
 @app.command()
 @handled
 def serve(
-    model: ModelOpt = None,
+    model: ModelsOpt = None,
     models_dir: ModelsDirOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
@@ -99,7 +104,9 @@ def serve(
     log_file: Annotated[Optional[Path], typer.Option("--log-file", hidden=True)] = None,
 ) -> None:
     """Start the reranker server (foreground; --daemon for background). Stops cleanly on SIGTERM/Ctrl-C."""
-    settings = settings_from(model=model, models_dir=models_dir, host=host, port=port, health_port=health_port,
+    several = model is not None and len(model) > 1
+    settings = settings_from(model=model[0].split(";")[0] if model else None,
+                             models=",".join(model) if several else ("" if model else None), models_dir=models_dir, host=host, port=port, health_port=health_port,
                              run_dir=run_dir, workers=workers, threads=threads, precision=precision)
     _serve(settings, daemon=daemon, prepare=prepare, log_file=log_file)
 
@@ -107,16 +114,25 @@ def serve(
 def _serve(settings, *, daemon: bool, prepare: bool, log_file: Optional[Path] = None) -> None:
     from ..models.store import find_variant, resolve_model
 
+    specs = settings.model_specs()
     if prepare:
-        _prepare(settings)
-    variant = find_variant(settings)  # fails here, in the caller's terminal, with the command to run
+        for i, spec in enumerate(specs):
+            _prepare(settings.for_model(spec, first=i == 0))
+    first = settings.for_model(specs[0], first=True)
+    try:
+        variant, ref_name = find_variant(first), resolve_model(first).name  # fails here, with the command to run
+    except Exception as exc:
+        if len(specs) == 1 or not _any_found(settings, specs):
+            raise
+        variant, ref_name = None, None  # the default model is down from the start; the others serve
+        err_console.print(f"[yellow]warning:[/] {getattr(exc, 'message', exc)}: the other models serve without it",
+                          soft_wrap=True)
     from ..startup import frozen_imports
 
     with frozen_imports():  # the supervisor's modules (aiohttp, psutil) live as long as it does
         from ..supervise.sdnotify import Notifier
         from ..supervise.supervisor import Supervisor
 
-    ref = resolve_model(settings)
     if daemon:
         from ..control import start_daemon
         from ..addresses import url_host
@@ -124,7 +140,7 @@ def _serve(settings, *, daemon: bool, prepare: bool, log_file: Optional[Path] = 
 
         def run_daemon(ready_fd: int) -> int:
             log = _setup_logging(settings.log_path, settings)
-            sup = Supervisor(settings, variant, ref.name, Notifier(None, ready_fd=ready_fd), log)
+            sup = Supervisor(settings, variant, ref_name, Notifier(None, ready_fd=ready_fd), log)
             try:
                 asyncio.run(sup.run())
                 return 0
@@ -134,6 +150,9 @@ def _serve(settings, *, daemon: bool, prepare: bool, log_file: Optional[Path] = 
         started = start_daemon(
             settings, run_daemon, waiting=lambda: err_console.status("starting (waiting for a real rerank probe)")
         )
+        for m in started.get("models", []):
+            if m.get("state") == "down":
+                err_console.print(f"[yellow]warning:[/] model {m['model']} is down: {m.get('reason')}", soft_wrap=True)
         console.print(
             f"[green]running[/] pid {started['pid']} · API http://{url_host(started['host'])}:{started['port']} · "
             f"health http://{url_host(started['host'])}:{started['health_port']}/health · log {started['log']}",
@@ -144,12 +163,28 @@ def _serve(settings, *, daemon: bool, prepare: bool, log_file: Optional[Path] = 
 
     ensure_private_dir(settings.run_dir)
     log = _setup_logging(log_file or settings.log_path, settings, to_stderr=True)
-    sup = Supervisor(settings, variant, ref.name, Notifier(os.environ.get("NOTIFY_SOCKET")), log)
+    sup = Supervisor(settings, variant, ref_name, Notifier(os.environ.get("NOTIFY_SOCKET")), log)
     if log_file is None:
-        shown = sup.precision if settings.precision != "auto" else f"auto: {sup.precision}"
-        err_console.print(f"serving {ref.name} ({shown}) on http://{settings.host}:{settings.port}"
-                          f" · health :{settings.health_port} · Ctrl-C to stop")
+        for slot in sup.slots:
+            if slot.down is not None:
+                err_console.print(f"[yellow]warning:[/] {slot.model_name} is down: {slot.down}", soft_wrap=True)
+        shown = ", ".join(f"{sl.model_name} ({sl.precision if sl.settings.precision != 'auto' else 'auto: ' + sl.precision})"
+                          for sl in sup.slots if sl.down is None)
+        err_console.print(f"serving {shown} on http://{settings.host}:{settings.port}"
+                          f" · health :{settings.health_port} · Ctrl-C to stop", soft_wrap=True)
     asyncio.run(sup.run())
+
+
+def _any_found(settings, specs) -> bool:
+    from ..models.store import find_variant
+
+    for i, spec in enumerate(specs):
+        try:
+            find_variant(settings.for_model(spec, first=i == 0))
+            return True
+        except Exception:  # noqa: BLE001 - that one is down; another may be there
+            continue
+    return False
 
 
 def prepare_steps(settings) -> list[list[str]]:
@@ -253,19 +288,26 @@ def reload(
     model_format: Annotated[Optional[str], typer.Option("--format", help="openvino or onnx.")] = None,
     models_dir: ModelsDirOpt = None,
     timeout: Annotated[Optional[float], typer.Option("--timeout", help="Wait this long for the verdict (s).")] = None,
+    models: Annotated[Optional[str], typer.Option("--models", help="Serve this list of models from now on"
+                      " (RERANKER_MODELS' syntax): new and changed ones start beside the others, removed ones are"
+                      " drained and stopped. \\[env: RERANKER_MODELS]")] = None,
 ) -> None:
     """Swap the running server to a new model or variant without dropping a request.
 
     A new MOSEC generation loads it and must answer the canary; then the gate switches to it and the old
     one is drained and stopped. If the new one fails, the old one keeps serving and this exits non-zero.
-    With no option, the server reloads what its model and precision point to now (e.g. after convert).
+    With no option, the server reloads what its model and precision point to now (e.g. after convert); with
+    several models, --model names the one to reload (the others are not touched), and without it each is
+    reloaded in turn.
     """
     from ..control import reload_server
 
     settings = settings_from(run_dir=run_dir, models_dir=models_dir)
     request = {k: v for k, v in {"model": _absolute_model(model), "precision": precision,
-                                  "model_format": model_format}.items() if v}
+                                  "model_format": model_format, "models": models}.items() if v}
     res = reload_server(settings, request, timeout)
+    from .statusview import _fmt_bytes
+
     pss = res.get("overlap_pss_bytes")
     console.print(f"reloaded: {res.get('reason')}" + (f" (both generations together: {_fmt_bytes(pss)} PSS)" if pss else ""),
                   soft_wrap=True)
@@ -340,10 +382,6 @@ def stop(
     console.print(f"{how}: pid {res['pid']} in {res['seconds']}s")
 
 
-def _fmt_bytes(n: Optional[int]) -> str:
-    return "—" if n is None else f"{n / 2**20:.0f} MiB"
-
-
 @app.command()
 @handled
 def status(run_dir: RunDirOpt = None, as_json: JsonOpt = False) -> None:
@@ -361,35 +399,9 @@ def status(run_dir: RunDirOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         print(json.dumps(st, indent=2))
     else:
-        colour = {"running": "green", "degraded": "yellow", "starting": "yellow"}.get(st["state"], "red")
-        table = Table(show_header=False, box=None)
-        table.add_row("state", f"[{colour}]{st['state']}[/]" + (f" — {st['reason']}" if st.get("reason") else ""))
-        for key in ("pid", "address", "health", "model", "precision", "version"):
-            if st.get(key) is not None:
-                table.add_row(key, str(st[key]))
-        if st.get("uptime_s") is not None:
-            table.add_row("uptime", f"{st['uptime_s']:.0f}s")
-        probe = st.get("last_probe")
-        if probe:
-            lat = f"{probe['latency_s'] * 1000:.0f} ms" if probe.get("latency_s") is not None else "—"
-            ago = time.time() - probe["at"]
-            table.add_row("last probe", ("ok" if probe["ok"] else f"FAILED: {probe['error']}") + f" · {lat} · {ago:.0f}s ago")
-        if st.get("restarts") is not None and "pid" in st:
-            table.add_row("restarts", ", ".join(f"{k} {v}" for k, v in st["restarts"].items()))
-        if st.get("total_pss_bytes"):
-            table.add_row("memory", f"{_fmt_bytes(st['total_pss_bytes'])} PSS (whole tree)")
-        console.print(table)
-        if st.get("processes"):
-            procs = Table(title="processes")
-            for col in ("role", "pid", "status", "RSS", "PSS", "CPU %", "requests"):
-                procs.add_column(col)
-            for r in st["processes"]:
-                procs.add_row(r["role"], str(r["pid"]), r["status"], _fmt_bytes(r["rss_bytes"]), _fmt_bytes(r["pss_bytes"]),
-                              f"{r['cpu_percent']:.0f}", "—" if r["requests"] is None else str(r["requests"]))
-            console.print(procs)
-        for other in st.get("elsewhere", []):
-            console.print(f"[yellow]note:[/] a server runs with run dir {other['run_dir']} (pid {other['pid']},"
-                          f" port {other['port']}): rerankctl status --run-dir {other['run_dir']}", soft_wrap=True)
+        from .statusview import print_status
+
+        print_status(st)
     raise typer.Exit(status_exit_code(st))
 
 

@@ -2,7 +2,7 @@
 request path to MOSEC. The supervisor talks to nothing else of this package.
 
     :8080  listener (FrontDoor: connection caps, deadlines) -> gate (key, admission, body, errors)
-           -> dispatch (scheduler, envelopes, MOSEC's port) -> MOSEC
+           -> router (which model) -> dispatch (scheduler, envelopes, MOSEC's port) -> that model's MOSEC
     :8081  listener -> health (/health /ready /live /metrics)
 
 Imported by the supervisor only once MOSEC is spawned: aiohttp and all of this load while the model compiles.
@@ -21,11 +21,11 @@ from aiohttp import web
 
 from ..errors import PortInUse, ServerStartError
 from ..settings import Settings
-from .dispatch import Dispatch
-from .gate import Gate, limits_of
+from .gate import Gate
 from .health import Health, HealthSource
 from .listener import FrontDoor, tracked
 from .metrics import Metrics
+from .router import Router
 from .tracing import Tracing
 
 # The health port: probes and scrapers, a few connections each
@@ -61,7 +61,7 @@ class Front:
         ``/info``, the served names); it never changes it."""
         self.settings = settings
         self.log = log
-        self.dispatch = Dispatch(settings, metrics, log, source.upstream, limits_of(settings))
+        self.dispatch = Router(metrics, log, source.models())  # each model's own request path
         self.tracing = Tracing(log)
         self.gate = Gate(settings, metrics, log, self.dispatch, probe_token, source, self.tracing)
         self.health = Health(settings, source)
@@ -99,13 +99,20 @@ class Front:
         return self.taken
 
     def upstream_in_flight(self, generation: int) -> int:
-        return self.dispatch.upstream_in_flight.get(generation, 0)
+        return self.dispatch.upstream_in_flight(generation)
+
+    def path(self, key: str):
+        """One model's request path (its ``Dispatch``: what its workers' watch reports lost envelopes to)."""
+        return self.dispatch.path(key)
+
+    async def set_models(self, models: list) -> None:
+        await self.dispatch.set_models(models)
 
     def worker_lost(self, held: set[int]) -> tuple[int, int]:
-        return self.dispatch.worker_lost(held)
+        return self.dispatch.default.worker_lost(held)
 
     def forgive(self) -> int:
-        return self.dispatch.forgive()
+        return self.dispatch.default.forgive()
 
     # --- life ------------------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -39,7 +39,6 @@ from ..protocol.envelope import PART_HEAD_LEN
 from ..protocol.openapi import openapi_document
 from ..settings import Settings
 from ..observe import REQUEST_ID_HEADER, request_id, request_id_from
-from .dispatch import Dispatch
 from .listener import FrontDoor
 from .metrics import Metrics
 from .responses import error_response, tei_error, unauthorized
@@ -61,12 +60,12 @@ def limits_of(settings: Settings) -> Limits:
 
 
 class Gate:
-    def __init__(self, settings: Settings, metrics: Metrics, log: logging.Logger, dispatch: Dispatch,
+    def __init__(self, settings: Settings, metrics: Metrics, log: logging.Logger, dispatch: Any,
                  probe_token: str, source: Any, tracing: Tracing) -> None:
         self.settings = settings
         self.metrics = metrics
         self.log = log
-        self.dispatch = dispatch
+        self.dispatch = dispatch  # the router: each model's Dispatch (dispatch.py), by the request's model
         self.source = source  # the index, /info and the served names (front.health.HealthSource)
         self.index = source.index
         self.tracing = tracing
@@ -241,7 +240,7 @@ class Gate:
         """Take a slot for a request whose body has arrived, or say why not. Reading a body takes no slot: a
         slow client holds a connection (bounded, with a deadline), never a place in the queue."""
         if probe:
-            if self.probes_in_flight >= 1:
+            if self.probes_in_flight >= self.dispatch.count:  # one canary per model
                 return error_response(429, "a canary request is already in flight", {"Retry-After": "1"})
             self.probes_in_flight += 1
             request["admitted"] = True

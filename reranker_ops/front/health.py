@@ -60,7 +60,9 @@ class HealthSource(Protocol):
     def upstream(self) -> Optional[Any]: ...  # where the gate sends now (front.upstream.Upstream), or None
     def index(self) -> dict: ...
     def info(self) -> dict: ...  # GET /info
-    def served_names(self) -> list[str]: ...  # the model's name, then its aliases
+    def served_names(self) -> list[str]: ...  # each model's name, then its aliases
+    def probes(self) -> list[Optional[Probe]]: ...  # each model's last canary (the models that are not down)
+    def model_health(self) -> list[dict]: ...  # each model: state, capacity, precision
 
 
 class Health:
@@ -74,19 +76,21 @@ class Health:
         return 2 * s.probe_interval_s + s.probe_timeout_s + 1.0
 
     def serving(self) -> tuple[bool, str]:
-        """Answers correctly now: the last canary succeeded, recently."""
+        """Answers correctly now: the last canary succeeded, recently (of a model's, with several: the
+        server serves while one of them does; ``/health`` says which do not)."""
         state = self.src.state_name
         if state in ("stopping", "stopped", "failed"):
             return False, state
-        probe = self.src.last_probe
-        if probe is None:
-            return False, "starting: no probe has succeeded yet"
-        if not probe.ok:
-            return False, f"last probe failed: {probe.error}"
-        age = time.monotonic() - probe.mono
-        if age > self.max_probe_age():
-            return False, f"last successful probe is {age:.0f}s old"
-        return True, "ok"
+        why = "starting: no probe has succeeded yet"
+        for i, probe in enumerate(self.src.probes()):
+            if probe is None:
+                continue
+            age = time.monotonic() - probe.mono
+            if probe.ok and age <= self.max_probe_age():
+                return True, "ok"
+            if i == 0 or why.startswith("starting"):
+                why = f"last probe failed: {probe.error}" if not probe.ok else f"last successful probe is {age:.0f}s old"
+        return False, why
 
     def verdict(self) -> tuple[bool, str]:
         """Healthy: serving, and nothing missing (state running)."""
@@ -114,6 +118,7 @@ class Health:
             "restarts": dict(src.restarts),
             "workers": {stage: c["live"] for stage, c in capacity.items()},
             "capacity": capacity,
+            "models": [{k: v for k, v in m.items() if k != "variant_dir"} for m in src.model_health()],
         }
 
     async def handle_health(self, request: web.Request) -> web.Response:

@@ -124,8 +124,10 @@ class Canary:
     """The supervisor's probes: when to send one, what its result means."""
 
     def __init__(self, settings, policy, metrics, log: logging.Logger, outages: Outages,
-                 session: Callable[[], Any], probe_token: str, on_success: Callable[[], None]) -> None:
+                 session: Callable[[], Any], probe_token: str, on_success: Callable[[], None],
+                 model: Optional[Callable[[], str]] = None) -> None:
         self.settings = settings
+        self.model = model  # the name of the model it probes (the gate routes by it in a server of several)
         self.policy = policy  # WatchdogPolicy: failures feed its "wedged" rule
         self.metrics = metrics
         self.log = log
@@ -210,7 +212,8 @@ class Canary:
         t0 = time.monotonic()
         at = time.time()
         try:
-            async with self.session().post(url, json=CANARY, headers=headers,
+            request = CANARY if self.model is None else {**CANARY, "model": self.model()}
+            async with self.session().post(url, json=request, headers=headers,
                                            timeout=aiohttp.ClientTimeout(total=s.probe_timeout_s)) as resp:
                 raw = await resp.read()
                 try:
@@ -237,7 +240,8 @@ class Canary:
         from ..protocol.envelope import open_answer, part_head, read_answers, seal
         from .generation import GenState
 
-        canary = json.dumps(CANARY, ensure_ascii=False).encode("utf-8")
+        request = CANARY if self.model is None else {**CANARY, "model": gen.model_name}  # the new one's name
+        canary = json.dumps(request, ensure_ascii=False).encode("utf-8")
         part = part_head(ROUTE_TAGS["/rerank"], len(canary)) + canary
         envelope_id = secrets.randbits(63) or 1
         body = seal(gen.secret, envelope_id, [part]) + part  # an envelope of one

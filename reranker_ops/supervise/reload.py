@@ -45,10 +45,11 @@ class Builds:
 
 
 class Reloader:
-    """One reload at a time; its status (id, state, reason) is what ``rerankctl reload`` waits for."""
+    """One reload of a model at a time; its status (id, state, reason) is what ``rerankctl reload`` waits for.
+    ``slot``: the model's ``ModelSlot`` (its settings, generation, canary, watch)."""
 
-    def __init__(self, supervisor, log: logging.Logger) -> None:
-        self.sup = supervisor
+    def __init__(self, slot, log: logging.Logger) -> None:
+        self.sup = slot
         self.log = log
         self.status: Optional[dict] = None
         self.task: Optional[asyncio.Task] = None
@@ -116,6 +117,7 @@ class Reloader:
             old, old_variant = sup.gen, sup.variant_dir
             # the switch: one assignment; the gate reads the upstream per request
             sup.gen, sup.variant_dir, sup.model_name, sup.precision = new, variant, name, precision
+            sup.down = sup.restarting = None  # a model that was down serves again
             sup.watch.reset()
             self.log.info("reload: serving generation %d (%s, %s) now; draining generation %d", new.number, name,
                           variant, old.number if old else -1)

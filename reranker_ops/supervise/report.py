@@ -39,6 +39,9 @@ def pidfile_data(sup) -> dict:
 
 
 def state_data(sup) -> dict:
+    from .view import SupervisorView
+
+    view = SupervisorView(sup)
     probe = sup.canary.last
     gen = sup.gen
     health = sup.front.health if sup.front is not None else None
@@ -64,10 +67,15 @@ def state_data(sup) -> dict:
             "port": gen.port if gen is not None else None,
             "generation": gen.number if gen is not None else None,
         },
-        "capacity": sup.watch.capacity(),
-        "reload": sup.reloader.status,
+        "capacity": view.capacity(),
+        # the last reload asked: of one model, of several one after the other, or of the list of models
+        "reload": max((st for st in (sup.models_reload, *(sl.reloader.status for sl in sup.slots)) if st),
+                      key=lambda st: st["at"], default=None),
         "last_probe": probe.to_dict() if probe else None,
         "restarts": sup.restarts,
-        "worker_deaths": sup.watch.deaths,
-        "outages": sup.outages.to_list(),
+        "worker_deaths": sum(sl.watch.deaths for sl in sup.slots),
+        "outages": [{**o, "model": sl.model_name} if len(sup.slots) > 1 else o
+                    for sl in sup.slots for o in sl.outages.to_list()],
+        "models": [{**m, "mosec_pid": sl.gen.pid if sl.gen is not None and sl.gen.exit_code is None else None}
+                   for sl, m in zip(sup.slots, view.model_health())],
     }

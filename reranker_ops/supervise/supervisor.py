@@ -29,18 +29,15 @@ from typing import TYPE_CHECKING, Optional
 
 from ..errors import ServerStartError
 from ..startup import frozen_imports
-from .canary import Canary, Outages
-from .generation import Generation, generation_config
-from .policy import RestartPolicy, WatchdogPolicy
 from .procs import kill_instance, reap_orphans
-from .reload import CHILD_TERM_GRACE, Builds, Reloader, served_precision
+from .reload import CHILD_TERM_GRACE, Builds
 from .report import pidfile_data, state_data
 from .rundir import RunDir
 from .sdnotify import Notifier
+from .slot import ModelSlot
 from .states import State
 from .status import Status
 from .view import SupervisorView
-from .workerwatch import WorkerWatch
 
 if TYPE_CHECKING:  # the HTTP side is imported by startup, once MOSEC is on its way
     from ..front.front import Front
@@ -49,44 +46,69 @@ TICK_S = 0.25
 
 
 class Supervisor:
-    def __init__(self, settings, variant_dir: Path, model_name: str, notifier: Notifier,
+    def __init__(self, settings, variant_dir: Optional[Path], model_name: Optional[str], notifier: Notifier,
                  log: Optional[logging.Logger] = None, argv: Optional[list[str]] = None) -> None:
+        """``variant_dir``, ``model_name``: the default model's build and name (the first of RERANKER_MODELS)."""
         from ..front.metrics import Metrics
-        from ..worker.app import keeps_last_worker, mosec_version  # noqa: I001 - neither imports MOSEC
 
         s = self.settings = settings
-        self.variant_dir = Path(variant_dir).resolve()  # the build the pointer names now: convert moves pointers
-        self.precision = served_precision(variant_dir, settings.precision)
-        self.model_name, self.notifier, self.argv = model_name, notifier, argv
+        self.notifier, self.argv = notifier, argv
         self.log = log or logging.getLogger("rerankctl")
         self.instance, self.probe_token = uuid.uuid4().hex, secrets.token_hex(16)
         self.metrics = Metrics()
         self.rundir = RunDir(s, self.instance)
         self.builds = Builds()
-        self.watchdog = WatchdogPolicy(failures_needed=s.probe_failures, hang_after_s=s.worker_hang_s)
-        self.restart_policy = RestartPolicy(start_attempts=s.start_attempts, restart_budget=s.restart_budget,
-                                            restart_window_s=s.restart_window_s)
-        self.outages = Outages(self.log)
-        self.status = Status(notifier, self.log, lambda: f"{self.model_name} on {s.host}:{s.port}",
+        self.environ = os.environ  # what each generation's environment is made from (child_environment)
+        self.status = Status(notifier, self.log, lambda: f"{', '.join(self.served())} on {s.host}:{s.port}",
                              lambda: self.rundir.publish(state_data(self), self.log))
         self.sm = self.status.sm
-        self.canary = Canary(s, self.watchdog, self.metrics, self.log, self.outages, lambda: self.front.session,
-                             self.probe_token, self.status.ping)
-        self.watch = WorkerWatch(s, self.watchdog, None, self.metrics, self.log, self.outages,
-                                 keeps_last_worker(mosec_version()))
-        self.reloader = Reloader(self, self.log)
         self.front: Optional[Front] = None
-        self.gen: Optional[Generation] = None
-        self.generations = self.server_restarts = self.stop_requests = 0
+        self.generations = self.stop_requests = 0
+        self.slots = [self.new_slot(spec, i == 0, variant_dir if i == 0 else None, model_name if i == 0 else None)
+                      for i, spec in enumerate(s.model_specs())]
+        self.models_reload: Optional[dict] = None  # the last reload of several models or of the list
         self.fatal: Optional[str] = None
         self.started_at, self.started_mono, self.loop_tick = time.time(), time.monotonic(), 0.0
-        self.tail: deque[str] = deque(maxlen=200)  # MOSEC's last lines, for the reasons of failures
         self._signals: deque[int] = deque()
         self._wake: Optional[asyncio.Event] = None
-        self._gen_pids: set[int] = set()
+        self.gen_pids: set[int] = set()
         self._stop_deadline_s = s.stop_timeout_s
 
-    restarts = property(lambda self: {"worker": self.watch.kills, "server": self.server_restarts})
+    def new_slot(self, spec, first: bool, variant_dir: Optional[Path] = None, name: Optional[str] = None,
+                 settings=None) -> ModelSlot:
+        """A model's room (not started): its build found now, or the slot is down from the start with why (in a
+        server of several; one model alone was found by ``serve`` before it started)."""
+        from ..models.store import find_variant, resolve_model
+
+        settings = settings or self.settings
+        mine = settings.for_model(spec, first=first)
+        down = None
+        if variant_dir is None:
+            name = name or os.path.basename(spec.model.rstrip("/")) if spec.model.startswith(("/", ".", "~")) \
+                else spec.model  # until it is found: a folder's name, as it would be served
+            try:
+                name = resolve_model(mine).name
+                variant_dir = find_variant(mine)
+            except Exception as exc:  # noqa: BLE001 - a model that cannot be found is down; the others serve
+                down = f"{getattr(exc, 'message', None) or exc}"
+        return ModelSlot(self, mine, variant_dir, name, key=spec.key, down=down)
+
+    # the default model's parts: what a server of one model always had
+    gen = property(lambda self: self.slots[0].gen, lambda self, gen: setattr(self.slots[0], "gen", gen))
+    watch = property(lambda self: self.slots[0].watch)
+    canary = property(lambda self: self.slots[0].canary)
+    reloader = property(lambda self: self.slots[0].reloader)
+    model_name = property(lambda self: self.slots[0].model_name)
+    precision = property(lambda self: self.slots[0].precision)
+    variant_dir = property(lambda self: self.slots[0].variant_dir)
+    restarts = property(lambda self: {"worker": sum(sl.watch.kills for sl in self.slots),
+                                      "server": sum(sl.server_restarts for sl in self.slots)})
+
+    def served(self) -> list[str]:
+        return [sl.model_name for sl in self.slots if sl.down is None]
+
+    def verdicts(self) -> list:
+        return [(sl.model_name, *sl.verdict(), sl.canary.ever_ready) for sl in self.slots]
 
     # --- life ------------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -112,18 +134,19 @@ class Supervisor:
     async def startup(self) -> None:
         self.rundir.reap_previous(self.log)  # we hold the lock: a recorded server is dead
         self.rundir.prepare()
-        self.builds.hold(self.variant_dir)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._on_signal, sig)
         # MOSEC first: its interpreters start and the model compiles on the other core while this process
         # imports its HTTP side and binds its ports
-        self.gen = await self.spawn(self.variant_dir, self.model_name)
+        for slot in self.slots:
+            await slot.start()
         with frozen_imports():  # they live as long as the supervisor
             from ..front.front import Front
         view = SupervisorView(self)
         self.front = Front(self.settings, self.metrics, self.log, self.probe_token, view)
-        self.watch.front = self.front
+        for slot in self.slots:
+            slot.watch.front = self.front.path(slot.key)  # where its workers' lost envelopes are reported
         await self.front.start()
         self.rundir.write_pidfile(pidfile_data(self))
         self.status.publish()
@@ -136,33 +159,22 @@ class Supervisor:
             return True
         if not self.rundir.lock_is_here():
             self.restore_run_dir()
-        gen = self.gen
-        if self.fatal or gen is None:
-            return True
-        if gen.gone():  # MOSEC exited unasked: a crash, whatever the code (unless it was our remediation)
-            cause = await gen.collect_exit()
-            await self.watch.generation_died(gen.number)
-            await self.fail_generation(cause, ever_ready=self.canary.ever_ready, ours=gen.expected_exit)
-            return False
-        self.fatal = self.canary.collect(gen)
         if self.fatal:
             return True
-        why = await self.watch.tick(gen, now)  # a kill that did not take, workers that did not come back
-        ever_ready = True  # those are restarts of a booted generation: the restart budget's
-        if why is None and not gen.booted:
-            why, ever_ready = self.watch.boot_check(gen, now), self.canary.ever_ready
-        elif why is None:
-            why = self.watchdog.wedged(now, self.watch.views)
-        if why:
-            self.log.warning("watchdog: %s -> restart MOSEC", why)
-            await self.fail_generation(why, ever_ready=ever_ready)
-            return bool(self.fatal)
-        if self.fatal or self.gen is not gen:
-            return bool(self.fatal)
-        self.status.derive(gen, self.canary, self.watch.capacity())
+        for slot in list(self.slots):  # each model on its own: one's failure is its own to heal or give up
+            await slot.tick(now)
+            if self.stop_requests:
+                return True
+        down = [sl for sl in self.slots if sl.down is not None]
+        if len(down) == len(self.slots) and not any(sl.reloader.running for sl in down):
+            self.fatal = down[0].down if len(down) == 1 else "every model is down: " + "; ".join(
+                f"{sl.model_name}: {sl.down}" for sl in down)
+            return True
+        verdicts = self.verdicts()
+        self.status.derive(verdicts)
+        self.status.serving_ready(verdicts)
         if os.getpid() == 1:
-            reap_orphans(self._gen_pids)
-        self.canary.maybe_start(now, self.wake)
+            reap_orphans(self.gen_pids)
         self.status.publish_due(now)
         return False
 
@@ -186,52 +198,28 @@ class Supervisor:
     handle_sigint = handle_sigterm
 
     def handle_sighup(self) -> None:
-        """Reload (``rerankctl reload`` left what to load in a request file)."""
-        refuse = None
-        if not self.canary.ever_ready or self.sm.state in (State.STOPPING, State.RESTARTING):
-            refuse = f"cannot reload while {self.sm.state}"
-        self.reloader.ask(self.rundir.take_request("reload-request.json"), refuse)
+        """Reload (``rerankctl reload`` left what to load in a request file): one model's generation, every
+        model's one after the other, or the list of models (``models``: added, removed, changed)."""
+        from .models import models_reload, reload_each, report_reload, slots_for
 
-    # --- generations -------------------------------------------------------------------------------------
-    async def spawn(self, variant_dir: Path, model_name: str) -> Generation:
-        """Start a MOSEC generation (not yet the one the gate sends to)."""
-        self.generations += 1
-        config_path, folder = self.rundir.generation_paths(self.generations)
-        config = generation_config(self.settings, self.generations, folder, variant_dir, model_name,
-                                   self.watch.keep_last_worker)
-        gen = await Generation.spawn(config, config_path, variant_dir, self.instance, dict(os.environ),
-                                     self.settings.run_dir, self.settings.startup_timeout_s, self.log, self.tail,
-                                     on_exit=self.wake)
-        self._gen_pids.add(gen.pid)
-        return gen
-
-    async def stop_generation(self, gen: Generation, grace: float) -> None:
-        await gen.stop(grace, f"{self.instance}.{gen.number}")
-        self.rundir.forget_generation(gen.number)
-
-    async def fail_generation(self, cause: str, *, ever_ready: bool, ours: bool = False) -> None:
-        """RestartPolicy decides: a new generation (after its backoff), or give up."""
-        verdict = self.restart_policy.failure(cause, time.monotonic(), ever_ready=ever_ready, ours=ours)
-        if not verdict.restart:
-            self.fatal = verdict.fatal
+        request = self.rundir.take_request("reload-request.json")
+        if "models" in request:
+            asyncio.ensure_future(models_reload(self, request))
             return
-        self.sm.to(State.RESTARTING, cause)
-        self.server_restarts += 1
-        self.metrics.count_restart("server")
-        self.outages.open(cause)
-        if self.gen is not None:
-            await self.stop_generation(self.gen, grace=1.0)
-        if verdict.delay:
-            self.log.info("restarting MOSEC in %.1fs", verdict.delay)
-            await self.sleep(verdict.delay)
-        self.handle_signals()
-        if self.stop_requests:
-            return
-        self.watch.reset()
-        self.canary.reset()
-        self.gen = await self.spawn(self.variant_dir, self.model_name)
-        self.sm.to(State.DEGRADED if self.canary.ever_ready else State.STARTING,
-                   f"MOSEC generation {self.generations} starting")
+        slots, why = slots_for(self, request.get("model"))
+        if why:
+            report_reload(self, request.get("id"), "refused", why)
+        elif len(slots) == 1:
+            slot = slots[0]
+            if self.settings.several_models:  # named by its alias or its spec: that model, from its pointer
+                request = {k: v for k, v in request.items() if k != "model"}
+            refuse = None
+            if slot.down is None and (not slot.canary.ever_ready or slot.restarting is not None
+                                      or self.sm.state in (State.STOPPING, State.RESTARTING)):
+                refuse = f"cannot reload while {self.sm.state if len(self.slots) == 1 else slot.verdict()[0]}"
+            slot.reloader.ask(request, refuse)
+        else:
+            asyncio.ensure_future(reload_each(self, slots, request))
 
     def restore_run_dir(self) -> None:
         """The run dir (or its lock) was removed under the running server (a cleanup of /run/user or /tmp, an
@@ -241,9 +229,10 @@ class Supervisor:
         if self.fatal:
             return
         self.status.publish()
-        if self.canary.ever_ready and not self.reloader.running and self.sm.state not in (State.STOPPING,
-                                                                                            State.RESTARTING):
-            self.reloader.ask({"id": "run-dir-restored"})
+        for slot in self.slots:
+            if (slot.down is None and slot.canary.ever_ready and not slot.reloader.running
+                    and slot.restarting is None and self.sm.state != State.STOPPING):
+                slot.reloader.ask({"id": "run-dir-restored"})
         # else: one booting or restarting now is replaced (into the restored dir) by the boot deadline
 
     # --- stopping ----------------------------------------------------------------------------------------
@@ -256,19 +245,21 @@ class Supervisor:
         deadline = t_end - min(CHILD_TERM_GRACE + 1.0, max(1.0, self._stop_deadline_s / 3))
         if front is not None and await front.drained(deadline, self._stop_again):
             self.log.warning("stopping with %d request(s) still in flight", front.taken)
-        self.canary.cancel()
-        await self.reloader.cancel()
-        if self.gen is not None:
-            # drained: nothing of a client's is left in MOSEC, so there is nothing to wait for
-            idle = front is None or front.taken == 0
-            grace = 0.2 if self.stop_requests > 1 or idle else max(0.2, min(CHILD_TERM_GRACE,
-                                                                             t_end - time.monotonic() - 0.5))
-            await self.stop_generation(self.gen, grace=grace)
+        for slot in self.slots:
+            slot.canary.cancel()
+            await slot.reloader.cancel()
+        # drained: nothing of a client's is left in MOSEC, so there is nothing to wait for
+        idle = front is None or front.taken == 0
+        grace = 0.2 if self.stop_requests > 1 or idle else max(0.2, min(CHILD_TERM_GRACE,
+                                                                         t_end - time.monotonic() - 0.5))
+        await asyncio.gather(*(slot.stop_generation(slot.gen, grace=grace) for slot in self.slots
+                               if slot.gen is not None))
 
     async def cleanup(self) -> None:
         try:
-            if self.gen is not None:
-                await self.stop_generation(self.gen, grace=0.2)
+            for slot in self.slots:
+                if slot.gen is not None:
+                    await slot.stop_generation(slot.gen, grace=0.2)
             await asyncio.get_running_loop().run_in_executor(None, kill_instance, self.instance)
         except Exception:  # noqa: BLE001 - cleanup must go on
             self.log.exception("while stopping MOSEC")
