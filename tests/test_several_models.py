@@ -189,6 +189,27 @@ def test_a_hung_worker_of_one_model_is_healed_and_the_other_model_sees_nothing(m
     assert victim_row["restarts"]["worker"] >= 1
 
 
+def test_a_crash_of_one_models_mosec_is_that_models_restart_alone(make_server, tiny_fp32, trained_fp32):
+    """kill -9 of the trained model's MOSEC main process under load: a new generation of it (its restart budget
+    spent by one), the tiny model's MOSEC and clients untouched."""
+    server = make_server(models=two_models(tiny_fp32.parent, trained_fp32.parent), **FAST)
+    before = {m["model"]: m for m in server.status()["models"]}
+    with Clients(server.base, FAST["request_timeout_s"], n=2, model="tiny-model") as other:
+        wait_until(lambda: len(other.records) >= 5, 60, what="traffic")
+        os.kill(before["trained"]["mosec_pid"], signal.SIGKILL)
+        wait_until(lambda: model_row(server, "trained")["restarts"]["server"] == 1
+                   and server.status()["state"] == "running", 90, 0.3, what="the trained model back")
+        back = time.monotonic()
+        wait_until(lambda: sum(1 for t, _, o in other.records if t > back) >= 5, 30, what="traffic after")
+    assert [o for *_, o in other.records if o != 200] == []
+    after = {m["model"]: m for m in server.status()["models"]}
+    assert after["trained"]["generation"] != before["trained"]["generation"]
+    assert after["tiny-model"]["mosec_pid"] == before["tiny-model"]["mosec_pid"]
+    assert after["tiny-model"]["restarts"] == {"worker": 0, "server": 0}
+    r = httpx.post(server.base + "/rerank", json={"model": "trained", "query": QUERY, "documents": DOCS}, timeout=30)
+    assert r.status_code == 200
+
+
 def test_one_model_broken_at_start_the_other_serves_and_status_says_which(make_server, tiny_fp32, trained_fp32,
                                                                           tmp_path, refs):
     broken = tmp_path / "models" / "broken"
@@ -197,7 +218,8 @@ def test_one_model_broken_at_start_the_other_serves_and_status_says_which(make_s
     good = xml.read_bytes()
     xml.write_bytes(b"<net>this is not a model</net>")
     missing = tmp_path / "models" / "nowhere"
-    server = make_server(models=f"{tiny_fp32.parent}, {broken}, {missing}", start_attempts=2, **FAST)
+    # the default (first) model's folder is missing: serve says so and starts the others
+    server = make_server(models=f"{missing}, {tiny_fp32.parent}, {broken}", start_attempts=2, **FAST)
     st = server.status()
     assert st["state"] == "degraded", st
     rows = {m["model"]: m for m in st["models"]}
@@ -210,6 +232,9 @@ def test_one_model_broken_at_start_the_other_serves_and_status_says_which(make_s
     assert r.json()["scores"] == pytest.approx(refs["tiny-model"](QUERY, DOCS), abs=TOL)
     r = httpx.post(server.base + "/rerank", json={"model": "broken", "query": QUERY, "documents": DOCS}, timeout=30)
     assert r.status_code == 503 and "down" in r.json()["message"]
+    r = httpx.post(server.base + "/rerank", json={"query": QUERY, "documents": DOCS}, timeout=30)
+    assert r.status_code == 503 and "default model" in r.json()["message"]  # names none: the default's, down
+    assert httpx.get(server.base + "/info", timeout=10).json()["model_id"] == "nowhere"
     assert httpx.get(server.health + "/ready", timeout=10).status_code == 200
     health = httpx.get(server.health + "/health", timeout=10)
     assert health.status_code == 503 and health.json()["status"] == "degraded"
@@ -248,6 +273,11 @@ def test_reload_of_one_model_under_load_fails_no_request(make_server, tiny_fp32,
     # a name not served is refused, and says what is
     res = server.cli("reload", "--model", "gpt-4", timeout=60)
     assert res.returncode != 0 and "not served" in res.stdout + res.stderr
+    # no model named: each model's generation is replaced, one after the other
+    res = server.cli("reload", timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
+    again = {m["model"]: m for m in server.status()["models"]}
+    assert all(again[n]["generation"] != after[n]["generation"] for n in again), (after, again)
 
 
 def test_models_are_added_and_removed_by_a_reload_of_the_list_under_load(make_server, tiny_fp32, trained_fp32,

@@ -207,6 +207,8 @@ class Supervisor:
             asyncio.ensure_future(models_reload(self, request))
             return
         slots, why = slots_for(self, request.get("model"))
+        if (self.models_reload or {}).get("state") == "in_progress":
+            why = "a reload of the models is in progress"
         if why:
             report_reload(self, request.get("id"), "refused", why)
         elif len(slots) == 1:

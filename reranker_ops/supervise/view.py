@@ -112,7 +112,7 @@ class SupervisorView:
         from ..protocol.manifest import read_variant_manifest
 
         sup, s = self._sup, self._sup.settings
-        manifest = read_variant_manifest(sup.variant_dir)
+        manifest = read_variant_manifest(sup.variant_dir) if sup.variant_dir is not None else {}
         gen = sup.gen
         window = gen.max_length if gen is not None else int(manifest.get("max_length") or 512)
         dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8",

@@ -1,0 +1,126 @@
+"""Several models, the parts that need no server: RERANKER_MODELS' syntax, each model's settings, the
+server's state from its models' states, and which model's path a request takes."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from reranker_ops.settings import ModelSpec, Settings, SettingsError, parse_model_specs
+from reranker_ops.supervise.states import State, StateMachine
+
+
+def test_the_list_of_models_and_what_each_overrides():
+    specs, problems = parse_model_specs(" DiTy/cross-encoder-russian-msmarco;workers=2 , ./bge;precision=int8;"
+                                        "aliases=rerank-multilingual| bge ,")
+    assert problems == []
+    assert specs == [ModelSpec("DiTy/cross-encoder-russian-msmarco", workers=2),
+                     ModelSpec("./bge", precision="int8", aliases=("rerank-multilingual", "bge"))]
+    assert specs[0].key == "DiTy_cross-encoder-russian-msmarco" and specs[1].key == "bge"
+
+
+@pytest.mark.parametrize("text, says", [
+    ("a;workers=0", "workers='0'"),
+    ("a;workers=two", "workers='two'"),
+    ("a;precision=fp64", "precision='fp64'"),
+    ("a;colour=blue", "'colour=blue'"),
+    ("a, b;aliases=a", "'a' is given twice"),
+    ("a, a", "'a' is given twice"),
+    (";workers=1", "names no model"),
+])
+def test_every_mistake_in_the_list_is_said(text, says):
+    with pytest.raises(SettingsError) as err:
+        Settings(models=text)
+    assert says in str(err.value)
+
+
+def test_each_model_gets_its_own_settings_and_the_cores_are_shared_out(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    s = Settings(models="a;workers=3, b;precision=int8;aliases=x", model_aliases="rerank-v3", workers=1)
+    a, b = (s.for_model(spec, first=i == 0) for i, spec in enumerate(s.model_specs()))
+    assert (a.model, a.workers, a.precision, a.threads) == ("a", 3, "auto", 2)  # 8 cores over 4 workers
+    assert (b.model, b.workers, b.precision, b.threads) == ("b", 1, "int8", 2)
+    assert a.served_models == ("rerank-v3",) and b.served_models == ("x",)  # the default keeps the server's
+    assert a.worker_dir != b.worker_dir and a.worker_dir.parent == s.worker_dir  # a heartbeat folder each
+    one = Settings(model="a")
+    assert one.model_specs() == [ModelSpec("a")] and one.for_model(ModelSpec("a"), first=True) is one
+
+
+def _states(*verdicts):
+    from reranker_ops.supervise.sdnotify import Notifier
+    from reranker_ops.supervise.status import Status
+
+    said: list[str] = []
+    notifier = Notifier(None)
+    notifier.ready = lambda text: said.append(text)  # type: ignore[method-assign]
+    st = Status(notifier, logging.getLogger("t"), lambda: "m", lambda: None)
+    for v in verdicts:
+        st.derive(v)
+        st.serving_ready(v)
+    return st.sm, said
+
+
+def test_the_servers_state_from_its_models():
+    R, S, D, F = State.RUNNING, State.STARTING, State.DEGRADED, State.FAILED
+    sm, said = _states([("a", S, "loading", False), ("b", S, "loading", False)])
+    assert sm.state == S and said == []
+    # one model up, the other still loading: the server serves, degraded, and has not said READY yet
+    sm, said = _states([("a", R, "", True), ("b", S, "loading the model", False)])
+    assert sm.state == D and "b: starting: loading the model" in sm.reason and said == []
+    # the other gave up: every model settled, one serves: READY, and the state names the one that is down
+    sm, said = _states([("a", R, "", True), ("b", S, "", False)], [("a", R, "", True), ("b", F, "bad IR", False)])
+    assert sm.state == D and sm.reason == "b: down: bad IR" and len(said) == 1
+    sm, said = _states([("a", R, "", True), ("b", R, "", True)])
+    assert sm.state == R
+    # never back to starting once the server served: a model that restarts leaves it degraded
+    sm, _ = _states([("a", R, "", True), ("b", R, "", True)], [("a", State.RESTARTING, "crash", True),
+                                                                ("b", R, "", True)])
+    assert sm.state == D and "a: restarting: crash" in sm.reason
+    # one model: its state is the server's, as it always was
+    sm, _ = _states([("a", S, "", False)], [("a", State.RESTARTING, "crash", False)])
+    assert sm.state == State.RESTARTING
+
+
+class _Source:
+    def __init__(self, key, names, down=None):
+        self.key, self.ident, self._names, self.down = key, id(self), names, down
+        self.settings = Settings()
+
+    def names(self):
+        return self._names
+
+    def upstream(self):
+        return None
+
+
+def _body(doc) -> bytearray:
+    from reranker_ops.protocol.envelope import PART_HEAD_LEN
+
+    return bytearray(PART_HEAD_LEN) + json.dumps(doc).encode()
+
+
+def test_which_models_path_a_request_takes():
+    from reranker_ops.front.metrics import Metrics
+    from reranker_ops.front.router import Router
+    from reranker_ops.protocol.envelope import PART_HEAD_LEN
+
+    a, b = _Source("a", ["a", "a-alias"]), _Source("b", ["b", "b-alias"])
+    router = Router(Metrics(), logging.getLogger("t"), [a, b])
+    pa, pb = router.path("a"), router.path("b")
+    assert pa is not pb and pa.scheduler is not pb.scheduler  # each model its own queue and workers
+    assert router.route("/rerank", _body({"model": "b-alias", "query": "q", "documents": []})) is pb
+    assert router.route("/v1/rerank", _body({"model": "a", "query": "q", "documents": []})) is pa
+    assert router.route("/rerank", _body({"query": "q", "documents": ["model"]})) is pa  # names none: default
+    assert router.route("/inference", _body([{"query": "q", "passage": "p"}])) is pa
+    assert router.route("/rerank", _body({"model": 5})) is pa  # the worker refuses it with its reason
+    head = bytearray(PART_HEAD_LEN)
+    assert router.route("/rerank", head + b'{"model": "b", ') is pa  # malformed: the same
+    deep = head + b'{"model": "b", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    assert router.route("/rerank", deep) is pa  # nested past Python's recursion limit: no crash
+    missing = router.route("/rerank", _body({"model": "gpt-4"}))
+    assert missing.status == 404 and all(n in missing.text for n in ("a-alias", "b-alias"))
+    b.down = "cannot load"
+    down = router.route("/rerank", _body({"model": "b"}))
+    assert down.status == 503 and "cannot load" in down.text
