@@ -1,6 +1,7 @@
 """Two models: in one server (RERANKER_MODELS) against two servers, one per model (issue 38).
 
     .venv/bin/python benchmarks/models.py [--rounds 3] [--seconds 10] [--shape dity] [--out bench-results]
+                                          [--threads N] [--only one|two]
 
 Two random models of the shape asked (DiTy's by default; speed and memory depend on shape only), in two
 folders of their own (no file shared: each is its own model, as a Russian and a multilingual one would be),
@@ -11,8 +12,10 @@ served at FP32 with one score worker each, in each of --rounds rounds, in altern
   both do), and the PSS of every process after real traffic to both models (rag, then passages past the
   window), per model where one server has several;
 * **across models**: model B's short requests at concurrency 1 alone, then while model A serves long
-  requests at concurrency 2: B's p95 together over alone. One server gives each model's workers
-  ``cores / all workers`` threads; two servers each ``cores / its workers`` (they oversubscribe the cores).
+  requests at concurrency 2: B's p95 together over alone. By default every model's workers get
+  ``cores / its workers`` threads in both (each may use every core; busy together, they share them);
+  ``--threads N`` gives every worker N threads (RERANKER_THREADS: ``--threads 1`` splits two cores between
+  two models); ``--only one|two`` measures one of the two.
 
 Every figure is the median of the rounds with its spread; nothing here is a target of the issue's but the
 report, which goes to ``benchmarks/HISTORY.md`` with the CPU it ran on.
@@ -34,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from perf import MEMORY_SETTLE_S, Server, _cpu_flags, _cpu_name, cli, model_of_shape  # noqa: E402
 
-FAST_START = dict(probe_interval_s=2, worker_hang_s=120)
+SETTINGS = dict(probe_interval_s=2, worker_hang_s=120)
 
 
 def traffic(srv: Server, seconds: float, names: list[str]) -> None:
@@ -44,7 +47,10 @@ def traffic(srv: Server, seconds: float, names: list[str]) -> None:
 
 
 def p95_short(srv: Server, name: str, seconds: float) -> float:
-    return srv.bench("--workload", "short", "-c", "1", "-z", str(seconds), "--model-name", name)["latency_ms"]["p95"]
+    served = srv.bench("--workload", "short", "-c", "1", "-z", str(seconds), "--model-name", name)["served"]
+    if served["ok"] != served["requests"]:
+        raise SystemExit(f"{name}: {served['requests'] - served['ok']} short requests failed: {served['codes']}")
+    return served["latency_ms"]["p95"]
 
 
 def p95_short_beside_long(short: Server, name_b: str, long: Server, name_a: str, seconds: float) -> float:
@@ -60,7 +66,7 @@ def p95_short_beside_long(short: Server, name_b: str, long: Server, name_a: str,
 
 
 def one_server(a: Path, b: Path, out: Path, seconds: float) -> dict:
-    with Server(a, out / "run-one", models=f"{a}, {b}", **FAST_START) as srv:
+    with Server(a, out / "run-one", models=f"{a}, {b}", **SETTINGS) as srv:
         started = srv.start_seconds
         names = [m["model"] for m in srv.status()["models"]]
         alone = p95_short(srv, names[1], seconds)
@@ -74,7 +80,7 @@ def one_server(a: Path, b: Path, out: Path, seconds: float) -> dict:
 
 
 def two_servers(a: Path, b: Path, out: Path, seconds: float) -> dict:
-    sa, sb = Server(a, out / "run-a", **FAST_START), Server(b, out / "run-b", **FAST_START)
+    sa, sb = Server(a, out / "run-a", **SETTINGS), Server(b, out / "run-b", **SETTINGS)
     errors: list[BaseException] = []
 
     def start(srv: Server) -> None:
@@ -118,31 +124,39 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--shape", default="dity")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    ap.add_argument("--threads", type=int, default=0, help="OpenVINO threads per worker (0: each server's rule)")
+    ap.add_argument("--only", choices=("one", "two"), default=None)
     args = ap.parse_args()
+    if args.threads:
+        SETTINGS["threads"] = args.threads
     args.out.mkdir(parents=True, exist_ok=True)
     a = model_of_shape(args.out, args.shape, ("fp32",))
     b = args.out / f"{a.name}-b"  # the same shape, files of its own
     if not (b / "openvino-fp32" / "manifest.json").is_file():
         shutil.rmtree(b, ignore_errors=True)
         shutil.copytree(a, b)
-    rows: dict[str, list[dict]] = {"one server, two models": [], "two servers": []}
+    rows: dict[str, list[dict]] = {name: [] for name in ("one server, two models", "two servers")
+                                   if args.only is None or name.startswith(args.only)}
     for i in range(args.rounds):
         order = list(rows) if i % 2 == 0 else list(reversed(rows))
         for name in order:
             print(f"round {i + 1}: {name} ...", flush=True)
             fn = one_server if name.startswith("one") else two_servers
             rows[name].append(fn(a, b, args.out, args.seconds))
-    print(f"\nCPU: {_cpu_name()} ({_cpu_flags()}); shape {args.shape}, FP32, one score worker per model; "
-          f"{args.rounds} rounds, median (min–max)\n")
+    threads = f"{args.threads} threads per worker" if args.threads else "threads: each server's rule"
+    print(f"\nCPU: {_cpu_name()} ({_cpu_flags()}); shape {args.shape}, FP32, one score worker per model, {threads};"
+          f" {args.rounds} rounds, median (min–max)\n")
     print("| | start s | PSS MiB after load | B short p95 alone ms | beside A's long ms | ratio |")
     print("|---|---|---|---|---|---|")
     for name, rs in rows.items():
         print(f"| {name} | {med(rs, 'start_s')} | {med(rs, 'pss_mib')} | {med(rs, 'short_p95_alone_ms')} | "
               f"{med(rs, 'short_p95_beside_ms')} | {med(rs, 'cross_ratio')} |")
-    one, two = rows["one server, two models"], rows["two servers"]
-    print(f"\none server / two servers: memory {statistics.median(r['pss_mib'] for r in one) / statistics.median(r['pss_mib'] for r in two):.3f},"
-          f" start {statistics.median(r['start_s'] for r in one) / statistics.median(r['start_s'] for r in two):.3f}")
-    print("per model in one server (MiB):", {k: round(v) for k, v in one[-1]["per_model_mib"].items()})
+    one, two = rows.get("one server, two models"), rows.get("two servers")
+    if one and two:
+        print(f"\none server / two servers: memory {statistics.median(r['pss_mib'] for r in one) / statistics.median(r['pss_mib'] for r in two):.3f},"
+              f" start {statistics.median(r['start_s'] for r in one) / statistics.median(r['start_s'] for r in two):.3f}")
+    if one:
+        print("per model in one server (MiB):", {k: round(v) for k, v in one[-1]["per_model_mib"].items()})
     (args.out / "models.json").write_text(json.dumps(rows, indent=2))
     return 0
 

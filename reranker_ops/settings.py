@@ -28,7 +28,7 @@ ENV_PREFIX = "RERANKER_"
 ENV_FILE = ".env"
 # Kept for callers that name the type; pydantic's SecretStr never shows its value in a repr, log or traceback.
 Secret = SecretStr
-SPEC_KEYS = ("workers", "precision", "aliases")
+SPEC_KEYS = ("workers", "threads", "precision", "aliases")
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class ModelSpec:
 
     model: str
     workers: Optional[int] = None
+    threads: Optional[int] = None
     precision: Optional[str] = None
     aliases: tuple[str, ...] = ()
 
@@ -48,8 +49,8 @@ class ModelSpec:
 
 
 def parse_model_specs(text: str) -> tuple[list[ModelSpec], list[str]]:
-    """``RERANKER_MODELS``: comma-separated models, each ``MODEL[;workers=N][;precision=P][;aliases=a|b]``;
-    the specs, and every problem found."""
+    """``RERANKER_MODELS``: comma-separated models, each ``MODEL[;workers=N][;threads=N][;precision=P]
+    [;aliases=a|b]``; the specs, and every problem found."""
     specs, problems = [], []
     for item in (i.strip() for i in text.split(",")):
         if not item:
@@ -66,6 +67,11 @@ def parse_model_specs(text: str) -> tuple[list[ModelSpec], list[str]]:
                     problems.append(f"models: workers={value!r} of {model!r} is not a count from 1 to 64")
                 else:
                     given["workers"] = int(value)
+            elif key == "threads":
+                if not value.isdigit() or not 1 <= int(value) <= 256:
+                    problems.append(f"models: threads={value!r} of {model!r} is not a count from 1 to 256")
+                else:
+                    given["threads"] = int(value)
             elif key == "precision":
                 if value not in get_args(Precision):
                     problems.append(f"models: precision={value!r} of {model!r} is not one of "
@@ -164,7 +170,7 @@ class Settings(BaseSettings):
     auto_min_speedup: float = Field(1.05, ge=0.0, description="auto serves a reduced precision that passed the fidelity check only when it is at least this many times fp32's speed (below 1: also when slower, e.g. for INT8's smaller memory).")
     model_format: Literal["openvino", "onnx"] = Field("openvino", description="Which converted format serve loads.")
     model_aliases: str = Field("", description="Other names a request's \"model\" may give for the served model, comma-separated (e.g. the Cohere model a client hard-codes); any other name gets 404.")
-    models: str = Field("", description="Several models in one server, comma-separated, each supervised on its own (its own workers, canary and restart budget); the first is the default for requests that name none. Each is a model as RERANKER_MODEL takes it, then ;workers=N ;precision=P ;aliases=a|b if it differs from the server's. E.g. DiTy/cross-encoder-russian-msmarco;workers=2, BAAI/bge-reranker-v2-m3;precision=int8;aliases=rerank-multilingual. Empty: RERANKER_MODEL alone.")
+    models: str = Field("", description="Several models in one server, comma-separated, each supervised on its own (its own workers, canary and restart budget); the first is the default for requests that name none. Each is a model as RERANKER_MODEL takes it, then ;workers=N ;threads=N ;precision=P ;aliases=a|b if it differs from the server's. E.g. DiTy/cross-encoder-russian-msmarco;workers=2, BAAI/bge-reranker-v2-m3;precision=int8;aliases=rerank-multilingual. Empty: RERANKER_MODEL alone.")
 
     # --- network -------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address of the API.")
@@ -290,16 +296,19 @@ class Settings(BaseSettings):
         return len(self.model_specs()) > 1
 
     def for_model(self, spec: ModelSpec, first: bool = False) -> "Settings":
-        """One model's settings in a server of several: the model, its precision and workers, its aliases (the
-        default model's also ``model_aliases``), OpenVINO's threads shared out over every model's workers, and
-        its own folder of heartbeats."""
+        """One model's settings in a server of several: the model, its precision, workers and threads, its
+        aliases (the default model's also ``model_aliases``), and its own folder of heartbeats.
+
+        Threads follow each model's own rule (``cores / its workers``), as in a server of its own: a model may use
+        every core while the others idle, and the kernel shares the cores when several are busy. Splitting the
+        cores instead isolates the models better but makes each slower whenever the others idle: the measured
+        trade-off is in the README ("Several models in one server"). ``;threads=N`` sets a model's."""
         if not self.several_models:
             return self
-        total = sum(sp.workers or self.workers for sp in self.model_specs())
         aliases = (*spec.aliases, *(self.served_models if first else ()))
         out = self.replace(model=spec.model, precision=spec.precision or self.precision,
                            workers=spec.workers or self.workers, model_aliases=",".join(dict.fromkeys(aliases)),
-                           threads=self.threads or max(1, (os.cpu_count() or 1) // total), models="")
+                           threads=spec.threads or self.threads, models="")
         out._worker_subdir = spec.key
         return out
 

@@ -25,6 +25,7 @@ def test_the_list_of_models_and_what_each_overrides():
     ("a;workers=0", "workers='0'"),
     ("a;workers=two", "workers='two'"),
     ("a;precision=fp64", "precision='fp64'"),
+    ("a;threads=0", "threads='0'"),
     ("a;colour=blue", "'colour=blue'"),
     ("a, b;aliases=a", "'a' is given twice"),
     ("a, a", "'a' is given twice"),
@@ -36,12 +37,15 @@ def test_every_mistake_in_the_list_is_said(text, says):
     assert says in str(err.value)
 
 
-def test_each_model_gets_its_own_settings_and_the_cores_are_shared_out(monkeypatch):
+def test_each_model_gets_its_own_settings(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 8)
-    s = Settings(models="a;workers=3, b;precision=int8;aliases=x", model_aliases="rerank-v3", workers=1)
-    a, b = (s.for_model(spec, first=i == 0) for i, spec in enumerate(s.model_specs()))
-    assert (a.model, a.workers, a.precision, a.threads) == ("a", 3, "auto", 2)  # 8 cores over 4 workers
-    assert (b.model, b.workers, b.precision, b.threads) == ("b", 1, "int8", 2)
+    s = Settings(models="a;workers=3, b;precision=int8;aliases=x, c;threads=1", model_aliases="rerank-v3", workers=1)
+    a, b, c = (s.for_model(spec, first=i == 0) for i, spec in enumerate(s.model_specs()))
+    # threads: each model's own rule (cores / its workers), as in a server of its own, unless it says
+    assert (a.model, a.workers, a.precision, a.effective_threads()) == ("a", 3, "auto", 2)
+    assert (b.model, b.workers, b.precision, b.effective_threads()) == ("b", 1, "int8", 8)
+    assert c.effective_threads() == 1
+    assert Settings(models="a, b", threads=3).for_model(ModelSpec("b")).effective_threads() == 3
     assert a.served_models == ("rerank-v3",) and b.served_models == ("x",)  # the default keeps the server's
     assert a.worker_dir != b.worker_dir and a.worker_dir.parent == s.worker_dir  # a heartbeat folder each
     one = Settings(model="a")
