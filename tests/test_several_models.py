@@ -292,6 +292,15 @@ def test_models_are_added_and_removed_by_a_reload_of_the_list_under_load(make_se
         assert r.status_code == 200 and r.json()["scores"] == pytest.approx(refs["trained"](QUERY, DOCS), abs=TOL)
         assert [m["model"] for m in server.status()["models"]] == ["tiny-model", "trained"]
     assert [o for *_, o in a.records if o != 200] == []
+    # the list changed where the server's settings come from (the environment, /etc/rerankctl/env): a plain
+    # reload takes it, as systemd's ExecReload= would
+    server.env["RERANKER_MODELS"] = f"{trained_fp32.parent}, {tiny_fp32.parent}"
+    res = server.cli("reload", timeout=180)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert [m["model"] for m in server.status()["models"]] == ["trained", "tiny-model"]  # the default moved
+    r = httpx.post(server.base + "/rerank", json={"query": QUERY, "documents": DOCS}, timeout=30)
+    assert r.json()["model"] == "trained"
+    del server.env["RERANKER_MODELS"]
     with Clients(server.base, FAST["request_timeout_s"], n=2, model="trained") as b:
         wait_until(lambda: len(b.records) >= 5, 60, what="traffic")
         res = server.cli("reload", "--models", str(trained_fp32.parent), timeout=180)

@@ -298,13 +298,22 @@ def reload(
     one is drained and stopped. If the new one fails, the old one keeps serving and this exits non-zero.
     With no option, the server reloads what its model and precision point to now (e.g. after convert); with
     several models, --model names the one to reload (the others are not touched), and without it each is
-    reloaded in turn.
+    reloaded in turn. When RERANKER_MODELS here differs from the server's, the server takes the new list.
     """
     from ..control import reload_server
 
     settings = settings_from(run_dir=run_dir, models_dir=models_dir)
     request = {k: v for k, v in {"model": _absolute_model(model), "precision": precision,
                                   "model_format": model_format, "models": models}.items() if v}
+    if not request:
+        # the list of models changed where the server reads its settings (/etc/rerankctl/env, a .env, the
+        # environment systemd's ExecReload= gives): serve the new list
+        from ..supervise.rundir import read_pidfile
+
+        info, _ = read_pidfile(settings.pidfile_path)
+        recorded = (info.data.get("settings") or {}) if info is not None else {}
+        if settings.models and settings.models != recorded.get("models"):
+            request = {"models": settings.models}
     res = reload_server(settings, request, timeout)
     from .statusview import _fmt_bytes
 
