@@ -128,3 +128,35 @@ def test_which_models_path_a_request_takes():
     b.down = "cannot load"
     down = router.route("/rerank", _body({"model": "b"}))
     assert down.status == 503 and "cannot load" in down.text
+
+
+def test_routing_never_fails_on_any_body():
+    """Fuzzed: whatever bytes a body holds (JSON or not, any model name, any nesting), routing answers with a
+    model's path, a 404 or a 503, and never raises: the gate reads only ``model``, the worker judges the rest."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from reranker_ops.front.metrics import Metrics
+    from reranker_ops.front.router import Router
+    from reranker_ops.front.dispatch import Dispatch
+    from reranker_ops.protocol.envelope import PART_HEAD_LEN
+
+    router = Router(Metrics(), logging.getLogger("t"), [_Source("a", ["a"]), _Source("b", ["b"], down="x")])
+    json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                               lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+                               max_leaves=20)
+    bodies = st.one_of(
+        st.binary(max_size=300),
+        st.builds(lambda m, rest: json.dumps({"model": m, **rest}).encode(), json_values,
+                  st.dictionaries(st.text(max_size=8), json_values, max_size=3)),
+        st.builds(lambda m: json.dumps({"model": m}, ensure_ascii=False).encode("utf-8", "surrogatepass"),
+                  st.text(max_size=50)),
+    )
+
+    @settings(max_examples=400, deadline=None)
+    @given(route=st.sampled_from(["/rerank", "/v1/rerank", "/v2/rerank", "/inference"]), body=bodies)
+    def check(route, body):
+        out = router.route(route, bytearray(PART_HEAD_LEN) + body)
+        assert isinstance(out, Dispatch) or out.status in (404, 503)
+
+    check()

@@ -125,6 +125,18 @@ def test_an_unknown_model_is_a_404_that_lists_the_served_names(pair):
     assert r.status_code == 422
     r = httpx.post(pair.base + "/rerank", content=b'{"model": "trained", "query": ', timeout=30)
     assert r.status_code in (400, 422)
+    # hostile: a huge name, a name that is not UTF-8, a name in a deep nest; each fails alone, nothing restarts
+    r = httpx.post(pair.base + "/rerank", json={"model": "м" * 200_000, "query": QUERY, "documents": DOCS}, timeout=30)
+    assert r.status_code == 404 and len(r.content) < 2000
+    r = httpx.post(pair.base + "/rerank", content=b'{"model": "\xff\xfe", "query": "q", "documents": ["d"]}',
+                   timeout=30)
+    assert 400 <= r.status_code < 500
+    deep = b'{"model": "trained", "query": "q", "documents": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    assert 400 <= httpx.post(pair.base + "/rerank", content=deep, timeout=30).status_code < 500
+    assert pair.status()["restarts"] == {"worker": 0, "server": 0}
+    for name in ("tiny-model", "trained"):
+        r = httpx.post(pair.base + "/rerank", json={"model": name, "query": QUERY, "documents": DOCS}, timeout=30)
+        assert r.status_code == 200
 
 
 def test_every_view_shows_each_model(pair):
