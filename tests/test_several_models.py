@@ -150,7 +150,8 @@ def test_every_view_shows_each_model(pair):
     health = httpx.get(pair.health + "/health", timeout=10).json()
     assert {m["model"]: m["state"] for m in health["models"]} == {"tiny-model": "running", "trained": "running"}
     assert health["capacity"]["score"] == {"live": 2, "expected": 2}  # both models' workers
-    assert httpx.get(pair.health + "/ready", timeout=10).status_code == 200
+    ready = httpx.get(pair.health + "/ready", timeout=10)
+    assert ready.status_code == 200 and ready.json()["models"] == {"tiny-model": True, "trained": True}
     text = httpx.get(pair.health + "/metrics", timeout=10).text
     for name in ("tiny-model", "trained"):
         assert sample(text, "reranker_model_up", model=name) == 1
@@ -247,7 +248,9 @@ def test_one_model_broken_at_start_the_other_serves_and_status_says_which(make_s
     r = httpx.post(server.base + "/rerank", json={"query": QUERY, "documents": DOCS}, timeout=30)
     assert r.status_code == 503 and "default model" in r.json()["message"]  # names none: the default's, down
     assert httpx.get(server.base + "/info", timeout=10).json()["model_id"] == "nowhere"
-    assert httpx.get(server.health + "/ready", timeout=10).status_code == 200
+    ready = httpx.get(server.health + "/ready", timeout=10)
+    assert ready.status_code == 200
+    assert ready.json()["models"] == {"nowhere": False, "tiny-model": True, "broken": False}
     health = httpx.get(server.health + "/health", timeout=10)
     assert health.status_code == 503 and health.json()["status"] == "degraded"
     text = httpx.get(server.health + "/metrics", timeout=10).text

@@ -133,8 +133,13 @@ class Health:
         return web.json_response(brief, status=200 if body["status"] == "healthy" else 503)
 
     async def handle_ready(self, request: web.Request) -> web.Response:
+        """Ready while a model serves; with several, which ones do (a balancer may route by model)."""
         ok, reason = self.serving()
-        return web.json_response({"ready": ok, "reason": reason}, status=200 if ok else 503)
+        body: dict = {"ready": ok, "reason": reason}
+        models = self.src.model_health()
+        if len(models) > 1:
+            body["models"] = {m["model"]: m["serving"] and ok for m in models}
+        return web.json_response(body, status=200 if ok else 503)
 
     async def handle_live(self, request: web.Request) -> web.Response:
         # Live: the supervisor's loop answers (this handler runs) and its watchdog loop is turning.

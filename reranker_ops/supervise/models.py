@@ -121,16 +121,9 @@ async def _undo(sup, rid, new: list[ModelSlot], why: str) -> None:
 
 async def _retire(sup, slot: ModelSlot) -> None:
     """A model no longer served: its requests in flight answered (within the deadline), then stopped."""
-    from .reload import CHILD_TERM_GRACE
-
     slot.canary.cancel()
     await slot.reloader.cancel()
-    gen = slot.gen
-    if gen is not None:
-        gen.expect_exit()
-        deadline = time.monotonic() + slot.settings.request_timeout_s + 2
-        while sup.front.upstream_in_flight(gen.number) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        await slot.stop_generation(gen, grace=CHILD_TERM_GRACE)
+    if slot.gen is not None:
+        await slot.drain_and_stop(slot.gen)
     if slot.variant_dir is not None and all(sl.variant_dir != slot.variant_dir for sl in sup.slots):
         sup.builds.let_go(slot.variant_dir)

@@ -122,11 +122,7 @@ class Reloader:
             self.log.info("reload: serving generation %d (%s, %s) now; draining generation %d", new.number, name,
                           variant, old.number if old else -1)
             if old is not None:
-                old.expect_exit()
-                deadline = time.monotonic() + sup.settings.request_timeout_s + 2
-                while sup.front.upstream_in_flight(old.number) and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
-                await sup.stop_generation(old, grace=CHILD_TERM_GRACE)
+                await sup.drain_and_stop(old)
             if old_variant != variant:
                 sup.builds.let_go(old_variant)
             self.set(rid, "ok", f"serving {name} from {variant}", generation=new.number, overlap_pss_bytes=overlap)

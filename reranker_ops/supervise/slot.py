@@ -10,6 +10,7 @@ backoff never delays another's watchdog.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Optional
 from .canary import Canary, Outages
 from .generation import Generation, generation_config
 from .policy import RestartPolicy, WatchdogPolicy
-from .reload import Reloader, served_precision
+from .reload import CHILD_TERM_GRACE, Reloader, served_precision
 from .states import State
 from .status import slot_verdict
 from .workerwatch import WorkerWatch
@@ -82,6 +83,15 @@ class ModelSlot:
     async def stop_generation(self, gen: Generation, grace: float) -> None:
         await gen.stop(grace, f"{self.sup.instance}.{gen.number}")
         self.sup.rundir.forget_generation(gen.number)
+
+    async def drain_and_stop(self, gen: Generation) -> None:
+        """A generation the gate no longer sends to: its requests in flight answered (within the deadline), then
+        stopped (a reload's old one, a removed model's)."""
+        gen.expect_exit()
+        deadline = time.monotonic() + self.settings.request_timeout_s + 2
+        while self.sup.front.upstream_in_flight(gen.number) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.stop_generation(gen, grace=CHILD_TERM_GRACE)
 
     async def start(self) -> None:
         if self.down is None and self.variant_dir is not None:
