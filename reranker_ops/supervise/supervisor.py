@@ -2,12 +2,14 @@
 
 ``run``: ``startup`` (the run lock, what a dead server left, MOSEC spawned, then the front opened while the model
 compiles), the loop, ``shutdown`` (drain, stop MOSEC), ``cleanup``. Signal handlers only queue; ``tick`` turns every
-``TICK_S`` and acts: the queued signals (one ``handle_<signal>`` each), a generation that exited, the canary's last
-result, every worker (``WorkerWatch``), the boot deadline and the "wedged" rule, the state. What to do when a
+``TICK_S`` and acts: the queued signals (one ``handle_<signal>`` each), then each served model's ``ModelSlot``
+(``slot.py``: a generation that exited, the canary's last result, every worker, the boot deadline and the "wedged"
+rule), then the server's state from its models'. The server gives up only when every model has. What to do when a
 generation fails is ``RestartPolicy``'s to decide; each part lives in its own module of this package:
 
-    rundir (lock, pidfile, state, leftovers)   generation (a MOSEC tree and its state)   workerwatch (every worker)
-    policy (kill? restart or give up?)         canary (probes, outages)                  reload (a new generation)
+    rundir (lock, pidfile, state, leftovers)   slot (one model: its generation, watch, canary, restarts, reloads)
+    generation (a MOSEC tree and its state)    workerwatch (every worker)     policy (kill? restart or give up?)
+    canary (probes, outages)    reload (a new generation)    models (reloads of several models, of the list)
     status (state machine, sd_notify, state.json)   view (what the front reads)
 
 All times are monotonic. An unexpected exception ends in state ``failed``, its traceback in the log.
