@@ -53,6 +53,8 @@ class Router:
         self.paths = {m.key: old[m.key] if known.get(m.key) == m.ident else
                       Dispatch(m.settings, self.metrics, self.log, m.upstream, limits_of(m.settings)) for m in models}
         self._sources = {m.key: m for m in models}
+        # each name (a model's or an alias) to its model, built when the models change, not per request
+        self._by_name = {name: m.key for m in reversed(models) for name in m.names()}
         for d in self.paths.values():
             d.draining = self._draining
         self.default = next(iter(self.paths.values()))
@@ -121,14 +123,14 @@ class Router:
         model = doc.get("model") if isinstance(doc, dict) else None
         if not isinstance(model, str):
             return self.default  # no name, or not a string: the worker's checks answer the latter (422)
-        for key, source in self._sources.items():
-            if model in source.names():
-                if source.down is not None:
-                    return error_response(503, f"model {model[:200]!r} is down ({source.down[:300]}); the other"
-                                               " models serve; rerankctl reload --model brings it back",
-                                          {"Retry-After": "30"})
-                return self.paths[key]
-        return error_response(404, f"model {model[:200]!r} is not served here; served: {', '.join(self.names())}")
+        key = self._by_name.get(model)
+        if key is None:
+            return error_response(404, f"model {model[:200]!r} is not served here; served: {', '.join(self.names())}")
+        source = self._sources[key]
+        if source.down is not None:
+            return error_response(503, f"model {model[:200]!r} is down ({source.down[:300]}); the other models"
+                                       " serve; rerankctl reload --model brings it back", {"Retry-After": "30"})
+        return self.paths[key]
 
     async def answer(self, request: web.Request, route: str, body: bytearray, deadline_at: float,
                      hold: Callable[[web.Request, int], None]) -> web.StreamResponse:
