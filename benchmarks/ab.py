@@ -41,6 +41,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.rounds < 2:
         ap.error("--rounds must be at least 2 (one each way)")
+    # absolute: a server of another tree runs from that tree's folder, where a relative path means nothing
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     model = model_of_shape(args.out, args.shape, tuple(dict.fromkeys(("fp32", args.precision))))
     configs = {"A": parse_settings(args.a), "B": parse_settings(args.b)}

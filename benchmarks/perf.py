@@ -133,7 +133,13 @@ def model_of_shape(out: Path, shape: str, precisions: tuple[str, ...]) -> Path:
     for prec in precisions:
         if not (model / f"openvino-{prec}" / "manifest.json").is_file():
             print(f"converting to OpenVINO {prec.upper()} (with parity check) ...", flush=True)
-            res = cli(["convert", str(model), "--precision", prec, "--bench-seconds", "0"], dict(os.environ))
+            # Random weights score every pair nearly alike (their spread is ~1e-3), so their ranking is noise
+            # and says nothing of a precision (that is judged on the model trained for it, in the tests): only
+            # the absolute limit, which catches a broken variant, applies here. Left on, INT8 of a random
+            # model failed now and then on the ranking limits alone.
+            env = dict(os.environ, RERANKER_PARITY_MIN_SPEARMAN="-1", RERANKER_PARITY_MIN_TOP1="0",
+                       RERANKER_PARITY_MIN_NDCG="0")
+            res = cli(["convert", str(model), "--precision", prec, "--bench-seconds", "0"], env)
             if res.returncode != 0:
                 raise SystemExit(res.stderr)
     return model
