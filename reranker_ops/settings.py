@@ -190,6 +190,7 @@ class Settings(BaseSettings):
     batch_wait_ms: int = Field(5, ge=0, le=1000, description="When a worker frees up with fewer requests waiting than it just answered, how long (ms) the gate waits for those clients to come back before it sends; 0 = send what waits at once.")
     token_budget: int = Field(2048, ge=64, description="Padded tokens per OpenVINO call (micro-batch size); activation memory grows with it.")
     attention_budget: int = Field(512 * 512, ge=0, description="Rows x padded length² per OpenVINO call (attention memory grows with the square of the length); 0 = no limit.")
+    kernel_cache: int = Field(1024, ge=8, le=100_000, description="Per-shape kernels and executors OpenVINO keeps, entries in each of its two caches (its CPU plugin's and oneDNN's). Batching makes most calls a shape of their own: unbounded, varied traffic grows a worker by hundreds of MiB; far fewer entries compile again the shapes steady traffic repeats (benchmarks/shapes.py).")
     max_length: int = Field(0, ge=0, description="Truncate pairs to this many tokens; 0 = the model's maximum.")
     windows: int = Field(1, ge=1, le=64, description="Passages longer than the model's window: 1 = truncate; n > 1 = score up to n overlapping windows of the passage and keep the best score (a request can ask with \"windows\").")
     max_windows: int = Field(8, ge=1, le=64, description="The most windows per passage a request may ask for.")

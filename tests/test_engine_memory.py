@@ -3,18 +3,26 @@
 * an INT8 embedding table is gathered before it is dequantized: the same values, bit for bit (the float32
   copy of the whole table it saves on the real export is measured by benchmarks/perf.py);
 * the weight file's mapping is released after compile and scores do not change;
-* micro-batches respect the attention budget (rows x length²) as well as the token budget.
+* micro-batches respect the attention budget (rows x length²) as well as the token budget;
+* OpenVINO's per-shape kernel caches are bounded (``RERANKER_KERNEL_CACHE``): what varied call shapes add to a
+  worker's memory levels off (its size on DiTy's shape is measured by benchmarks/shapes.py).
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from reranker_ops.worker.engine import (
+    ONEDNN_CACHE_ENV,
+    RUNTIME_CACHE_KEY,
     Scorer,
+    compile_bounded,
     gather_before_dequantize,
     mapped_weight_ranges,
     plan_microbatches,
@@ -138,3 +146,80 @@ def test_the_tokenizer_loads_beside_the_compile_and_either_failure_is_reported(t
     (missing / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Scorer(missing)
+
+
+def test_this_openvino_takes_the_kernel_cache_bound(tiny_fp32):
+    """The CPU plugin's shape cache is bounded through a key outside its public list: this OpenVINO must take it
+    (a release that drops it fails here, while workers go on with OpenVINO's default), and oneDNN's bound is in
+    the environment before its first kernel."""
+    scorer = Scorer(tiny_fp32, kernel_cache=64)
+    assert scorer.kernel_cache == 64
+    assert int(os.environ[ONEDNN_CACHE_ENV]) > 0
+    assert scorer.score("q", ["a", "b c"]).shape == (2,)
+
+
+class _CoreWithout:
+    """An OpenVINO whose CPU plugin does not know the key (a release that dropped it): its compile refuses the
+    key as OpenVINO 2026.4 refuses a key it does not know, and records each config it was given."""
+
+    def __init__(self, error: str = f"NotFound: Unsupported property {RUNTIME_CACHE_KEY} by CPU plugin.") -> None:
+        self.error = error
+        self.configs: list[dict] = []
+
+    def compile_model(self, model, device, config):
+        self.configs.append(dict(config))
+        if RUNTIME_CACHE_KEY in config:
+            raise RuntimeError(self.error)
+        return "compiled"
+
+
+def test_an_openvino_without_the_key_compiles_with_its_own_cache():
+    core = _CoreWithout()
+    assert compile_bounded(core, "model", {"NUM_STREAMS": 1}, 64) == ("compiled", 0)
+    assert core.configs == [{"NUM_STREAMS": 1, RUNTIME_CACHE_KEY: 64}, {"NUM_STREAMS": 1}]
+    # any other failure of the compile is the compile's: raised, not hidden behind a second try
+    other = _CoreWithout("Exception from src/plugins/intel_cpu: out of memory")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        compile_bounded(other, "model", {}, 64)
+    assert len(other.configs) == 1
+
+
+_SWEEP = """
+import json, sys
+import numpy as np
+from reranker_ops.worker.engine import Scorer, trim_heap
+sc = Scorer(sys.argv[1], kernel_cache=int(sys.argv[2]))
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) / 1024
+def call(rows, width):
+    ids = np.full((rows, width), 5, dtype=np.int64)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    if "token_type_ids" in sc.input_names:
+        feed["token_type_ids"] = np.zeros_like(ids)
+    sc.request.infer(feed)
+call(1, 8)
+trim_heap()
+base = rss()
+shapes = [(r, w) for r in range(1, 17) for w in range(8, 129, 8)][:int(sys.argv[3])]
+for rows, width in shapes:
+    call(rows, width)
+trim_heap()
+print(json.dumps(rss() - base))
+"""
+
+
+def test_varied_call_shapes_grow_a_bounded_worker_far_less(tiny_fp32, tmp_path):
+    """Each call shape the CPU plugin has run keeps kernels in two caches; a batching server makes most calls
+    a shape of their own. The same 200 distinct shapes in a process with the bounds (16 entries each) and in
+    one with OpenVINO's own (5000 and oneDNN's 1024), each a fresh process (oneDNN reads its bound once)."""
+    script = tmp_path / "sweep.py"
+    script.write_text(_SWEEP)
+    growth = {}
+    for name, (cache, onednn) in {"bounded": (16, 16), "defaults": (5000, 1024)}.items():
+        env = dict(os.environ, ONEDNN_PRIMITIVE_CACHE_CAPACITY=str(onednn))
+        res = subprocess.run([sys.executable, str(script), str(tiny_fp32), str(cache), "200"], env=env,
+                             capture_output=True, text=True, timeout=100)
+        assert res.returncode == 0, res.stderr[-2000:]
+        growth[name] = float(res.stdout.strip().splitlines()[-1])
+    assert growth["defaults"] > 20, growth  # the sweep does what it is meant to: without bounds memory grows
+    assert growth["bounded"] < growth["defaults"] / 3, growth

@@ -226,6 +226,16 @@ def test_mosec_main_process_does_not_hold_the_api_viewer_bundle(shared_server):
     assert "msgspec" not in maps and "/_ssl." not in maps
 
 
+def test_each_workers_kernel_caches_get_the_setting(make_server):
+    """RERANKER_KERNEL_CACHE reaches every score worker: the bound of the CPU plugin's shape cache and oneDNN's
+    (what varied traffic adds to a worker's memory; tests/test_engine_memory.py, benchmarks/shapes.py)."""
+    server = make_server(kernel_cache=48, workers=2)
+    infos = [json.loads(p.read_text()) for p in (server.run_dir / "workers").glob("*.json")]
+    assert len(infos) == 2, infos
+    assert [(i["kernel_cache"], i["onednn_cache"]) for i in infos] == [(48, "48")] * 2, infos
+    assert post(server, "/rerank", {"query": QUERY, "documents": DOCS}).status_code == 200
+
+
 def test_over_capacity_burst_gets_429_then_recovers(make_server):
     server = make_server(queue_capacity=2, max_batch_requests=1)
     heavy = {"query": QUERY, "documents": ["Борщ варят долго. " * 120] * 300}

@@ -52,6 +52,7 @@ class GenerationConfig:
     window_stride: int
     limits: Limits
     mosec: MosecArgs
+    kernel_cache: int = 1024  # see Settings.kernel_cache
     keep_last_worker: bool = False  # MOSEC replaces a stage's last worker (worker/app.py, verified versions)
     warmup_query: str = field(default="проверка")
 

@@ -109,7 +109,7 @@ def generation_config(settings, number: int, folder: Path, variant_dir: Path, mo
         generation=number, variant_dir=str(variant_dir), model_name=model_name, secret=secret.decode("ascii"),
         worker_dir=str(s.worker_dir), workers=s.workers, threads=s.effective_threads(), pin_threads=s.pin_threads,
         token_budget=s.token_budget, attention_budget=s.attention_budget, max_length=s.max_length,
-        window_stride=s.window_stride,
+        window_stride=s.window_stride, kernel_cache=s.kernel_cache,
         limits=Limits(max_documents=s.max_documents, max_document_chars=s.max_document_chars, windows=s.windows,
                       max_windows=s.max_windows, max_query_chars=s.max_query_chars,
                       served_models=(model_name, *(a for a in s.served_models if a != model_name))),

@@ -231,6 +231,31 @@ def _round_up(n: int) -> int:
     return max(PAD_MULTIPLE, -(-n // PAD_MULTIPLE) * PAD_MULTIPLE)
 
 
+# OpenVINO's CPU plugin keeps what it built for each call shape (rows x padded width) it has run: executors in
+# its own cache (CPU_RUNTIME_CACHE_CAPACITY, 5000 entries unless told; an entry is one node's, so one shape takes
+# many) and kernels in oneDNN's (ONEDNN_PRIMITIVE_CACHE_CAPACITY, 1024). Batching makes most calls a shape of
+# their own: with OpenVINO's defaults a worker (INT8, DiTy's width, 3 layers) grew by 361 MiB over 450 distinct
+# shapes and was still growing; with 1024 entries in each, by 118 MiB, levelling off (benchmarks/shapes.py,
+# benchmarks/HISTORY.md). Smaller bounds save more but compile again the shapes steady traffic repeats (256 in
+# each halved the speed in one run), and a smaller oneDNN cache alone is worse than none: the kernels it evicts
+# stay held by the plugin's executors (477 MiB over 300 shapes).
+KERNEL_CACHE = 1024
+ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"  # oneDNN's documented setting, read once per process
+RUNTIME_CACHE_KEY = "CPU_RUNTIME_CACHE_CAPACITY"  # the CPU plugin's own key; not in its public list (2026.4)
+
+
+def compile_bounded(core, model, config: dict, kernel_cache: int) -> tuple:
+    """The model compiled with the CPU plugin's shape cache bounded to ``kernel_cache`` entries, and that bound;
+    an OpenVINO that does not know the key is compiled without it (bound 0: its default), since the key is
+    not a public property and a release may drop it."""
+    try:
+        return core.compile_model(model, "CPU", {**config, RUNTIME_CACHE_KEY: int(kernel_cache)}), int(kernel_cache)
+    except RuntimeError as exc:
+        if RUNTIME_CACHE_KEY not in str(exc):
+            raise
+    return core.compile_model(model, "CPU", config), 0
+
+
 class Scorer:
     """A compiled model plus its tokenizer. ``score`` returns raw logits (one per pair)."""
 
@@ -244,6 +269,7 @@ class Scorer:
         attention_budget: int = 512 * 512,
         max_length: int = 0,
         model_format: str | None = None,
+        kernel_cache: int = KERNEL_CACHE,
     ) -> None:
         self.variant_dir = Path(variant_dir)
         manifest = read_variant_manifest(self.variant_dir)
@@ -266,10 +292,13 @@ class Scorer:
         # leaving the block joins the thread, also when the compile fails (its error is then the one raised)
         with ThreadPoolExecutor(1, thread_name_prefix="loading") as pool:
             loading = pool.submit(Tokenizer, tokenizer_json, self.max_length)
-            self._compile(model_file, manifest, threads, pin_threads)
+            self._compile(model_file, manifest, threads, pin_threads, kernel_cache)
         self.tokenizer: Tokenizer = loading.result()
 
-    def _compile(self, model_file: Path, manifest: dict, threads: int, pin_threads: bool) -> None:
+    def _compile(self, model_file: Path, manifest: dict, threads: int, pin_threads: bool, kernel_cache: int) -> None:
+        # before OpenVINO's first kernel: oneDNN reads its cache's capacity once, per process. Set, not defaulted:
+        # a worker inherits its parent's environment, and the setting is what says
+        os.environ[ONEDNN_CACHE_ENV] = str(kernel_cache)
         import openvino as ov
 
         core = ov.Core()
@@ -286,7 +315,7 @@ class Scorer:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         model = core.read_model(str(model_file))
         gather_before_dequantize(model)
-        self.compiled = core.compile_model(model, "CPU", config)
+        self.compiled, self.kernel_cache = compile_bounded(core, model, config, kernel_cache)
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type: str() is "<Type: 'bfloat16'>"
         got = (hint.to_string() if hasattr(hint, "to_string") else str(hint)).lower()
         if self.inference_precision == "bf16" and got not in ("bf16", "bfloat16"):

@@ -31,6 +31,7 @@ from ..startup import frozen_imports, verified_on
 from .engine import (
     Scorer,
     best_of_windows,
+    ONEDNN_CACHE_ENV,
     configure_process_threads,
     trim_heap,
 )
@@ -123,6 +124,7 @@ class Score(Worker):
                 token_budget=cfg.token_budget,
                 attention_budget=cfg.attention_budget,
                 max_length=cfg.max_length,
+                kernel_cache=cfg.kernel_cache,
             )
             # Warm up so the first real request does not pay for the first inference (whatever its shape: a
             # request of another shape right after is as fast as a warm one), with the smallest input, one
@@ -130,7 +132,9 @@ class Score(Worker):
             self.scorer.score(cfg.warmup_query, ["прогрев"])
         self.tokenizer = self.scorer.tokenizer
         self.model_name = cfg.model_name
-        self.hb.publish_info(heavy_modules=_loaded_heavy_modules(), generation=cfg.generation)
+        # the bounds this worker's kernel caches got (0: the CPU plugin's own, an OpenVINO without the key)
+        self.hb.publish_info(heavy_modules=_loaded_heavy_modules(), generation=cfg.generation,
+                             kernel_cache=self.scorer.kernel_cache, onednn_cache=os.environ.get(ONEDNN_CACHE_ENV))
         self.hb.write(ready=1, progress_at=time.monotonic())
         threading.Thread(target=self._trim_loop, name="trim", daemon=True).start()
 
