@@ -200,7 +200,7 @@ def call(rows, width):
 call(1, 8)
 trim_heap()
 base = rss()
-shapes = [(r, w) for r in range(1, 17) for w in range(8, 129, 8)][:int(sys.argv[3])]
+shapes = [(r, w) for r in range(1, 17) for w in range(8, 257, 8)][:int(sys.argv[3])]
 for rows, width in shapes:
     call(rows, width)
 trim_heap()
@@ -210,14 +210,14 @@ print(json.dumps(rss() - base))
 
 def test_varied_call_shapes_grow_a_bounded_worker_far_less(tiny_fp32, tmp_path):
     """Each call shape the CPU plugin has run keeps kernels in two caches; a batching server makes most calls
-    a shape of their own. The same 200 distinct shapes in a process with the bounds (16 entries each) and in
+    a shape of their own. The same 400 distinct shapes in a process with the bounds (16 entries each) and in
     one with OpenVINO's own (5000 and oneDNN's 1024), each a fresh process (oneDNN reads its bound once)."""
     script = tmp_path / "sweep.py"
     script.write_text(_SWEEP)
     growth = {}
     for name, (cache, onednn) in {"bounded": (16, 16), "defaults": (5000, 1024)}.items():
         env = dict(os.environ, ONEDNN_PRIMITIVE_CACHE_CAPACITY=str(onednn))
-        res = subprocess.run([sys.executable, str(script), str(tiny_fp32), str(cache), "200"], env=env,
+        res = subprocess.run([sys.executable, str(script), str(tiny_fp32), str(cache), "400"], env=env,
                              capture_output=True, text=True, timeout=100)
         assert res.returncode == 0, res.stderr[-2000:]
         growth[name] = float(res.stdout.strip().splitlines()[-1])
