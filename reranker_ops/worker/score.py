@@ -29,9 +29,9 @@ from mosec import ClientError, Worker
 
 from ..startup import frozen_imports, verified_on
 from .engine import (
+    ONEDNN_CACHE_ENV,
     Scorer,
     best_of_windows,
-    ONEDNN_CACHE_ENV,
     configure_process_threads,
     trim_heap,
 )
