@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from perf import Server, model_of_shape, parse_settings  # noqa: E402
+from perf import MEMORY_SETTLE_S, Server, model_of_shape, parse_settings  # noqa: E402
 
 
 def main() -> int:
@@ -63,6 +64,9 @@ def main() -> int:
                 if args.paired:
                     added[name].append(srv.bench("--workload", "tiny", "--paired", "-z", str(args.seconds),
                                                  "--warmup", "5")["paired"]["added_ms"]["p50"])
+        # both served the same load: what each tree holds after it, at rest (after the worker's trim)
+        time.sleep(MEMORY_SETTLE_S)
+        memory = {name: srv.status()["total_pss_bytes"] / 2**20 for name, srv in servers.items()}
     print(f"{args.workload} c={args.concurrency}, {args.precision}, shape {args.shape}: {key}, each round")
     for name, extra in configs.items():
         where = f" [{trees[name]}]" if trees[name] else ""
@@ -70,6 +74,7 @@ def main() -> int:
                 + f"; median {statistics.median(figures[name]):.1f}")
         if args.paired:
             line += f"; tiny c=1 added p50 median {statistics.median(added[name]):.2f} ms"
+        line += f"; tree PSS after {memory[name]:.0f} MiB"
         print(line)
     return 0
 

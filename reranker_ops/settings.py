@@ -188,7 +188,7 @@ class Settings(BaseSettings):
     pin_threads: bool = Field(False, description="Let OpenVINO pin threads to cores (off: workers must not share a core).")
     max_batch_requests: int = Field(32, ge=1, le=1024, description="Requests the gate batches into one scoring call (one envelope to a free worker).")
     batch_wait_ms: int = Field(5, ge=0, le=1000, description="When a worker frees up with fewer requests waiting than it just answered, how long (ms) the gate waits for those clients to come back before it sends; 0 = send what waits at once.")
-    token_budget: int = Field(2048, ge=64, description="Padded tokens per OpenVINO call (micro-batch size); activation memory grows with it.")
+    token_budget: int = Field(1024, ge=64, description="Padded tokens per OpenVINO call (micro-batch size); a worker keeps buffers for the largest call it has run, so its memory grows with this (2048: ~60 MiB more on DiTy's width), while calls past ~1000 tokens are no faster (benchmarks/HISTORY.md).")
     attention_budget: int = Field(512 * 512, ge=0, description="Rows x padded length² per OpenVINO call (attention memory grows with the square of the length); 0 = no limit.")
     kernel_cache: int = Field(1024, ge=8, le=100_000, description="Per-shape kernels and executors OpenVINO keeps, entries in each of its two caches (its CPU plugin's and oneDNN's). Batching makes most calls a shape of their own: unbounded, varied traffic grows a worker by hundreds of MiB; far fewer entries compile again the shapes steady traffic repeats (benchmarks/shapes.py).")
     max_length: int = Field(0, ge=0, description="Truncate pairs to this many tokens; 0 = the model's maximum.")
@@ -211,7 +211,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline of one request (408/504 past it).")
 
     # --- fair scheduling: the unit of work is text, not a request ----------------------------------------
-    quiet_batch_ms: int = Field(0, ge=0, le=60_000, description="While no short request has come for this long (ms), an envelope of a large request's chunks may hold this much work at the workers' measured speed instead of its share of the schedule budget: on fast precisions (bf16, INT8, AMX) whole RAG requests are scored together, 3-8 % more pairs/s for ~15 % more score-worker memory (benchmarks/HISTORY.md); 1000 is a good value; 0 (the default) = always the budget's share.")
+    quiet_batch_ms: int = Field(1000, ge=0, le=60_000, description="While no short request has come for this long (ms), an envelope of a large request's chunks may hold this much work at the workers' measured speed instead of its share of the schedule budget: on fast precisions (bf16, INT8, AMX) whole RAG requests are scored together (INT8: ~5 % more pairs/s, benchmarks/HISTORY.md). A short request that comes then waits for at most this much work. 0 = always the budget's share.")
     split_bytes: int = Field(4096, ge=0, description="Request bodies larger than this are split by the gate into chunks that interleave with other requests; 0 = never.")
     chunk_chars: int = Field(3000, ge=100, description="Characters of query + passage text per chunk of a split request.")
     schedule_budget_chars: int = Field(0, ge=0, description="Characters of work outstanding in MOSEC at once; 0 = 1.5 chunks per worker.")

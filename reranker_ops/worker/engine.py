@@ -265,7 +265,7 @@ class Scorer:
         *,
         threads: int = 0,
         pin_threads: bool = False,
-        token_budget: int = 2048,
+        token_budget: int = 1024,
         attention_budget: int = 512 * 512,
         max_length: int = 0,
         model_format: str | None = None,
