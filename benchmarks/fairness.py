@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/fairness.py [--seconds 60] [--out bench-results]
                                             [--shape dity-short --precision int8]
 
-``--shape dity-short --precision int8``: each call as short as DiTy's with AMX (perf.py), where the gate's
-envelopes grow while no short request is around (RERANKER_QUIET_BATCH_MS): the targets hold there too.
+``--shape dity-short --precision int8``: each call as short as DiTy's with AMX (perf.py). There the long target
+is missed (long requests keep ~0.3 of their pairs/s beside two short clients; README, "Performance"): the
+lanes take turns by characters of text, and a short request costs more time per character than a chunk.
 
 For each configuration it runs `rerankctl bench --mixed`: 2 clients sending short requests (5 passages of
 60-200 characters) alone, 2 clients sending long ones (100 passages of 1000 characters) alone, then both at
