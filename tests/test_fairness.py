@@ -104,3 +104,32 @@ def test_a_client_that_goes_away_has_its_remaining_work_dropped(make_server):
     print(f"client gone: {dropped:.0f} of {n} pairs dropped, {scored:.0f} scored")
     assert dropped > 100 and scored < n
     assert httpx.post(server.base + "/rerank", json={"query": QUERY, "documents": DOCS}).status_code == 200
+
+
+
+def test_with_the_defaults_a_split_request_with_nobody_small_around_goes_in_large_envelopes(make_server,
+                                                                                          reference_scorer):
+    """Quiet batching is on by default (RERANKER_QUIET_BATCH_MS=1000, with the token budget that keeps its memory
+    as before): while no short request is around, a split request's chunks go to the worker in envelopes larger
+    than the schedule budget's share. With it off, no envelope holds more than the share, 9000 characters of
+    text at the default chunk size: at most three chunks."""
+    server = make_server()  # the defaults, one worker
+    docs = [f"{DOCS[i % 3]} номер {i}. " + "Свёкла, капуста, морковь и лук. " * 14 for i in range(120)]
+    assert all(450 < len(d) < 600 for d in docs)  # a chunk (3000 characters) holds five or six of them
+
+    def split_and_scored(query: str) -> tuple[float, float]:
+        """(envelopes, chunks) the request went to the worker in."""
+        batches = metric(server, "reranker_batches_total")
+        units = metric(server, "reranker_batched_requests_total")
+        r = httpx.post(server.base + "/rerank", json={"query": query, "documents": docs}, timeout=60)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["scores"], reference_scorer(query, docs), atol=1e-5)
+        return (metric(server, "reranker_batches_total") - batches,
+                metric(server, "reranker_batched_requests_total") - units)
+
+    split_and_scored(QUERY)  # the gate learns the worker's speed from its envelopes of chunks
+    envelopes, chunks = split_and_scored(f"{QUERY} снова")
+    print(f"{chunks:.0f} chunks in {envelopes:.0f} envelopes")
+    # its first chunk goes alone (the worker is free when it comes), the rest together; the watchdog's canary
+    # may add an envelope of one. With envelopes of at most three chunks it would be ten or more.
+    assert chunks >= 20 and envelopes <= 4
