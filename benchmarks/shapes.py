@@ -41,14 +41,16 @@ def _rss_mib() -> float:
     return float("nan")
 
 
-def child(variant: Path, kernel_cache: int, n_shapes: int) -> dict:
+def child(variant: Path, kernel_cache: int, onednn_cache: int, n_shapes: int) -> dict:
     import numpy as np
 
     from reranker_ops.bench import request_stream
     from reranker_ops.worker.engine import Scorer, configure_process_threads, trim_heap
 
     configure_process_threads()
-    sc = Scorer(variant, kernel_cache=kernel_cache, threads=os.cpu_count() or 1)  # a lone worker's threads
+    # the engine sets oneDNN's bound itself (an environment given to this process would be overwritten)
+    sc = Scorer(variant, kernel_cache=kernel_cache, onednn_cache=onednn_cache,
+                threads=os.cpu_count() or 1)  # a lone worker's threads
     tok = sc.tokenizer
 
     def requests(workload: str, n: int, seed: int) -> list[list[tuple[str, str]]]:
@@ -105,11 +107,12 @@ def main() -> int:
     ap.add_argument("--also", action="append", default=[], metavar="NAME=PLUGIN:ONEDNN",
                     help="another configuration measured beside the two: the two caches' capacities")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
-    ap.add_argument("--child", nargs=3, metavar=("VARIANT", "KERNEL_CACHE", "SHAPES"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=4, metavar=("VARIANT", "KERNEL_CACHE", "ONEDNN_CACHE", "SHAPES"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        variant, cache, n = args.child
-        print(json.dumps(child(Path(variant), int(cache), int(n))))
+        variant, cache, onednn, n = args.child
+        print(json.dumps(child(Path(variant), int(cache), int(onednn), int(n))))
         return 0
 
     from perf import model_of_shape
@@ -126,9 +129,8 @@ def main() -> int:
     for r in range(args.rounds):
         for name in (list(configs) if r % 2 == 0 else list(configs)[::-1]):
             cache, onednn = configs[name]
-            env = dict(os.environ, ONEDNN_PRIMITIVE_CACHE_CAPACITY=str(onednn))
-            res = subprocess.run([sys.executable, __file__, "--child", str(variant), str(cache), str(args.shapes)],
-                                 env=env, capture_output=True, text=True, timeout=3600)
+            res = subprocess.run([sys.executable, __file__, "--child", str(variant), str(cache), str(onednn),
+                                  str(args.shapes)], capture_output=True, text=True, timeout=3600)
             if res.returncode != 0:
                 raise SystemExit(f"{name}: {res.stderr.strip()[-2000:]}")
             runs[name].append(json.loads(res.stdout.strip().splitlines()[-1]))

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .bench import CLIENTS, BenchResult, LeanClient, endpoint_and_headers, percentile, request_stream, run_load
+from .worker.engine import ATTENTION_BUDGET, TOKEN_BUDGET, Scorer, configure_process_threads, sigmoid
 
 
 class Ceiling:
@@ -23,9 +24,7 @@ class Ceiling:
     """
 
     def __init__(self, variant_dir: Path, *, workload: str = "tiny", seed: int = 0, threads: int = 0,
-                 token_budget: int = 1024, attention_budget: int = 512 * 512, batch_requests: int = 32) -> None:
-        from .worker.engine import Scorer, configure_process_threads
-
+                 token_budget: int = TOKEN_BUDGET, attention_budget: int = ATTENTION_BUDGET, batch_requests: int = 32) -> None:
         configure_process_threads()
         self.workload = workload
         self.threads = threads
@@ -132,7 +131,7 @@ class Ceiling:
 
 
 def run_ceiling(variant_dir: Path, *, workload: str = "tiny", seconds: float = 10.0, seed: int = 0, threads: int = 0,
-                token_budget: int = 1024, attention_budget: int = 512 * 512, batch_requests: int = 32) -> dict:
+                token_budget: int = TOKEN_BUDGET, attention_budget: int = ATTENTION_BUDGET, batch_requests: int = 32) -> dict:
     """The in-process ceiling alone (``Ceiling``): selected, then measured once for ``seconds``.
 
     ``batched``: many requests' pairs per call under the token budget (the throughput ceiling).
@@ -146,7 +145,7 @@ def run_ceiling(variant_dir: Path, *, workload: str = "tiny", seconds: float = 1
 
 def run_interleaved(url: str, variant_dir: Path, *, workload: str = "tiny", concurrency: int = 1,
                     seconds: float = 10.0, blocks: int = 3, seed: int = 0, threads: int = 0,
-                    token_budget: int = 1024, attention_budget: int = 512 * 512, batch_requests: int = 32,
+                    token_budget: int = TOKEN_BUDGET, attention_budget: int = ATTENTION_BUDGET, batch_requests: int = 32,
                     timeout: float = 120.0, warmup: int = 0, model_name: Optional[str] = None,
                     api_key: Optional[str] = None, client: str = "stdlib") -> dict:
     """Served throughput against the in-process ceiling, measured side by side. The ceiling batches at most
@@ -227,8 +226,6 @@ def run_paired(
     """
     import httpx
     import numpy as np
-
-    from .worker.engine import Scorer, configure_process_threads, sigmoid
 
     configure_process_threads()
     scorer = Scorer(variant_dir, threads=threads)

@@ -188,7 +188,7 @@ _SWEEP = """
 import json, sys
 import numpy as np
 from reranker_ops.worker.engine import Scorer, trim_heap
-sc = Scorer(sys.argv[1], kernel_cache=int(sys.argv[2]))
+sc = Scorer(sys.argv[1], kernel_cache=int(sys.argv[2]), onednn_cache=int(sys.argv[3]))
 def rss():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) / 1024
 def call(rows, width):
@@ -200,7 +200,7 @@ def call(rows, width):
 call(1, 8)
 trim_heap()
 base = rss()
-shapes = [(r, w) for r in range(1, 17) for w in range(8, 257, 8)][:int(sys.argv[3])]
+shapes = [(r, w) for r in range(1, 17) for w in range(8, 257, 8)][:int(sys.argv[4])]
 for rows, width in shapes:
     call(rows, width)
 trim_heap()
@@ -216,8 +216,7 @@ def test_varied_call_shapes_grow_a_bounded_worker_far_less(tiny_fp32, tmp_path):
     script.write_text(_SWEEP)
     growth = {}
     for name, (cache, onednn) in {"bounded": (16, 16), "defaults": (5000, 1024)}.items():
-        env = dict(os.environ, ONEDNN_PRIMITIVE_CACHE_CAPACITY=str(onednn))
-        res = subprocess.run([sys.executable, str(script), str(tiny_fp32), str(cache), "400"], env=env,
+        res = subprocess.run([sys.executable, str(script), str(tiny_fp32), str(cache), str(onednn), "400"],
                              capture_output=True, text=True, timeout=100)
         assert res.returncode == 0, res.stderr[-2000:]
         growth[name] = float(res.stdout.strip().splitlines()[-1])

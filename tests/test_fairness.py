@@ -106,7 +106,6 @@ def test_a_client_that_goes_away_has_its_remaining_work_dropped(make_server):
     assert httpx.post(server.base + "/rerank", json={"query": QUERY, "documents": DOCS}).status_code == 200
 
 
-
 def test_with_the_defaults_a_split_request_with_nobody_small_around_goes_in_large_envelopes(make_server,
                                                                                           reference_scorer):
     """Quiet batching is on by default (RERANKER_QUIET_BATCH_MS=1000, with the token budget that keeps its memory

@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from reranker_ops.settings import ModelSpec, Settings, SettingsError, parse_model_specs
-from reranker_ops.supervise.states import State, StateMachine
+from reranker_ops.supervise.states import State
 
 
 def test_the_list_of_models_and_what_each_overrides():

@@ -240,6 +240,11 @@ def _round_up(n: int) -> int:
 # each halved the speed in one run), and a smaller oneDNN cache alone is worse than none: the kernels it evicts
 # stay held by the plugin's executors (477 MiB over 300 shapes).
 KERNEL_CACHE = 1024
+# A call's budgets (``plan_microbatches``), the defaults of every Scorer and of the ceiling; RERANKER_TOKEN_BUDGET
+# and RERANKER_ATTENTION_BUDGET give the server's. A worker keeps OpenVINO's buffers for the largest call it has run,
+# and calls past ~1000 tokens are no faster (benchmarks/HISTORY.md, "Quiet batching on, token budget 1024").
+TOKEN_BUDGET = 1024
+ATTENTION_BUDGET = 512 * 512
 ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"  # oneDNN's documented setting, read once per process
 RUNTIME_CACHE_KEY = "CPU_RUNTIME_CACHE_CAPACITY"  # the CPU plugin's own key; not in its public list (2026.4)
 
@@ -265,12 +270,15 @@ class Scorer:
         *,
         threads: int = 0,
         pin_threads: bool = False,
-        token_budget: int = 1024,
-        attention_budget: int = 512 * 512,
+        token_budget: int = TOKEN_BUDGET,
+        attention_budget: int = ATTENTION_BUDGET,
         max_length: int = 0,
         model_format: str | None = None,
         kernel_cache: int = KERNEL_CACHE,
+        onednn_cache: int | None = None,
     ) -> None:
+        """``kernel_cache`` bounds both per-shape caches; ``onednn_cache`` gives oneDNN's its own bound (the
+        benchmarks that measure them apart: the server sets both from RERANKER_KERNEL_CACHE)."""
         self.variant_dir = Path(variant_dir)
         manifest = read_variant_manifest(self.variant_dir)
         fmt = model_format or manifest.get("format") or "openvino"
@@ -292,13 +300,15 @@ class Scorer:
         # leaving the block joins the thread, also when the compile fails (its error is then the one raised)
         with ThreadPoolExecutor(1, thread_name_prefix="loading") as pool:
             loading = pool.submit(Tokenizer, tokenizer_json, self.max_length)
-            self._compile(model_file, manifest, threads, pin_threads, kernel_cache)
+            self._compile(model_file, manifest, threads, pin_threads, kernel_cache,
+                          kernel_cache if onednn_cache is None else onednn_cache)
         self.tokenizer: Tokenizer = loading.result()
 
-    def _compile(self, model_file: Path, manifest: dict, threads: int, pin_threads: bool, kernel_cache: int) -> None:
+    def _compile(self, model_file: Path, manifest: dict, threads: int, pin_threads: bool, kernel_cache: int,
+                 onednn_cache: int) -> None:
         # before OpenVINO's first kernel: oneDNN reads its cache's capacity once, per process. Set, not defaulted:
         # a worker inherits its parent's environment, and the setting is what says
-        os.environ[ONEDNN_CACHE_ENV] = str(kernel_cache)
+        os.environ[ONEDNN_CACHE_ENV] = str(onednn_cache)
         import openvino as ov
 
         core = ov.Core()
