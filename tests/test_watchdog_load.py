@@ -29,6 +29,37 @@ FAST = dict(probe_interval_s=1, probe_timeout_s=2, request_timeout_s=8, worker_h
 DEADLINE_SLACK = 2.5
 
 
+def take_away(run_dir: Path) -> Path:
+    """The run dir gone from its path in one step, as ``rm -rf`` ends up but without its race: the server's
+    processes go on writing into the dir while a tree removal walks it, so ``rmtree`` can meet a file made
+    after it listed the dir and fail with "Directory not empty" (seen in CI). A rename is atomic; the tree,
+    now nobody's, is removed after. Returns where it went, for the caller to remove."""
+    for n in range(100):
+        aside = run_dir.with_name(f"{run_dir.name}.gone{n}")
+        if not aside.exists():
+            os.rename(run_dir, aside)
+            return aside
+    raise AssertionError(f"no free name beside {run_dir}")
+
+
+def put_a_file_where(run_dir: Path) -> list[Path]:
+    """The run dir replaced by a file, so that it cannot be made again. The server puts a removed run dir back
+    at once, so between taking the dir away and making the file it may be back: take it away again (bounded).
+    Returns the dirs taken away."""
+    gone = []
+    for _ in range(50):
+        if run_dir.is_dir():
+            gone.append(take_away(run_dir))
+        try:
+            fd = os.open(run_dir, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write("a file where the run dir was")
+        return gone
+    raise AssertionError(f"the server put {run_dir} back 50 times before a file could take its place")
+
+
 class HealthWatch:
     """Polls /health in the background and keeps every distinct status it saw, with the time."""
 
@@ -251,7 +282,7 @@ def test_a_removed_run_dir_is_put_back_under_load_and_stop_still_finds_the_serve
     with Clients(server.base, FAST["request_timeout_s"], n=4) as clients:
         wait_until(lambda: sum(1 for *_, o in clients.records if o == 200) >= 10, 30, what="traffic flowing")
         t0 = time.monotonic()
-        shutil.rmtree(server.run_dir)
+        shutil.rmtree(take_away(server.run_dir))
         wait_until((server.run_dir / "rerankctl.pid.json").is_file, 10, 0.05, what="the pidfile back")
         assert server.pidfile()["pid"] == before["pid"] and server.pidfile()["instance"] == before["instance"]
         wait_until(lambda: (server.status().get("reload") or {}).get("state") == "ok", 60, 0.2,
@@ -275,13 +306,18 @@ def test_a_run_dir_that_cannot_come_back_stops_the_server_leaving_nothing(make_s
     no request hangs meanwhile."""
     server = make_server(workers=2, **FAST)
     before = server.pidfile()
+    gone: list[Path] = []
     try:
         with Clients(server.base, FAST["request_timeout_s"], n=3) as clients:
             wait_until(lambda: sum(1 for *_, o in clients.records if o == 200) >= 5, 30, what="traffic flowing")
-            shutil.rmtree(server.run_dir)
-            server.run_dir.write_text("a file where the run dir was")
+            gone = put_a_file_where(server.run_dir)
             wait_until(lambda: ended(before["pid"]) and not instance_processes(before["instance"]), 30, 0.1,
                        what="the server stopped, with every process of it")
         check_no_request_past_its_deadline(clients, FAST["request_timeout_s"])
     finally:
-        server.run_dir.unlink(missing_ok=True)
+        if server.run_dir.is_dir():
+            shutil.rmtree(server.run_dir, ignore_errors=True)
+        else:
+            server.run_dir.unlink(missing_ok=True)
+        for tree in gone:
+            shutil.rmtree(tree, ignore_errors=True)
