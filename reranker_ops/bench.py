@@ -300,7 +300,7 @@ def answer_tokens(data: bytes, compute_tokens: Optional[str]) -> int:
 
 
 class LeanClient:
-    """POST JSON over one kept-alive blocking socket, with h11 (``http1.py``) for the HTTP: the lightest a
+    """POST JSON over one kept-alive blocking socket, with httptools (``http1.py``) for the HTTP: the lightest a
     client gets, so a lone request's latency is the server's, not the client library's. On a 2-core machine
     the client's CPU is taken from the server's, and ``http.client`` parses every answer's headers with the
     ``email`` package (``httpx`` costs more again; benchmarks/HISTORY.md has the measured difference).

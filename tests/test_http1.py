@@ -1,9 +1,8 @@
-"""The project's one HTTP/1.1 client parser (``http1.py``, h11 underneath), fed byte by byte and whole: every
-framing MOSEC or a server behind a balancer may use, and the ways an answer goes wrong."""
+"""The project's one HTTP/1.1 client parser (``http1.py``, httptools underneath), fed byte by byte and whole:
+every framing MOSEC or a server behind a balancer may use, and the ways an answer goes wrong."""
 
 from __future__ import annotations
 
-import h11
 import pytest
 
 from reranker_ops.http1 import BadAnswer, ClientConnection, NoAnswer
@@ -48,13 +47,52 @@ def test_every_framing_gives_the_whole_answer_and_says_whether_to_keep_the_conne
     (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", BadAnswer),  # not HTTP at all
     (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", BadAnswer),
     (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 4096, BadAnswer),  # a head past the limit, however it ends
+    (b"HTTP/1.1 200 OK\r\n" + b"X-Many: a\r\n" * 120 + b"Content-Length: 0\r\n\r\n", BadAnswer),  # whole, too big
+    (b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n", BadAnswer),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", BadAnswer),  # not a chunk size
 ])
 def test_a_broken_answer_is_one_typed_error(raw, error):
     with pytest.raises(error):
         exchange(raw, bytewise=False)
 
 
-def test_no_header_value_can_smuggle_a_line():
+def test_a_connection_whose_answer_was_unreadable_is_not_used_again():
     conn = ClientConnection()
-    with pytest.raises(h11.LocalProtocolError):
-        conn.request("/score", (("Host", "h"), ("Authorization", "Bearer k\r\nX-Evil: 1")), (b"",))
+    conn.request("/score", HEADERS, (b"x",))
+    with pytest.raises(BadAnswer):
+        conn.receive(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+    assert not conn.reusable()
+    with pytest.raises(BadAnswer):
+        conn.request("/score", HEADERS, (b"x",))
+
+
+def test_bytes_after_the_answer_leave_the_answer_and_close_the_connection():
+    conn = ClientConnection()
+    conn.request("/score", HEADERS, (b"x",))
+    answer = conn.receive(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 500 Oops\r\n\r\n")
+    assert answer == (200, b"ok")
+    assert not conn.reusable()
+
+
+def test_the_answers_headers_are_kept_lowercase_and_only_the_last_answers():
+    conn = ClientConnection()
+    conn.request("/score", HEADERS, (b"x",))
+    assert conn.receive(b"HTTP/1.1 100 Continue\r\nX-Early: 1\r\n\r\n"
+                        b"HTTP/1.1 200 OK\r\nX-Compute-Tokens: 7\r\nContent-Length: 0\r\n\r\n") == (200, b"")
+    assert conn.headers == [(b"x-compute-tokens", b"7"), (b"content-length", b"0")]
+
+
+@pytest.mark.parametrize("target, headers", [
+    ("/score", (("Authorization", "Bearer k\r\nX-Evil: 1"),)),  # a value that would add a header
+    ("/score", (("X-A", "a\nb"),)),
+    ("/score", (("X-A", "a\0b"),)),
+    ("/score", (("X-A\r\nX-Evil", "1"),)),  # a name that would
+    ("/score", (("X A", "1"),)),
+    ("/score", (("X-A", "é"),)),  # not ASCII: not sent as some other bytes
+    ("/score HTTP/1.1\r\nX-Evil: 1\r\n\r\nGET /", ()),  # a target that would add a request
+    ("", ()),
+])
+def test_no_header_or_target_can_smuggle_a_line(target, headers):
+    conn = ClientConnection()
+    with pytest.raises(ValueError):
+        conn.request(target, (("Host", "h"), *headers), (b"",))

@@ -10,7 +10,7 @@ benchmarks/HISTORY.md): on two cores that time is taken from the model. This cli
   old one is closed when a new one is asked for);
 - the request head written with the body in one ``send`` (small bodies) or two (large ones), no copy of
   the body beyond what the kernel takes;
-- the answer read by h11 (``http1.py``, the project's one HTTP/1.1 parser): by ``Content-Length``, chunked,
+- the answer read by httptools (``http1.py``, the project's one HTTP/1.1 parser): by ``Content-Length``, chunked,
   or to the end of the stream if the peer says neither, its head bounded in size;
 - a connection that is not in a known state after an exchange (an error, a deadline, ``Connection:
   close``) is closed, never reused;
