@@ -307,8 +307,12 @@ class Gate:
                 took = time.monotonic() - t0
                 self.metrics.observe_request(route, resp.status, took)
                 if self.settings.access_log:
-                    self.log.info("%s %s %d %.1fms %d bytes", request.method, route, resp.status, took * 1000,
-                                  request.get("bytes", 0))
+                    # written on the loop's next turn, once aiohttp has handed the answer to the kernel: the
+                    # line's formatting, write and flush (and the rotating handler's checks) are off the
+                    # client's path. call_soon runs it in a copy of this context: the line keeps the request id.
+                    asyncio.get_running_loop().call_soon(
+                        self.log.info, "%s %s %d %.1fms %d bytes", request.method, route, resp.status, took * 1000,
+                        request.get("bytes", 0))
             return resp
         finally:
             if span is not None:
