@@ -117,6 +117,9 @@ def test_json_logs_carry_the_request_id_of_every_line_of_a_request(make_server):
     failing = "req-failing-" + secrets.token_hex(4)
     r = rerank(server, {"X-Request-Id": failing}, {"query": QUERY, "documents": ["слово " * 3000], "truncate": False})
     assert r.status_code == 422
+    # the access line is written right after the answer has gone (off the client's path): wait for it, bounded
+    wait_until(lambda: failing in (server.run_dir / "rerankctl.log").read_text(), 10, 0.05,
+               what="the last request's access line")
     lines = json_lines(server)  # every line is one JSON object
     assert all({"time", "level", "logger", "message", "pid"} <= set(x) for x in lines)
     for rid in ids:
