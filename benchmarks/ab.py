@@ -3,11 +3,15 @@
     .venv/bin/python benchmarks/ab.py --shape dity-short --precision int8 --workload rag -c 4 \
         --b quiet_batch_ms=0 [--a NAME=VALUE ...] [--rounds 4] [--seconds 8] [--out bench-results]
     .venv/bin/python benchmarks/ab.py ... --a-tree ../before      (A serves another checkout's code)
+    .venv/bin/python benchmarks/ab.py --shape dity-short --precision int8 --a-tree ../before --lone 400
 
 Both servers serve the same model files. Each round measures A then B, or B then A (alternating), so both meet
 the same machine; the report gives every round's figure and the medians. With ``--paired`` each round also
-measures a lone request's added latency (``bench --paired``). Used for the A/B figures of issue 36 in
-benchmarks/HISTORY.md.
+measures a lone request's added latency (``bench --paired``). With ``--lone N`` a round is instead N lone
+``tiny`` requests, each sent to A and to B one right after the other (which first alternates), from this
+checkout's load generator whatever the trees serve: the median of the paired differences B - A, each server's
+median, and each supervisor's CPU a request (the gate's). A difference of a few tenths of a millisecond shows
+there, where whole runs drift by more. Used for the A/B figures of issue 36 in benchmarks/HISTORY.md.
 """
 
 from __future__ import annotations
@@ -25,6 +29,34 @@ sys.path.insert(0, str(HERE))
 from perf import MEMORY_SETTLE_S, Server, model_of_shape, parse_settings  # noqa: E402
 
 
+def lone_round(servers: dict, n: int, stream) -> dict:
+    """``n`` lone requests, each to A and to B back to back (A first, then B first, ...): per server its
+    latencies' median and its supervisor's CPU a request, and the median of the differences B - A (ms)."""
+    import psutil
+
+    from reranker_ops.bench import LeanClient
+
+    clients = {name: LeanClient(srv.url + "/rerank", {}, 120) for name, srv in servers.items()}
+    sups = {name: psutil.Process(srv.status()["pid"]) for name, srv in servers.items()}
+    lat: dict[str, list[float]] = {name: [] for name in servers}
+    try:
+        cpu0 = {name: sum(p.cpu_times()[:2]) for name, p in sups.items()}
+        for i in range(n):
+            req = next(stream)
+            for name in (("A", "B") if i % 2 == 0 else ("B", "A")):
+                t0 = time.perf_counter()
+                status, _ = clients[name].post(req)
+                lat[name].append((time.perf_counter() - t0) * 1000)
+                if status != 200:
+                    raise SystemExit(f"server {name} answered {status}")
+        cpu = {name: (sum(p.cpu_times()[:2]) - cpu0[name]) * 1000 / n for name, p in sups.items()}
+    finally:
+        for c in clients.values():
+            c.close()
+    return {"p50": {name: statistics.median(v) for name, v in lat.items()}, "cpu": cpu,
+            "diff": statistics.median(b - a for a, b in zip(lat["A"], lat["B"]))}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=("dity", "dity-short"), default="dity")
@@ -38,6 +70,8 @@ def main() -> int:
     ap.add_argument("--a-tree", type=Path, default=None, help="server A runs this checkout's code (a worktree)")
     ap.add_argument("--b-tree", type=Path, default=None, help="server B runs this checkout's code")
     ap.add_argument("--paired", action="store_true", help="also a lone request's added latency each round")
+    ap.add_argument("--lone", type=int, default=0, metavar="N",
+                    help="instead of the workload: N lone tiny requests a round, to A and B back to back")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     args = ap.parse_args()
     if args.rounds < 2:
@@ -55,6 +89,8 @@ def main() -> int:
         servers = {name: stack.enter_context(Server(model, args.out / f"run-ab-{name}", tree=trees[name],
                                                     precision=args.precision, **extra))
                    for name, extra in configs.items()}
+        if args.lone:
+            return report_lone(args, servers, configs, trees)
         for r in range(args.rounds):
             for name in (("A", "B") if r % 2 == 0 else ("B", "A")):
                 srv = servers[name]
@@ -76,6 +112,27 @@ def main() -> int:
             line += f"; tiny c=1 added p50 median {statistics.median(added[name]):.2f} ms"
         line += f"; tree PSS after {memory[name]:.0f} MiB"
         print(line)
+    return 0
+
+
+def report_lone(args, servers: dict, configs: dict, trees: dict) -> int:
+    from reranker_ops.bench import request_stream
+
+    stream = request_stream("tiny", 7)
+    lone_round(servers, 50, stream)  # warm both
+    rounds = []
+    for r in range(args.rounds):
+        rounds.append(lone_round(servers, args.lone, stream))
+        x = rounds[-1]
+        print(f"round {r + 1}: p50 A {x['p50']['A']:.2f} ms, B {x['p50']['B']:.2f} ms; B - A (median of paired"
+              f" differences) {x['diff']:+.3f} ms; supervisor CPU a request A {x['cpu']['A']:.3f}, B {x['cpu']['B']:.3f}"
+              " ms", flush=True)
+    for name, extra in configs.items():
+        where = f" [{trees[name]}]" if trees[name] else ""
+        print(f"{name}{where} {extra or '(defaults)'}: p50 median {statistics.median(x['p50'][name] for x in rounds):.2f}"
+              f" ms, supervisor CPU a request {statistics.median(x['cpu'][name] for x in rounds):.3f} ms")
+    print(f"B - A, lone tiny requests ({args.precision}, shape {args.shape}), per round: "
+          + ", ".join(f"{x['diff']:+.3f}" for x in rounds) + " ms")
     return 0
 
 
