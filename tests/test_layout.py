@@ -105,7 +105,8 @@ def test_modules_stay_readable():
 @pytest.mark.parametrize("module, banned", [
     # a MOSEC worker: openvino, tokenizers, numpy and MOSEC, nothing heavier, nothing of the supervisor's side
     ("reranker_ops.worker.score", ("torch", "transformers", "optimum", "pydantic", "pydantic_settings",
-                                   "aiohttp", "typer", "rich", "prometheus_client", "h11", "reranker_ops.settings")),
+                                   "aiohttp", "typer", "rich", "prometheus_client", "h11", "httptools",
+                                   "reranker_ops.settings")),
     # the command line's start: the supervisor's HTTP side loads only once MOSEC is on its way
     ("reranker_ops.cli.root", ("aiohttp", "openvino", "mosec", "prometheus_client", "torch")),
 ])
