@@ -11,7 +11,8 @@ measures a lone request's added latency (``bench --paired``). With ``--lone N`` 
 ``tiny`` requests, each sent to A and to B one right after the other (which first alternates), from this
 checkout's load generator whatever the trees serve: the median of the paired differences B - A, each server's
 median, and each supervisor's CPU a request (the gate's). A difference of a few tenths of a millisecond shows
-there, where whole runs drift by more. Used for the A/B figures of issue 36 in benchmarks/HISTORY.md.
+there, where whole runs drift by more; but B comes out 0.1-0.3 ms faster when both serve the same code
+(benchmarks/HISTORY.md), so run both orders (``--a-tree`` then ``--b-tree``) and take half the difference. Used for the A/B figures of issue 36 in benchmarks/HISTORY.md.
 """
 
 from __future__ import annotations
@@ -26,33 +27,24 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from perf import MEMORY_SETTLE_S, Server, model_of_shape, parse_settings  # noqa: E402
+from perf import MEMORY_SETTLE_S, Server, cpu_seconds, model_of_shape, parse_settings  # noqa: E402
 
 
-def lone_round(servers: dict, n: int, stream) -> dict:
-    """``n`` lone requests, each to A and to B back to back (A first, then B first, ...): per server its
-    latencies' median and its supervisor's CPU a request, and the median of the differences B - A (ms)."""
-    import psutil
-
-    from reranker_ops.bench import LeanClient
-
-    clients = {name: LeanClient(srv.url + "/rerank", {}, 120) for name, srv in servers.items()}
-    sups = {name: psutil.Process(srv.status()["pid"]) for name, srv in servers.items()}
-    lat: dict[str, list[float]] = {name: [] for name in servers}
-    try:
-        cpu0 = {name: sum(p.cpu_times()[:2]) for name, p in sups.items()}
-        for i in range(n):
-            req = next(stream)
-            for name in (("A", "B") if i % 2 == 0 else ("B", "A")):
-                t0 = time.perf_counter()
-                status, _ = clients[name].post(req)
-                lat[name].append((time.perf_counter() - t0) * 1000)
-                if status != 200:
-                    raise SystemExit(f"server {name} answered {status}")
-        cpu = {name: (sum(p.cpu_times()[:2]) - cpu0[name]) * 1000 / n for name, p in sups.items()}
-    finally:
-        for c in clients.values():
-            c.close()
+def lone_round(clients: dict, sups: dict, n: int, stream) -> dict:
+    """``n`` lone requests, each to A and to B back to back (A first, then B first, ...) on each server's kept-alive
+    client: per server its latencies' median and its supervisor's CPU a request, and the median of the
+    differences B - A (ms)."""
+    lat: dict[str, list[float]] = {name: [] for name in clients}
+    cpu0 = {name: cpu_seconds(p) for name, p in sups.items()}
+    for i in range(n):
+        req = next(stream)
+        for name in (("A", "B") if i % 2 == 0 else ("B", "A")):
+            t0 = time.perf_counter()
+            status, _ = clients[name].post(req)
+            lat[name].append((time.perf_counter() - t0) * 1000)
+            if status != 200:
+                raise SystemExit(f"server {name} answered {status}")
+    cpu = {name: (cpu_seconds(p) - cpu0[name]) * 1000 / n for name, p in sups.items()}
     return {"p50": {name: statistics.median(v) for name, v in lat.items()}, "cpu": cpu,
             "diff": statistics.median(b - a for a, b in zip(lat["A"], lat["B"]))}
 
@@ -116,17 +108,27 @@ def main() -> int:
 
 
 def report_lone(args, servers: dict, configs: dict, trees: dict) -> int:
-    from reranker_ops.bench import request_stream
+    import psutil
+
+    from reranker_ops.bench import LeanClient, request_stream
 
     stream = request_stream("tiny", 7)
-    lone_round(servers, 50, stream)  # warm both
+    # each server's supervisor and one kept-alive client to it, for every round (the load generator is this
+    # checkout's whatever code the trees serve)
+    sups = {name: psutil.Process(srv.status()["pid"]) for name, srv in servers.items()}
+    clients = {name: LeanClient(srv.url + "/rerank", {}, 120) for name, srv in servers.items()}
     rounds = []
-    for r in range(args.rounds):
-        rounds.append(lone_round(servers, args.lone, stream))
-        x = rounds[-1]
-        print(f"round {r + 1}: p50 A {x['p50']['A']:.2f} ms, B {x['p50']['B']:.2f} ms; B - A (median of paired"
-              f" differences) {x['diff']:+.3f} ms; supervisor CPU a request A {x['cpu']['A']:.3f}, B {x['cpu']['B']:.3f}"
-              " ms", flush=True)
+    try:
+        lone_round(clients, sups, 50, stream)  # warm both
+        for r in range(args.rounds):
+            rounds.append(lone_round(clients, sups, args.lone, stream))
+            x = rounds[-1]
+            print(f"round {r + 1}: p50 A {x['p50']['A']:.2f} ms, B {x['p50']['B']:.2f} ms; B - A (median of paired"
+                  f" differences) {x['diff']:+.3f} ms; supervisor CPU a request A {x['cpu']['A']:.3f},"
+                  f" B {x['cpu']['B']:.3f} ms", flush=True)
+    finally:
+        for c in clients.values():
+            c.close()
     for name, extra in configs.items():
         where = f" [{trees[name]}]" if trees[name] else ""
         print(f"{name}{where} {extra or '(defaults)'}: p50 median {statistics.median(x['p50'][name] for x in rounds):.2f}"

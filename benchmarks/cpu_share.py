@@ -8,8 +8,8 @@ taken from it, so a served/ceiling ratio cannot exceed (the model's CPU a reques
 a request takes served, the load generator's included). This measures both sides in alternating rounds: the
 server's processes by role (CPU time over the round from /proc, through psutil), the load generator's own
 (this process's threads: ``rerankctl bench``'s closed loop runs in it), and the in-process scorer's CPU per
-request at batches of ``c`` requests (``Ceiling``, the figure perf.py's ceiling measures), and prints that
-bound beside the throughputs measured. It changes nothing; it says what a change to the request path has to
+request (``Ceiling``, selected once as perf.py's ceiling is: the best of at most ``c`` requests a call), and
+prints that bound beside the throughputs measured. It changes nothing; it says what a change to the request path has to
 win (issue 36).
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from perf import Server, model_of_shape  # noqa: E402
+from perf import Server, cpu_seconds, model_of_shape  # noqa: E402
 
 from reranker_ops.bench import run_load  # noqa: E402
 from reranker_ops.ceiling import Ceiling  # noqa: E402
@@ -35,15 +35,14 @@ def own_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def tree_cpu(st: dict) -> dict[int, tuple[str, float]]:
-    """Each process of the server's tree: its role (from ``status --json``) and CPU seconds so far."""
+def tree_cpu(procs: dict[int, tuple[str, "psutil.Process"]]) -> dict[int, tuple[str, float]]:
+    """Each live process of the server's tree: its role and CPU seconds so far."""
     out = {}
-    for row in st["processes"]:
+    for pid, (role, proc) in procs.items():
         try:
-            t = psutil.Process(row["pid"]).cpu_times()
+            out[pid] = (role, cpu_seconds(proc))
         except psutil.Error:
             continue
-        out[row["pid"]] = (row["role"], t.user + t.system)
     return out
 
 
@@ -60,15 +59,17 @@ def main() -> int:
     out = a.out.resolve()
     model = model_of_shape(out, a.shape, (a.precision,))
     ceiling = Ceiling(model / f"openvino-{a.precision}", workload=a.workload, batch_requests=a.concurrency)
+    ceiling.select(a.seconds)
     served: dict[str, list[float]] = {}
     inproc, rates, ceil_rates = [], [], []
     with Server(model, out / "run-cpu-share", precision=a.precision) as srv:
         run_load(srv.url, workload=a.workload, concurrency=a.concurrency, duration=2, warmup=2)
+        # the tree and each process's role, once: a round reads only /proc (no status command run beside it)
+        procs = {row["pid"]: (row["role"], psutil.Process(row["pid"])) for row in srv.status()["processes"]}
         for r in range(a.rounds):
-            st = srv.status()
-            before, me = tree_cpu(st), own_cpu()
+            before, me = tree_cpu(procs), own_cpu()
             res = run_load(srv.url, workload=a.workload, concurrency=a.concurrency, duration=a.seconds)
-            after, me_after = tree_cpu(srv.status()), own_cpu()
+            after, me_after = tree_cpu(procs), own_cpu()
             n = max(1, res.requests)
             by_role: dict[str, float] = {"load generator": (me_after - me) * 1000 / n}
             for pid, (role, t0) in before.items():
@@ -78,7 +79,7 @@ def main() -> int:
                 served.setdefault(role, []).append(ms)
             rates.append(res.requests / res.seconds)
             c0 = own_cpu()
-            req, _pairs, elapsed, _lat = ceiling._run(a.concurrency, a.seconds)
+            req, _pairs, elapsed = ceiling.measure(a.seconds)
             inproc.append((own_cpu() - c0) * 1000 / req)
             ceil_rates.append(req / elapsed)
             print(f"round {r + 1}: served {rates[-1]:.1f} req/s, "

@@ -32,11 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-
-def cpu_seconds(proc: psutil.Process) -> float:
-    """User + system CPU time of one process."""
-    t = proc.cpu_times()
-    return t.user + t.system
+from perf import cpu_seconds  # noqa: E402
 
 
 def main() -> int:

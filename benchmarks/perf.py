@@ -170,6 +170,12 @@ TARGETS = {
 MEMORY_SETTLE_S = 6.0  # the score worker hands memory back at most 5 s after its last batch
 
 
+def cpu_seconds(proc) -> float:
+    """User + system CPU time of one process (a ``psutil.Process``) so far."""
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
 def stats(xs: list[float]) -> dict:
     """Median with its spread: every figure in the report is one of these."""
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs), "all": xs}

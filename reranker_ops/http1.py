@@ -18,6 +18,7 @@ from typing import Iterable, Optional, Sequence
 import httptools
 
 HEAD_LIMIT = 64 * 1024  # an answer's status line and headers: MOSEC's are ~150 bytes
+STATUS_LINE_BYTES = len(b"HTTP/1.1 200 ")  # a status line's bytes before its reason (llhttp gives the reason)
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 field-name
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|^[ \t]|[ \t]$")  # CR, LF, NUL and other controls; edge blanks
@@ -106,7 +107,7 @@ class ClientConnection:
         self.headers = []
 
     def on_status(self, status: bytes) -> None:
-        self._count(len(status) + 13)
+        self._count(len(status) + STATUS_LINE_BYTES)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count(len(name) + len(value) + 4)
@@ -126,10 +127,8 @@ class ClientConnection:
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        if 100 <= self._status < 200:  # 100 Continue and the like: the real answer follows
-            self.headers = []
-            return
-        self._done = True
+        if not 100 <= self._status < 200:  # 100 Continue and the like: the real answer follows (its begin clears)
+            self._done = True
 
     def _count(self, n: int) -> None:
         self._head += n
