@@ -13,6 +13,16 @@ During the direct series the supervisor only runs its own canary and watchdog; t
 ``--access-log``: instead, what the access log line costs (RERANKER_ACCESS_LOG, on by default): two servers,
 one with it and one without, the same requests alternately, the supervisor's CPU per request and the c=1
 latency of each.
+
+``--floor [--shape dity-short] [--precision int8]``: instead, what any Python gate must cost, beside ours.
+Four paths to the same MOSEC, each lone request sent down all four back to back (the order rotates), medians
+of the paired differences against the straight path: ``raw``, the least an asyncio front can do (a Protocol
+that parses with httptools, seals the body into an envelope of one, writes it to a kept-alive connection
+to MOSEC and writes the answer back from the upstream socket's own callback: no task, no scheduler, no
+checks); ``aiohttp``, the same in one aiohttp handler; and the gate. Both fronts run in a process of their
+own, as the gate does. ``gate - aiohttp`` is what our request path costs beyond the framework, ``aiohttp -
+raw`` the framework's own, ``raw - straight`` the extra hop itself (two more loopback sends and wakeups),
+which no Python front can avoid.
 """
 
 from __future__ import annotations
@@ -41,9 +51,15 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--target-ms", type=float, default=1.5)
     ap.add_argument("--access-log", action="store_true", help="measure the access log's cost instead")
+    ap.add_argument("--floor", action="store_true", help="the gate beside the least a Python front costs")
+    ap.add_argument("--shape", default="dity-short", choices=("dity", "dity-short"), help="with --floor")
+    ap.add_argument("--precision", default="int8", choices=("fp32", "bf16", "int8"), help="with --floor")
+    ap.add_argument("--out", type=Path, default=Path("bench-results"), help="with --floor: the model's folder")
     args = ap.parse_args()
     if args.access_log:
         return access_log_cost(args.requests, args.repeats)
+    if args.floor:
+        return floor_cost(args.requests, args.shape, args.precision, args.out)
     from chaos import build_model
     from conftest import DOCS, QUERY, ServerHandle
     from reranker_ops.protocol.envelope import part_head, seal
@@ -137,6 +153,170 @@ def access_log_cost(requests: int, repeats: int) -> int:
               f" supervisor CPU per request {', '.join(f'{x:.3f}' for x in cpu[on])} ms")
     print(f"  the line's cost: median CPU {statistics.median(cpu[True]) - statistics.median(cpu[False]):+.3f} ms,"
           f" median latency {statistics.median(latency[True]) - statistics.median(latency[False]):+.2f} ms a request")
+    return 0
+
+
+def _raw_front(port: int, mosec_port: int, secret: bytes, ready) -> None:
+    """The floor: one Protocol, httptools both ways, the answer written from the upstream's callback."""
+    import asyncio
+
+    import httptools
+
+    from reranker_ops.http1 import ClientConnection
+    from reranker_ops.protocol.envelope import open_answer, part_head, seal, split_answers
+
+    class Upstream(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport, self.http, self.then = transport, ClientConnection(), None
+
+        def data_received(self, data):
+            got = self.http.receive(data)
+            if got is not None:
+                then, self.then = self.then, None
+                then(got[1])
+
+    class Front(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport, self.parser, self.body = transport, httptools.HttpRequestParser(self), []
+
+        def data_received(self, data):
+            self.parser.feed_data(data)
+
+        def on_body(self, body):
+            self.body.append(body)
+
+        def on_message_complete(self):
+            body, self.body = b"".join(self.body), []
+            part = part_head("0", len(body)) + body
+
+            def answered(data: bytes) -> None:
+                (answer, _timing), = split_answers(open_answer(secret, 1, data), 1)
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                                     % (len(answer), answer))
+
+            up.then = answered
+            up.transport.writelines(up.http.request("/score", (), [seal(secret, 1, [part]), part]))
+
+    async def main():
+        global up
+        loop = asyncio.get_running_loop()
+        _, up = await loop.create_connection(Upstream, "127.0.0.1", mosec_port)
+        await loop.create_server(Front, "127.0.0.1", port)
+        ready.set()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def _aiohttp_front(port: int, mosec_port: int, secret: bytes, ready) -> None:
+    """The same in one aiohttp handler (no middleware, no access log): what the framework adds to the floor."""
+    import asyncio
+
+    from aiohttp import web
+
+    from reranker_ops.http1 import ClientConnection
+    from reranker_ops.protocol.envelope import open_answer, part_head, seal, split_answers
+
+    class Upstream(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport, self.http, self.answer = transport, ClientConnection(), None
+
+        def data_received(self, data):
+            got = self.http.receive(data)
+            if got is not None:
+                self.answer.set_result(got[1])
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.read()
+        part = part_head("0", len(body)) + body
+        up.answer = asyncio.get_running_loop().create_future()
+        up.transport.writelines(up.http.request("/score", (), [seal(secret, 1, [part]), part]))
+        (answer, _timing), = split_answers(open_answer(secret, 1, await up.answer), 1)
+        return web.Response(body=answer, content_type="application/json")
+
+    async def main():
+        global up
+        _, up = await asyncio.get_running_loop().create_connection(Upstream, "127.0.0.1", mosec_port)
+        app = web.Application()
+        app.router.add_post("/rerank", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        ready.set()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def floor_cost(rounds: int, shape: str, precision: str, out: Path) -> int:
+    import http.client
+    import itertools
+    import multiprocessing
+
+    from conftest import free_port
+    from perf import Server, model_of_shape
+
+    from reranker_ops.protocol.envelope import part_head, seal
+
+    model = model_of_shape(out.resolve(), shape, (precision,))
+    run_dir = Path(tempfile.mkdtemp(prefix="gate-floor-"))
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each, as the gate's process is
+    fronts = []
+    with Server(model, run_dir, precision=precision) as srv:
+        state = json.loads((run_dir / "state.json").read_text())
+        gen = state["mosec"]["generation"]
+        secret = json.loads(next((run_dir / "mosec").glob(f"*.g{gen}.json")).read_text())["secret"].encode()
+        mosec_port = state["mosec"]["port"]
+        body = json.dumps({"query": "кто написал войну и мир", "documents": ["Лев Толстой написал роман"]}).encode()
+        part = part_head("0", len(body)) + body
+        sealed = seal(secret, 1, [part]) + part
+        ports = {}
+        try:
+            for name, target in (("raw", _raw_front), ("aiohttp", _aiohttp_front)):
+                ports[name] = free_port()
+                ready = ctx.Event()
+                proc = ctx.Process(target=target, args=(ports[name], mosec_port, secret, ready), daemon=True)
+                proc.start()
+                fronts.append(proc)
+                if not ready.wait(60):
+                    raise SystemExit(f"the {name} front did not start")
+            conns = {"straight": (http.client.HTTPConnection("127.0.0.1", mosec_port), "/score", sealed),
+                     "raw": (http.client.HTTPConnection("127.0.0.1", ports["raw"]), "/rerank", body),
+                     "aiohttp": (http.client.HTTPConnection("127.0.0.1", ports["aiohttp"]), "/rerank", body),
+                     "gate": (http.client.HTTPConnection("127.0.0.1", srv.port), "/rerank", body)}
+
+            def send(name: str) -> float:
+                conn, path, payload = conns[name]
+                t0 = time.perf_counter()
+                conn.request("POST", path, payload, {"Content-Type": "application/json"})
+                r = conn.getresponse()
+                r.read()
+                took = time.perf_counter() - t0
+                assert r.status == 200, (name, r.status)
+                return took
+
+            for name in conns:
+                for _ in range(30):
+                    send(name)
+            times: dict[str, list[float]] = {name: [] for name in conns}
+            orders = list(itertools.permutations(conns))
+            for i in range(rounds):
+                for name in orders[i % len(orders)]:
+                    times[name].append(send(name))
+        finally:
+            for proc in fronts:
+                proc.kill()
+    med = {name: statistics.median(v) * 1000 for name, v in times.items()}
+
+    def added(a: str, b: str) -> float:
+        return statistics.median(x - y for x, y in zip(times[a], times[b])) * 1000
+
+    print(f"a lone request, {rounds} rounds, {shape} {precision}: medians "
+          + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items()))
+    print(f"  added over straight to MOSEC (median of paired differences): raw front {added('raw', 'straight'):.2f},"
+          f" aiohttp front {added('aiohttp', 'straight'):.2f}, the gate {added('gate', 'straight'):.2f} ms")
+    print(f"  so: the hop itself {added('raw', 'straight'):.2f}, aiohttp's own {added('aiohttp', 'raw'):.2f},"
+          f" our request path {added('gate', 'aiohttp'):.2f} ms")
     return 0
 
 
