@@ -388,6 +388,29 @@ def test_a_lone_unit_on_a_dead_worker_is_sent_again_once_and_then_is_poison():
     run(main())
 
 
+def test_an_envelope_answered_before_its_worker_is_reported_lost_keeps_its_answer():
+    """A worker can die just after its answer came back: its heartbeat, read later by the supervisor, still names
+    the envelope. The answer stands: the envelope is neither taken apart nor sent again, and its units get no
+    strike (two strikes make a request poison). The answer is the envelope's the moment it is read, before the
+    waiter runs."""
+    async def main():
+        w, s = worker_and_scheduler(slots=1, max_group=8)
+        first = s.submit(unit("a"))
+        await w.sent(1)
+        b, c = s.submit(unit("b", owner=1)), s.submit(unit("c", owner=2))
+        w.release(0)
+        assert await first == "answer a"
+        await w.sent(2)
+        assert w.groups[1] == ["b", "c"]
+        w.release(1)
+        await asyncio.sleep(0)  # one turn: the envelope's answer is read; nobody waiting for it has run yet
+        assert s.worker_lost({w.ids[1]}) == (0, 0)
+        assert await b == "answer b" and await c == "answer c"
+        await settle()
+        assert len(w.groups) == 2 and s.busy == 0 and s.outstanding == 0 and s.queued == 0
+    run(main())
+
+
 def test_cancel_drops_every_queued_unit_of_a_request_at_once():
     async def main():
         w, s = worker_and_scheduler(slots=1, budget=100)

@@ -98,10 +98,22 @@ class _Envelope:
         self.cost = cost
         self.epoch = epoch
         self.copies: list[asyncio.Future] = []
+        self.running = 0  # copies sent and not ended
         self.resent = 0
         self.split = False  # lost with a worker: its units were queued again, each alone
         self.poisoned = False  # its one unit killed a worker again: answered Poisoned
-        self.changed = asyncio.get_running_loop().create_future()  # set when a copy is added or it ends
+        # Its results, from the first copy that answers, or why there are none: the last failure once every
+        # copy failed, lost with its worker (``_Split``), ``Poisoned``. The one thing its waiter awaits: the copy
+        # that answers wakes it directly (asyncio.wait over the copies cost a turn of the loop more and ~6 us of
+        # bookkeeping an envelope, a lone request's included). Set as the answer is read, it also tells a worker
+        # death reported just after that this envelope was answered, not lost.
+        self.outcome: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def end(self, exc: BaseException) -> None:
+        """No results: ``exc`` says why (unless a copy answered first)."""
+        if not self.outcome.done():
+            self.outcome.set_exception(exc)
+            self.outcome.exception()  # retrieved: its waiter may have gone
 
 
 @dataclass(frozen=True)
@@ -189,8 +201,8 @@ class FairScheduler:
         self.busy = 0
         resent = 0
         for env in list(self._out):
-            if env.resent >= MAX_RESENDS:
-                continue  # it holds no slot any more: it ends by an answer or its deadline
+            if env.resent >= MAX_RESENDS or env.outcome.done():
+                continue  # it holds no slot any more (it ends by an answer or its deadline), or it was answered
             env.resent += 1
             resent += 1
             env.epoch = self.epoch
@@ -207,7 +219,7 @@ class FairScheduler:
         ``Poisoned`` and never sent again. The other envelopes out were not on those workers and go on.
         Returns (units queued again or sent again, units poisoned)."""
         again = poisoned = 0
-        for env in [e for e in self._out if e.id in held and not (e.split or e.poisoned)]:
+        for env in [e for e in self._out if e.id in held and not (e.split or e.poisoned or e.outcome.done())]:
             for unit in env.group:
                 unit.strikes += 1
             if len(env.group) > 1:
@@ -222,8 +234,10 @@ class FairScheduler:
             else:
                 self._copy(env)  # it keeps its slot: the copy takes the worker MOSEC puts in the dead one's place
                 again += 1
-            if not env.changed.done():
-                env.changed.set_result(None)
+            if env.split:
+                env.end(_Split())
+            elif env.poisoned:
+                env.end(Poisoned())
         self._pump()
         return again, poisoned
 
@@ -241,9 +255,27 @@ class FairScheduler:
         return len(dropped)
 
     def _copy(self, env: _Envelope) -> None:
-        env.copies.append(asyncio.ensure_future(self.send(env.group, env.id)))
-        if not env.changed.done():
-            env.changed.set_result(None)
+        env.running += 1
+        env.copies.append(asyncio.ensure_future(self._send_copy(env)))
+
+    async def _send_copy(self, env: _Envelope) -> None:
+        """One copy of ``env`` sent; its answer is the envelope's if it is the first, its failure if every copy
+        failed (this one last)."""
+        try:
+            results = await self.send(env.group, env.id)
+        except asyncio.CancelledError:
+            env.running -= 1
+            if not env.running and not env.outcome.done():
+                env.outcome.cancel()
+            raise
+        except BaseException as exc:  # noqa: BLE001 - handed to the envelope's waiter
+            env.running -= 1
+            if not env.running:
+                env.end(exc)
+            return
+        env.running -= 1
+        if not env.outcome.done():
+            env.outcome.set_result(results)
 
     def _requeue(self, unit: Unit) -> None:
         """Back to the front of its lane (the work is older than anything queued)."""
@@ -396,33 +428,15 @@ class FairScheduler:
 
     def _launch(self, group: list[Unit], cost: int, epoch: int) -> _Envelope:
         env = _Envelope(group, cost, epoch)
-        env.copies.append(asyncio.ensure_future(self.send(group, env.id)))
+        self._copy(env)
         self._out[env] = None
         return env
-
-    @staticmethod
-    async def _first_answer(env: _Envelope) -> list:
-        """The results of the first copy of ``env`` that answers; if every copy fails, the last failure."""
-        while True:
-            await asyncio.wait([*env.copies, env.changed], return_when=asyncio.FIRST_COMPLETED)
-            if env.changed.done():
-                env.changed = asyncio.get_running_loop().create_future()
-            if env.split:
-                raise _Split()
-            if env.poisoned:
-                raise Poisoned()
-            for copy in env.copies:
-                if copy.done() and not copy.cancelled() and copy.exception() is None:
-                    return copy.result()
-            if all(copy.done() for copy in env.copies):
-                last = env.copies[-1]
-                raise last.exception() if not last.cancelled() else asyncio.CancelledError()
 
     async def _settle(self, env: _Envelope) -> list:
         """The envelope's results, once one copy answered; then its slot and budget are given back."""
         ok = False
         try:
-            results = await self._first_answer(env)
+            results = await env.outcome  # the first copy's answer; if every copy fails, the last failure
             if len(results) != len(env.group):
                 raise RuntimeError(f"{len(results)} results for an envelope of {len(env.group)}")
             ok = True
@@ -434,8 +448,6 @@ class FairScheduler:
             for copy in env.copies:
                 if not copy.done():
                     copy.cancel()  # the answer is in (or nobody waits): a copy still out is not waited for
-                elif not copy.cancelled():
-                    copy.exception()  # retrieved: a failed copy beside a good one is no news
             self._release(env.cost, env.epoch)
             if ok and env.group[0].lane == "small":
                 self._answered(len(env.group))
