@@ -37,6 +37,8 @@ class _Live(Collector):
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=False)
+        self._request_series: dict[tuple[str, int], tuple] = {}  # (route, status) -> its counter and histogram
+        self._schedule_series: dict[str, tuple] = {}  # lane -> its wait and service histograms
         self.requests = Counter("reranker_requests", "Requests answered, by route and HTTP status.",
                                 ["route", "code"], registry=r)
         self.duration = Histogram("reranker_request_duration_seconds", "Time from request to answer, by route.",
@@ -93,13 +95,23 @@ class Metrics:
         self._in_flight.set(n)
 
     def observe_request(self, route: str, code: int, seconds: float) -> None:
-        self.requests.labels(route, str(code)).inc()
-        self.duration.labels(route).observe(seconds)
+        # each series' child is looked up once: ``labels`` takes a lock and builds its key every call, on every
+        # request's path. Routes and statuses are the gate's own few (no client text), so this stays small.
+        key = (route, code)
+        series = self._request_series.get(key)
+        if series is None:
+            series = self._request_series[key] = (self.requests.labels(route, str(code)), self.duration.labels(route))
+        series[0].inc()
+        series[1].observe(seconds)
 
     def observe_schedule(self, lane: str, wait: float, service: float) -> None:
         """A unit of work: its wait in the gate's queue, and its time in MOSEC (queue there + scoring)."""
-        self.schedule["wait"].labels(lane).observe(wait)
-        self.schedule["service"].labels(lane).observe(service)
+        series = self._schedule_series.get(lane)
+        if series is None:
+            series = self._schedule_series[lane] = (self.schedule["wait"].labels(lane),
+                                                    self.schedule["service"].labels(lane))
+        series[0].observe(wait)
+        series[1].observe(service)
 
     def count_dropped(self, lane: str, pairs: int) -> None:
         self.dropped_units.labels(lane).inc()
