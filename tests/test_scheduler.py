@@ -165,6 +165,34 @@ def test_an_envelope_holds_at_most_its_workers_share_of_the_budget():
     run(main())
 
 
+def test_when_the_chunks_turn_comes_their_envelope_holds_its_whole_share():
+    """Small requests go first until they took a budget's worth while chunks waited; then the chunks' envelope
+    is a whole share of them, not one chunk (taking the first chunk ends the small lane's streak, which must not
+    hand the rest of the envelope back to the small lane)."""
+    async def main():
+        w, s = worker_and_scheduler(300, slots=1)
+        busy = s.submit(unit("x"))
+        await w.sent(1)
+        chunks = [s.submit(unit(f"c{i}", lane="chunk", cost=100, owner=1)) for i in range(6)]
+        smalls = [s.submit(unit(f"s{i}", owner=2 + i)) for i in range(40)]
+        w.release(0)
+        await busy
+        await w.sent(2)
+        assert w.groups[1] == [f"s{i}" for i in range(30)]  # a share of small requests: the budget's worth
+        w.release(1)
+        await w.sent(3)
+        assert w.groups[2] == ["c0", "c1", "c2"]  # the chunks' turn: a whole share of them
+        w.release(2)
+        await w.sent(4)
+        assert w.groups[3] == [f"s{i}" for i in range(30, 40)]  # then the small ones again
+        w.release(3)
+        await w.sent(5)
+        assert w.groups[4] == ["c3", "c4", "c5"]
+        w.release(4)
+        await asyncio.gather(*chunks, *smalls)
+    run(main())
+
+
 def test_the_clients_just_answered_are_waited_for_within_the_linger():
     async def main():
         clock = FakeClock()
