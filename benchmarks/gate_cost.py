@@ -156,52 +156,58 @@ def access_log_cost(requests: int, repeats: int) -> int:
     return 0
 
 
+def _to_mosec(mosec_port: int, secret: bytes):
+    """The floor fronts' connection to MOSEC, made on the running loop: ``send(body, then)`` seals ``body`` into an
+    envelope of one and writes it; ``then`` gets the answer's JSON, from the socket's own callback."""
+    import asyncio
+
+    from reranker_ops.http1 import ClientConnection
+    from reranker_ops.protocol.envelope import open_answer, part_head, seal, split_answers
+
+    class ToMosec(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport, self.http, self.then = transport, ClientConnection(), None
+
+        def send(self, body: bytes, then) -> None:
+            part = part_head("0", len(body)) + body
+            self.then = then
+            self.transport.writelines(self.http.request("/score", (), [seal(secret, 1, [part]), part]))
+
+        def data_received(self, data):
+            got = self.http.receive(data)
+            if got is not None:
+                (answer, _timing), = split_answers(open_answer(secret, 1, got[1]), 1)
+                self.then(answer)
+
+    return asyncio.get_running_loop().create_connection(ToMosec, "127.0.0.1", mosec_port)
+
+
 def _raw_front(port: int, mosec_port: int, secret: bytes, ready) -> None:
     """The floor: one Protocol, httptools both ways, the answer written from the upstream's callback."""
     import asyncio
 
     import httptools
 
-    from reranker_ops.http1 import ClientConnection
-    from reranker_ops.protocol.envelope import open_answer, part_head, seal, split_answers
-
-    class Upstream(asyncio.Protocol):
-        def connection_made(self, transport):
-            self.transport, self.http, self.then = transport, ClientConnection(), None
-
-        def data_received(self, data):
-            got = self.http.receive(data)
-            if got is not None:
-                then, self.then = self.then, None
-                then(got[1])
-
-    class Front(asyncio.Protocol):
-        def connection_made(self, transport):
-            self.transport, self.parser, self.body = transport, httptools.HttpRequestParser(self), []
-
-        def data_received(self, data):
-            self.parser.feed_data(data)
-
-        def on_body(self, body):
-            self.body.append(body)
-
-        def on_message_complete(self):
-            body, self.body = b"".join(self.body), []
-            part = part_head("0", len(body)) + body
-
-            def answered(data: bytes) -> None:
-                (answer, _timing), = split_answers(open_answer(secret, 1, data), 1)
-                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                                     % (len(answer), answer))
-
-            up.then = answered
-            up.transport.writelines(up.http.request("/score", (), [seal(secret, 1, [part]), part]))
-
     async def main():
-        global up
-        loop = asyncio.get_running_loop()
-        _, up = await loop.create_connection(Upstream, "127.0.0.1", mosec_port)
-        await loop.create_server(Front, "127.0.0.1", port)
+        _, up = await _to_mosec(mosec_port, secret)
+
+        class Front(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport, self.parser, self.body = transport, httptools.HttpRequestParser(self), []
+
+            def data_received(self, data):
+                self.parser.feed_data(data)
+
+            def on_body(self, body):
+                self.body.append(body)
+
+            def on_message_complete(self):
+                body, self.body = b"".join(self.body), []
+                up.send(body, lambda answer: self.transport.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(answer), answer)))
+
+        await asyncio.get_running_loop().create_server(Front, "127.0.0.1", port)
         ready.set()
         await asyncio.Event().wait()
 
@@ -214,29 +220,14 @@ def _aiohttp_front(port: int, mosec_port: int, secret: bytes, ready) -> None:
 
     from aiohttp import web
 
-    from reranker_ops.http1 import ClientConnection
-    from reranker_ops.protocol.envelope import open_answer, part_head, seal, split_answers
-
-    class Upstream(asyncio.Protocol):
-        def connection_made(self, transport):
-            self.transport, self.http, self.answer = transport, ClientConnection(), None
-
-        def data_received(self, data):
-            got = self.http.receive(data)
-            if got is not None:
-                self.answer.set_result(got[1])
-
-    async def handle(request: web.Request) -> web.Response:
-        body = await request.read()
-        part = part_head("0", len(body)) + body
-        up.answer = asyncio.get_running_loop().create_future()
-        up.transport.writelines(up.http.request("/score", (), [seal(secret, 1, [part]), part]))
-        (answer, _timing), = split_answers(open_answer(secret, 1, await up.answer), 1)
-        return web.Response(body=answer, content_type="application/json")
-
     async def main():
-        global up
-        _, up = await asyncio.get_running_loop().create_connection(Upstream, "127.0.0.1", mosec_port)
+        _, up = await _to_mosec(mosec_port, secret)
+
+        async def handle(request: web.Request) -> web.Response:
+            answer = asyncio.get_running_loop().create_future()
+            up.send(await request.read(), answer.set_result)
+            return web.Response(body=await answer, content_type="application/json")
+
         app = web.Application()
         app.router.add_post("/rerank", handle)
         runner = web.AppRunner(app, access_log=None)
