@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -43,6 +44,23 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from perf import cpu_seconds  # noqa: E402
+
+
+def run_state(run_dir: Path) -> dict:
+    """The server's ``state.json`` (what ``status`` reads): its pid, MOSEC's port and generation."""
+    return json.loads((run_dir / "state.json").read_text())
+
+
+def straight_to_mosec(run_dir: Path, state: dict, body: bytes) -> tuple[int, bytes, bytes]:
+    """MOSEC's port, the generation's secret, and ``body`` sealed as an envelope of one: what only the gate sends,
+    here from the run dir's files (as only the server's owner can read them)."""
+    from reranker_ops.protocol.envelope import part_head, seal
+    from reranker_ops.protocol.genconfig import GenerationConfig
+
+    gen = state["mosec"]["generation"]
+    secret = GenerationConfig.read(next((run_dir / "mosec").glob(f"*.g{gen}.json"))).secret.encode()
+    part = part_head("0", len(body)) + body
+    return state["mosec"]["port"], secret, seal(secret, 1, [part]) + part
 
 
 def main() -> int:
@@ -62,19 +80,15 @@ def main() -> int:
         return floor_cost(args.requests, args.shape, args.precision, args.out)
     from chaos import build_model
     from conftest import DOCS, QUERY, ServerHandle
-    from reranker_ops.protocol.envelope import part_head, seal
 
     model = build_model(Path(tempfile.gettempdir()) / "rerankctl-chaos-model")
     server = ServerHandle(model, Path(tempfile.mkdtemp(prefix="gate-cost-")))
     server.start()
     try:
-        state = json.loads((server.run_dir / "state.json").read_text())
-        gen = state["mosec"]["generation"]
-        cfg = json.loads(next((server.run_dir / "mosec").glob(f"*.g{gen}.json")).read_text())
         body = json.dumps({"query": QUERY, "documents": DOCS}).encode()
-        direct_url = f"http://127.0.0.1:{state['mosec']['port']}/score"
-        part = part_head("0", len(body)) + body
-        direct_body = seal(cfg["secret"].encode(), 1, [part]) + part  # an envelope of one (GenerationConfig)
+        state = run_state(server.run_dir)
+        mosec_port, _secret, direct_body = straight_to_mosec(server.run_dir, state, body)
+        direct_url = f"http://127.0.0.1:{mosec_port}/score"
         gate_url = server.base + "/rerank"
         gate_med, direct_med = [], []
         cpu = {"gate": [], "direct": []}
@@ -125,7 +139,7 @@ def access_log_cost(requests: int, repeats: int) -> int:
     try:
         for s in servers.values():
             s.start()
-        procs = {on: psutil.Process(int(json.loads((s.run_dir / "state.json").read_text())["pid"]))
+        procs = {on: psutil.Process(int(run_state(s.run_dir)["pid"]))
                  for on, s in servers.items()}
         with httpx.Client(timeout=30) as c:
             for s in servers.values():
@@ -247,20 +261,14 @@ def floor_cost(rounds: int, shape: str, precision: str, out: Path) -> int:
     from conftest import free_port
     from perf import Server, model_of_shape
 
-    from reranker_ops.protocol.envelope import part_head, seal
-
     model = model_of_shape(out.resolve(), shape, (precision,))
     run_dir = Path(tempfile.mkdtemp(prefix="gate-floor-"))
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each, as the gate's process is
     fronts = []
+    conns: dict = {}
     with Server(model, run_dir, precision=precision) as srv:
-        state = json.loads((run_dir / "state.json").read_text())
-        gen = state["mosec"]["generation"]
-        secret = json.loads(next((run_dir / "mosec").glob(f"*.g{gen}.json")).read_text())["secret"].encode()
-        mosec_port = state["mosec"]["port"]
         body = json.dumps({"query": "кто написал войну и мир", "documents": ["Лев Толстой написал роман"]}).encode()
-        part = part_head("0", len(body)) + body
-        sealed = seal(secret, 1, [part]) + part
+        mosec_port, secret, sealed = straight_to_mosec(run_dir, run_state(run_dir), body)
         ports = {}
         try:
             for name, target in (("raw", _raw_front), ("aiohttp", _aiohttp_front)):
@@ -295,8 +303,12 @@ def floor_cost(rounds: int, shape: str, precision: str, out: Path) -> int:
                 for name in orders[i % len(orders)]:
                     times[name].append(send(name))
         finally:
+            for conn, _path, _payload in conns.values():
+                conn.close()
             for proc in fronts:
                 proc.kill()
+                proc.join(10)
+    shutil.rmtree(run_dir, ignore_errors=True)  # the server stopped: nothing of it is left to read
     med = {name: statistics.median(v) * 1000 for name, v in times.items()}
 
     def added(a: str, b: str) -> float:

@@ -100,8 +100,6 @@ class _Envelope:
         self.copies: list[asyncio.Future] = []
         self.running = 0  # copies sent and not ended
         self.resent = 0
-        self.split = False  # lost with a worker: its units were queued again, each alone
-        self.poisoned = False  # its one unit killed a worker again: answered Poisoned
         # Its results, from the first copy that answers, or why there are none: the last failure once every
         # copy failed, lost with its worker (``_Split``), ``Poisoned``. The one thing its waiter awaits: the copy
         # that answers wakes it directly (asyncio.wait over the copies cost a turn of the loop more and ~6 us of
@@ -153,7 +151,7 @@ class FairScheduler:
         self.epoch = 0  # envelopes of an older epoch hold no slot (``forgive``)
         self.small: deque[Unit] = deque()
         self.chunks: "OrderedDict[int, deque[Unit]]" = OrderedDict()
-        self._streak = {"small": 0, "chunk": 0}  # cost dispatched from a lane while the other waited
+        self._small_streak = 0  # cost of small units dispatched while chunks waited (since the last chunk)
         self._want = 0  # small units expected back (see ``_lingering``) ...
         self._want_until = 0.0  # ... until then
         self._timer: Any = None  # the clock's timer handle, while a linger is timed
@@ -219,25 +217,22 @@ class FairScheduler:
         ``Poisoned`` and never sent again. The other envelopes out were not on those workers and go on.
         Returns (units queued again or sent again, units poisoned)."""
         again = poisoned = 0
-        for env in [e for e in self._out if e.id in held and not (e.split or e.poisoned or e.outcome.done())]:
+        # an envelope whose outcome is in was answered (or already taken apart, or poisoned): not lost
+        for env in [e for e in self._out if e.id in held and not e.outcome.done()]:
             for unit in env.group:
                 unit.strikes += 1
             if len(env.group) > 1:
-                env.split = True
                 for unit in reversed(env.group):
                     unit.alone = True
                     self._requeue(unit)
+                env.end(_Split())  # its units were queued again, each alone: their futures wait for that
                 again += len(env.group)
             elif env.group[0].strikes >= POISON_STRIKES:
-                env.poisoned = True
+                env.end(Poisoned())
                 poisoned += 1
             else:
                 self._copy(env)  # it keeps its slot: the copy takes the worker MOSEC puts in the dead one's place
                 again += 1
-            if env.split:
-                env.end(_Split())
-            elif env.poisoned:
-                env.end(Poisoned())
         self._pump()
         return again, poisoned
 
@@ -318,37 +313,31 @@ class FairScheduler:
         self._timer = None
         self._pump()
 
-    def _peek_lane(self) -> str:
-        unit = self._peek()
-        return unit.lane if unit is not None else ""
+    def _turn(self) -> str:
+        """The lane the next envelope takes from ("" when nothing waits): small first, unless the chunks have
+        waited through a whole budget of small work."""
+        if self.small and self.chunks:
+            return "chunk" if self._small_streak >= self.budget else "small"
+        return "small" if self.small else ("chunk" if self.chunks else "")
 
-    def _peek(self, lane: str = "") -> Optional[Unit]:
-        """The next unit of ``lane``; without one, of the lane whose turn it is."""
-        if not lane:
-            has_small, has_chunk = bool(self.small), bool(self.chunks)
-            if has_small and has_chunk:
-                # small first, unless the chunks have waited through a whole budget of small work
-                lane = "chunk" if self._streak["small"] >= self.budget else "small"
-            else:
-                lane = "small" if has_small else ("chunk" if has_chunk else "")
+    def _head(self, lane: str) -> Optional[Unit]:
+        """The next unit of ``lane`` (of the chunks, the first large request's in the round-robin)."""
         if lane == "small":
             return self.small[0] if self.small else None
         if lane == "chunk" and self.chunks:
-            owner = next(iter(self.chunks))
-            return self.chunks[owner][0]
+            return self.chunks[next(iter(self.chunks))][0]
         return None
 
     def _pop(self, unit: Unit) -> None:
         if unit.lane == "small":
             self.small.popleft()
-            self._streak["small"] += unit.cost if self.chunks else 0
-            self._streak["chunk"] = 0
+            self._small_streak += unit.cost if self.chunks else 0
         else:
             q = self.chunks.pop(unit.owner)
             q.popleft()
             if q:
                 self.chunks[unit.owner] = q  # to the back: round-robin across large requests
-            self._streak["small"] = 0
+            self._small_streak = 0
 
     def _drop(self, unit: Unit) -> None:
         self._pop(unit)
@@ -390,14 +379,14 @@ class FairScheduler:
         (grown while nobody small is around: ``grown_share``)."""
         group: list[Unit] = []
         cost = 0
-        lane = self._peek_lane()
+        lane = self._turn()
         share = self.grown_share() if lane == "chunk" else self.share
         budget = max(self.budget, share * self.slots)
         while len(group) < self.max_group:
             # the lane the envelope began with, to its end: taking the first chunk ends the small lane's streak,
             # and asking whose turn it is after that gave the turn back to small requests waiting, so an
             # envelope of chunks held one chunk beside them (long requests kept 0.28 of their speed at INT8)
-            unit = self._peek(lane)
+            unit = self._head(lane)
             if unit is None or (group and (unit.alone or group[0].alone)):
                 break
             if not unit.alive():
