@@ -1,7 +1,8 @@
 """The supervisor's HTTP side, as one object: the two ports (API and health), what answers on them, and the
 request path to MOSEC. The supervisor talks to nothing else of this package.
 
-    :8080  listener (FrontDoor: connection caps, deadlines) -> gate (key, admission, body, errors)
+    :8080  listener (FrontDoor: connection caps, deadlines) -> fast lane (a scoring POST's head and body; the
+           rest to aiohttp) -> gate (key, admission, body, errors)
            -> router (which model) -> dispatch (scheduler, envelopes, MOSEC's port) -> that model's MOSEC
     :8081  listener -> health (/health /ready /live /metrics)
 
@@ -21,6 +22,7 @@ from aiohttp import web
 
 from ..errors import PortInUse, ServerStartError
 from ..settings import Settings
+from .fastlane import FastLane
 from .gate import Gate
 from .health import Health, HealthSource
 from .listener import FrontDoor, tracked
@@ -133,17 +135,17 @@ class Front:
         ports = (
             # (app, port, what, connections, per address, the idle deadline)
             (self.gate.app(self.gate.ops_routes(self.health.routes(brief=True))), s.port, "API", max_connections,
-             s.max_connections_per_peer, s.keepalive_timeout_s),
-            (health_app, s.health_port, "health", HEALTH_CONNECTIONS, HEALTH_PER_PEER, HEALTH_IDLE_S),
+             s.max_connections_per_peer, s.keepalive_timeout_s, FastLane(self.gate, self.log)),
+            (health_app, s.health_port, "health", HEALTH_CONNECTIONS, HEALTH_PER_PEER, HEALTH_IDLE_S, None),
         )
-        for app, port, what, conns, per_peer, idle_s in ports:
+        for app, port, what, conns, per_peer, idle_s, fast in ports:
             # auto_decompress off: a compressed body is never inflated, not even by aiohttp's parser
             runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False,
                                    keepalive_timeout=idle_s + 5)
             await runner.setup()
             door = FrontDoor(runner.server, max_connections=conns, header_timeout_s=s.header_timeout_s,
                              idle_timeout_s=idle_s, send_timeout_s=s.send_timeout_s, per_peer=per_peer,
-                             reserve=LOOPBACK_RESERVE, name="api" if what == "API" else "health")
+                             reserve=LOOPBACK_RESERVE, name="api" if what == "API" else "health", fast=fast)
             try:
                 await door.listen(s.host, port)
             except OSError as exc:

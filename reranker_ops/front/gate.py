@@ -39,6 +39,7 @@ from ..protocol.envelope import PART_HEAD_LEN
 from ..protocol.openapi import openapi_document
 from ..settings import Settings
 from ..observe import REQUEST_ID_HEADER, request_id, request_id_from
+from .fastlane import GONE, OVER, FastRequest
 from .listener import FrontDoor
 from .metrics import Metrics
 from .responses import error_response, tei_error, unauthorized
@@ -189,16 +190,31 @@ class Gate:
         return bool(token) and hmac.compare_digest(_raw(token), self.probe_token.encode("utf-8"))
 
 
+    def _too_large(self) -> web.Response:
+        return error_response(413, f"request body over the limit of {self.settings.max_body_bytes} bytes"
+                                   " (RERANKER_MAX_BODY_BYTES); send fewer or shorter documents", {"Connection": "close"})
+
+    def _over_buffered(self) -> web.Response:
+        return error_response(429, f"server busy: {self.buffered} bytes of request bodies held (limit"
+                                   f" {self.settings.max_buffered_bytes}, RERANKER_MAX_BUFFERED_BYTES);"
+                                   " retry shortly", {"Retry-After": "1", "Connection": "close"})
+
+    def _cut_off(self, request: web.Request, began: float, got: int) -> web.Response:
+        """The body stopped coming: cut off by the body deadline (the door answered 408 and closed), or the
+        client went away. Either way nobody reads what is answered here; it is counted, and logged in one line."""
+        if time.monotonic() - began >= self.settings.body_timeout_s:
+            return error_response(408, "the request body did not arrive in time (RERANKER_BODY_TIMEOUT_S)")
+        self.log.info("a client went away in the middle of its request body (%d of %s bytes)", got,
+                      request.content_length)
+        return error_response(499, "the client went away before sending its whole body")
+
     async def _read_body(self, request: web.Request, prefix: bytes) -> bytearray | web.Response:
         """The body after ``prefix``, in one buffer (no second copy), or the error to answer. Its bytes count
         against RERANKER_MAX_BUFFERED_BYTES as they arrive, not as declared: a client that declares a large
         body and trickles it holds only what it sent, and the body deadline ends it."""
         limit = self.settings.max_body_bytes
-        too_large = (
-            f"request body over the limit of {limit} bytes (RERANKER_MAX_BODY_BYTES); send fewer or shorter documents"
-        )
         if request.content_length is not None and request.content_length > limit:
-            return error_response(413, too_large, {"Connection": "close"})
+            return self._too_large()
         buf = bytearray(prefix)
         start = len(buf)
         door = self.door
@@ -208,27 +224,30 @@ class Gate:
         try:
             async for chunk in request.content.iter_chunked(1 << 16):
                 if len(buf) - start + len(chunk) > limit:
-                    return error_response(413, too_large, {"Connection": "close"})
+                    return self._too_large()
                 if self.buffered + len(chunk) > self.settings.max_buffered_bytes:
-                    return error_response(429, f"server busy: {self.buffered} bytes of request bodies held (limit"
-                                               f" {self.settings.max_buffered_bytes}, RERANKER_MAX_BUFFERED_BYTES);"
-                                               " retry shortly", {"Retry-After": "1", "Connection": "close"})
+                    return self._over_buffered()
                 buf.extend(chunk)
                 self.buffered += len(chunk)
                 request["reserved"] = request.get("reserved", 0) + len(chunk)
         except (ConnectionError, aiohttp.ClientPayloadError, asyncio.IncompleteReadError,
                 HttpProcessingError):
-            # cut off by the body deadline (the door answered 408 and closed), or the client went away: either
-            # way nobody reads what is answered here; it is counted, and logged in one line
-            if time.monotonic() - began >= self.settings.body_timeout_s:
-                return error_response(408, "the request body did not arrive in time (RERANKER_BODY_TIMEOUT_S)")
-            self.log.info("a client went away in the middle of its request body (%d of %s bytes)",
-                          len(buf) - start, request.content_length)
-            return error_response(499, "the client went away before sending its whole body")
+            return self._cut_off(request, began, len(buf) - start)
         finally:
             if door is not None:
                 door.read_done(request.protocol)
         return buf
+
+    async def _fast_body(self, request: FastRequest) -> bytearray | web.Response:
+        """The body the fast lane reads (fastlane.py: at most its bound, counted as it arrives, under the same
+        body deadline), or the error to answer."""
+        began = time.monotonic()
+        outcome = await request.whole()
+        if outcome == OVER:
+            return self._over_buffered()
+        if outcome == GONE:
+            return self._cut_off(request, began, len(request.body) - PART_HEAD_LEN)
+        return request.body
 
 
     def _busy(self) -> web.Response:
@@ -322,7 +341,10 @@ class Gate:
     async def _take(self, request: web.Request, route: str, probe: bool) -> web.StreamResponse:
         """The body, then a place in flight, then the dispatcher's answer."""
         deadline_at = time.monotonic() + self.settings.request_timeout_s
-        body = await self._read_body(request, b"\0" * PART_HEAD_LEN)
+        if isinstance(request, FastRequest):
+            body = await self._fast_body(request)
+        else:
+            body = await self._read_body(request, b"\0" * PART_HEAD_LEN)
         if isinstance(body, web.Response):
             return body
         request["tei"] = tei_shaped(route, body, PART_HEAD_LEN)

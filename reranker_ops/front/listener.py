@@ -138,7 +138,7 @@ class _Watched(asyncio.Protocol):
 
 @dataclass
 class _Conn:
-    handler: Any  # aiohttp's RequestHandler
+    handler: Any  # aiohttp's RequestHandler, or the fast lane's protocol (fastlane.py) until it hands over
     transport: Optional[asyncio.Transport]  # None once the connection is gone
     peer: str
     deadline: float  # monotonic; meaningful only while not busy
@@ -154,8 +154,11 @@ class _Conn:
 class FrontDoor:
     def __init__(self, server_factory: Callable[[], asyncio.Protocol], *, max_connections: int,
                  header_timeout_s: float, idle_timeout_s: float, send_timeout_s: float = 10.0,
-                 per_peer: int = 0, reserve: int = 0, name: str = "api") -> None:
+                 per_peer: int = 0, reserve: int = 0, name: str = "api", fast: Any = None) -> None:
+        """``fast``: a ``fastlane.FastLane`` whose protocol each connection begins with (it hands a connection
+        to aiohttp's handler at the first request it does not take); None: aiohttp's from the start."""
         self.server_factory = server_factory
+        self.fast = fast
         self.max_connections = max_connections
         self.per_peer = per_peer  # 0: no limit per address
         self.reserve = min(reserve, max_connections // 2)
@@ -198,14 +201,37 @@ class FrontDoor:
             transport.set_protocol(reject)
             reject.connection_made(transport)
             return
-        handler = self.server_factory()
         now = time.monotonic()
+        self.peers[peer] += 1
+        if self.fast is not None:
+            fast = self.fast.protocol(self)
+            self.conns[id(fast)] = _Conn(fast, transport, peer, now + self.header_timeout_s)
+            transport.set_protocol(fast)
+            fast.connection_made(transport)
+            return
+        handler = self.server_factory()
         key = id(handler)
         self.conns[key] = _Conn(handler, transport, peer, now + self.header_timeout_s)
-        self.peers[peer] += 1
         watched = _Watched(self, handler, key)
         transport.set_protocol(watched)
         watched.connection_made(transport)
+
+    def hand_over(self, fast: asyncio.Protocol, transport: asyncio.Transport, data: bytes) -> None:
+        """The fast lane gives this connection to aiohttp, with ``data``: the bytes of the request it did not
+        take and of all after it. The connection waits for a request again (its head deadline runs until
+        aiohttp's handler begins it, on the loop's next turns)."""
+        conn = self.conns.pop(id(fast), None)
+        handler = self.server_factory()
+        key = id(handler)
+        if conn is not None:
+            conn.handler, conn.busy, conn.body_deadline = handler, 0, 0.0
+            conn.deadline = time.monotonic() + self.header_timeout_s
+            self.conns[key] = conn
+        watched = _Watched(self, handler, key)
+        transport.set_protocol(watched)
+        watched.connection_made(transport)
+        if data:
+            handler.data_received(data)
 
     def _evict_one(self) -> bool:
         """Close the connection that has waited longest with no request in progress, to make room for a new
