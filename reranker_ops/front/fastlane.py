@@ -95,6 +95,7 @@ class FastLane:
         self.body_max = min(FAST_BODY_MAX, settings.max_body_bytes)
         self.body_timeout_s = settings.body_timeout_s
         self.max_buffered = settings.max_buffered_bytes
+        self.tasks: set[asyncio.Task] = set()  # the loop holds tasks weakly: a request's lives until it is answered
         self._date = (0, b"")
 
     def date(self) -> bytes:
@@ -225,7 +226,9 @@ class _Fast(asyncio.Protocol):
         if self.need:
             self.door.reading(self, self.lane.body_timeout_s)
         # the handler begins now, as aiohttp's does once a head is in: a full server refuses before the body
-        self.task = asyncio.get_running_loop().create_task(self._serve(req))
+        self.task = task = asyncio.get_running_loop().create_task(self._serve(req))
+        self.lane.tasks.add(task)
+        task.add_done_callback(self.lane.tasks.discard)
         return True
 
     def _fast_request(self, head: bytes) -> Optional[FastRequest]:
@@ -247,7 +250,10 @@ class _Fast(asyncio.Protocol):
             if lname == b"content-length":
                 if length >= 0:
                     return None
-                length = int(value)  # llhttp accepts digits only
+                try:
+                    length = int(value)  # llhttp has checked it is digits
+                except ValueError:
+                    return None
             elif lname in (b"transfer-encoding", b"expect", b"upgrade"):
                 return None
         if not 0 <= length <= self.lane.body_max:
