@@ -59,6 +59,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--a", action="append", default=[], metavar="NAME=VALUE", help="server A's settings")
     ap.add_argument("--b", action="append", default=[], metavar="NAME=VALUE", help="server B's settings")
+    ap.add_argument("--a-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="a variable of server A's environment (MOSEC and its workers inherit it)")
+    ap.add_argument("--b-env", action="append", default=[], metavar="NAME=VALUE", help="the same for server B")
     ap.add_argument("--a-tree", type=Path, default=None, help="server A runs this checkout's code (a worktree)")
     ap.add_argument("--b-tree", type=Path, default=None, help="server B runs this checkout's code")
     ap.add_argument("--paired", action="store_true", help="also a lone request's added latency each round")
@@ -73,16 +76,20 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model = model_of_shape(args.out, args.shape, tuple(dict.fromkeys(("fp32", args.precision))))
     configs = {"A": parse_settings(args.a), "B": parse_settings(args.b)}
+    envs = {"A": dict(v.split("=", 1) for v in args.a_env), "B": dict(v.split("=", 1) for v in args.b_env)}
     trees = {"A": args.a_tree, "B": args.b_tree}
     key = "requests_per_s" if args.workload == "tiny" else "pairs_per_s"
     figures: dict[str, list[float]] = {name: [] for name in configs}
     added: dict[str, list[float]] = {name: [] for name in configs}
     with ExitStack() as stack:
-        servers = {name: stack.enter_context(Server(model, args.out / f"run-ab-{name}", tree=trees[name],
-                                                    precision=args.precision, **extra))
-                   for name, extra in configs.items()}
+        servers = {}
+        for name, extra in configs.items():
+            srv = Server(model, args.out / f"run-ab-{name}", tree=trees[name], precision=args.precision, **extra)
+            srv.env.update(envs[name])
+            servers[name] = stack.enter_context(srv)
         if args.lone:
-            return report_lone(args, servers, configs, trees)
+            # what each report line names a server by: its settings and the variables it got
+            return report_lone(args, servers, {n: {**configs[n], **envs[n]} for n in configs}, trees)
         for r in range(args.rounds):
             for name in (("A", "B") if r % 2 == 0 else ("B", "A")):
                 srv = servers[name]
@@ -98,6 +105,7 @@ def main() -> int:
     print(f"{args.workload} c={args.concurrency}, {args.precision}, shape {args.shape}: {key}, each round")
     for name, extra in configs.items():
         where = f" [{trees[name]}]" if trees[name] else ""
+        extra = {**extra, **envs[name]}
         line = (f"{name}{where} {extra or '(defaults)'}: " + ", ".join(f"{v:.1f}" for v in figures[name])
                 + f"; median {statistics.median(figures[name]):.1f}")
         if args.paired:
