@@ -98,6 +98,10 @@ def test_a_thousand_pipelined_requests_on_one_connection(shared_server):
     (post("/rerank", extra="Content-Length: 3\r\n"), 400, True),
     # a header line over aiohttp's bound: aiohttp's to refuse (the fast lane takes no head over it)
     (post("/rerank", extra="X-Big: " + "a" * 9000 + "\r\n"), 400, True),
+    # found by the fuzz test: aiohttp answered a text head of another version as "HTTP/2.0 200 OK"
+    (post("/rerank", version="2.0"), 505, False),
+    (b"GET /info HTTP/2.0\r\nHost: x\r\n\r\n", 505, False),
+    (b"GET /info HTTP/3.0\r\nHost: x\r\n\r\n", 400, True),  # a version neither parser knows: aiohttp's 400
     # a query string: the route as aiohttp routes it
     (post("/rerank?x=1"), 200, True),
     # the fast lane's own: a route with a body of a known length

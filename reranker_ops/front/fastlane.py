@@ -13,7 +13,8 @@ do not use. So each connection of the API port begins here, in a plain asyncio p
 - anything else (every other route and method, a large, chunked or ``Expect: 100-continue`` body, HTTP/1.0, a
   head llhttp refuses or one over ``HEAD_MAX``, bare-LF line ends) is handed to aiohttp with the bytes of that
   request as they came, and the connection stays aiohttp's from then on: aiohttp answers it exactly as it
-  did before this lane existed.
+  did before this lane existed. One exception, found by the fuzz test: a head in another HTTP version
+  (``HTTP/2.0`` as text) is answered 505 here, where aiohttp would have answered it as if it were that version.
 
 The connection rules stay the front door's (``listener.py``): the head deadline while no request is in
 progress, the body deadline while one arrives, the send deadline on the answer. A body's bytes count against
@@ -149,6 +150,7 @@ class _Fast(asyncio.Protocol):
         self.task: Optional[asyncio.Task] = None
         self._url = b""
         self._fields: list = []
+        self._version = ""  # the last head's HTTP version, as llhttp read it ("" when it refused the head)
 
     # --- asyncio's side -----------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -218,7 +220,10 @@ class _Fast(asyncio.Protocol):
             return False
         req = self._fast_request(bytes(buf[:end + 4])) if end + 4 <= HEAD_MAX else None
         if req is None:
-            self._hand_over()
+            if self._version not in ("", "1.0", "1.1"):  # aiohttp would answer "HTTP/2.0 200" to a text head
+                self._refuse(505, f"HTTP/{self._version[:10]} is not served here; send HTTP/1.1")
+            else:
+                self._hand_over()
             return False
         del buf[:end + 4]
         self.req = req
@@ -235,14 +240,15 @@ class _Fast(asyncio.Protocol):
         """The request this head begins, if it is the fast lane's (see the module's note); else None."""
         if head.count(b"\n") != head.count(b"\r\n"):
             return None  # a bare LF: aiohttp's parser decides what it makes of that
-        self._url, self._fields = b"", []
+        self._url, self._fields, self._version = b"", [], ""
         parser = httptools.HttpRequestParser(self)
         try:
             parser.feed_data(head)
         except httptools.HttpParserError:  # HttpParserUpgrade and the invalid-method error included
             return None
+        self._version = parser.get_http_version()
         path = _ROUTES.get(self._url)
-        if path is None or parser.get_method() != b"POST" or parser.get_http_version() != "1.1":
+        if path is None or parser.get_method() != b"POST" or self._version != "1.1":
             return None
         length = -1
         for name, value in self._fields:
@@ -325,6 +331,18 @@ class _Fast(asyncio.Protocol):
             self.closing = True
             asyncio.get_running_loop().call_later(REJECT_LINGER_S, transport.close)
         self._advance()
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` and close: whatever else the client sends is read and dropped until the connection
+        closes, at most REJECT_LINGER_S from now (closing on unread bytes would reset the answer away)."""
+        transport = self.transport
+        if transport is None:
+            return
+        self.lane.gate.metrics.observe_request("other", status, 0.0)
+        transport.write(serialize(error_response(status, message), True, self.lane.date()))
+        self.buf.clear()
+        self.discard, self.closing = 1 << 62, True  # never reached: the timer (or the client's close) ends it
+        asyncio.get_running_loop().call_later(REJECT_LINGER_S, transport.close)
 
     def _hand_over(self) -> None:
         """This request and everything after it on the connection to aiohttp, byte for byte as they came."""

@@ -27,6 +27,7 @@ ERROR_KINDS = {
     502: "bad_gateway",
     503: "unavailable",
     504: "timeout",
+    505: "http_version_not_supported",
 }
 
 
