@@ -1,7 +1,8 @@
 """The listening socket in front of aiohttp: who gets a connection, and how long a connection may sit.
 
-aiohttp parses HTTP; this decides, for each new connection once its peer is known, whether aiohttp gets it,
-and keeps deadlines on every connection it holds:
+aiohttp parses HTTP (on the API port, after the fast lane of ``fastlane.py``, which begins each connection and
+hands it over at the first request it does not take); this decides, for each new connection once its peer is
+known, whether it is served or refused, and keeps deadlines on every connection it holds:
 - at most ``max_connections`` open at once; the last ``reserve`` of them only for loopback peers (the
   supervisor's canary, a local balancer or sidecar, an operator's curl), and at most ``per_peer`` from one
   other address. When the door is full, the connection that has waited longest without a request in
