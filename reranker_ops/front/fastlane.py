@@ -51,17 +51,14 @@ class FastRequest(dict):
     """What the gate's handler reads of a request (the names of aiohttp's ``web.Request`` it uses). Its body
     arrives behind room for its part head, counted in ``["reserved"]`` as it comes; ``whole()`` waits for it."""
 
-    __slots__ = ("method", "path", "headers", "transport", "protocol", "content_length", "body", "outcome",
-                 "_waiter")
+    __slots__ = ("method", "path", "headers", "transport", "content_length", "body", "outcome", "_waiter")
 
-    def __init__(self, path: str, headers: CIMultiDictProxy, transport: asyncio.Transport, protocol: Any,
-                 length: int) -> None:
+    def __init__(self, path: str, headers: CIMultiDictProxy, transport: asyncio.Transport, length: int) -> None:
         super().__init__(reserved=0)
         self.method = "POST"
         self.path = path
         self.headers = headers
         self.transport: Optional[asyncio.Transport] = transport
-        self.protocol = protocol
         self.content_length = length
         self.body = bytearray(PART_HEAD_LEN)
         self.outcome: Optional[str] = None if length else WHOLE
@@ -147,7 +144,6 @@ class _Fast(asyncio.Protocol):
         self.keep = True  # the client keeps the connection after the answer
         self.paused = False  # reading paused: too much sent ahead
         self.blocked = False  # writing paused: the client reads nothing of its answers
-        self.task: Optional[asyncio.Task] = None
         self._url = b""
         self._fields: list = []
         self._version = ""  # the last head's HTTP version, as llhttp read it ("" when it refused the head)
@@ -231,7 +227,7 @@ class _Fast(asyncio.Protocol):
         if self.need:
             self.door.reading(self, self.lane.body_timeout_s)
         # the handler begins now, as aiohttp's does once a head is in: a full server refuses before the body
-        self.task = task = asyncio.get_running_loop().create_task(self._serve(req))
+        task = asyncio.get_running_loop().create_task(self._serve(req))
         self.lane.tasks.add(task)
         task.add_done_callback(self.lane.tasks.discard)
         return True
@@ -268,7 +264,7 @@ class _Fast(asyncio.Protocol):
         self.need = length
         headers = CIMultiDictProxy(CIMultiDict(
             (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape")) for n, v in self._fields))
-        return FastRequest(path, headers, self.transport, self, length)  # type: ignore[arg-type]
+        return FastRequest(path, headers, self.transport, length)  # type: ignore[arg-type]
 
     def _take_body(self) -> None:
         """The body's bytes from the buffer, counted as held; the handler is woken once it is whole. A body that
@@ -318,7 +314,7 @@ class _Fast(asyncio.Protocol):
                 self.door.read_done(self)
                 self.discard, self.need = self.discard + self.need, 0
             req.finish(GONE)
-            self.req = self.task = None
+            self.req = None
         transport = self.transport
         if transport is None:
             return
