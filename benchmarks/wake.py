@@ -14,6 +14,9 @@ back and after ``--idle-ms`` of idleness (what a lone request's processes see: t
 * ``python``: a fixed piece of Python work (a dict of 200 strings to JSON) in this process, its first call
   after the idle time against a call right after another (the caches refilled, not a wake-up).
 
+``--mosec-env NAME=VALUE``: a second MOSEC echo with that in its environment, measured in the same rounds
+(MOSEC's controller on one tokio thread: ``TOKIO_WORKER_THREADS=1``).
+
 Medians per round, the rounds interleaved (the machine drifts); prints the CPU it ran on. Nothing here is a
 target: it is the floor to read `perf.py`'s `tiny` c=1 "added" against (benchmarks/HISTORY.md).
 """
@@ -97,39 +100,57 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=400, help="per path, per round, per mode")
     ap.add_argument("--idle-ms", type=float, default=5.0)
+    ap.add_argument("--mosec-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="also a second MOSEC echo with this in its environment, in the same rounds (repeatable:"
+                         " all go to that one server), e.g. TOKIO_WORKER_THREADS=1")
     args = ap.parse_args()
+    extra_env = dict(kv.split("=", 1) for kv in args.mosec_env)
 
     import http.client
+    import os
 
     from conftest import free_port, wait_until
     from perf import _cpu_flags, _cpu_name
 
     idle = args.idle_ms / 1000
-    procs = []
+    procs: list[subprocess.Popen] = []
+
+    def connect(port: int) -> socket.socket | None:
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=0.5)
+        except OSError:
+            return None
+
+    def start_mosec(env: dict[str, str]):
+        """A MOSEC echo with ``env`` added to its environment, up and answering: its one-request function."""
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, __file__, "--mosec-echo", "--port", str(port), "--address",
+                                 "127.0.0.1", "--timeout", "10000"], env={**os.environ, **env},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(proc)
+
+        def up() -> socket.socket | None:
+            if proc.poll() is not None:
+                raise SystemExit(f"MOSEC's echo exited {proc.returncode}")
+            return connect(port)
+
+        wait_until(up, 60, interval=0.1, what="MOSEC's echo").close()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+
+        def once() -> None:
+            conn.request("POST", "/echo", PAYLOAD)
+            resp = conn.getresponse()
+            if resp.status != 200 or resp.read() != PAYLOAD:
+                raise SystemExit(f"MOSEC's echo answered {resp.status}")
+
+        return once
+
     try:
-        tcp_port, mosec_port = free_port(), free_port()
+        tcp_port = free_port()
         procs.append(subprocess.Popen([sys.executable, __file__, "--tcp-echo", str(tcp_port)]))
-        procs.append(subprocess.Popen([sys.executable, __file__, "--mosec-echo", "--port", str(mosec_port),
-                                       "--address", "127.0.0.1", "--timeout", "10000"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-
-        def connect(port: int) -> socket.socket | None:
-            try:
-                return socket.create_connection(("127.0.0.1", port), timeout=0.5)
-            except OSError:
-                return None
-
         tcp = wait_until(lambda: connect(tcp_port), 30, interval=0.05, what="the TCP echo")
         tcp.settimeout(10)
         tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        def mosec_up() -> socket.socket | None:
-            if procs[1].poll() is not None:
-                raise SystemExit(f"MOSEC's echo exited {procs[1].returncode}")
-            return connect(mosec_port)
-
-        probe = wait_until(mosec_up, 60, interval=0.1, what="MOSEC's echo")
-        probe.close()
-        http_conn = http.client.HTTPConnection("127.0.0.1", mosec_port, timeout=10)
 
         def tcp_once() -> None:
             tcp.sendall(PAYLOAD)
@@ -140,13 +161,12 @@ def main() -> int:
                     raise SystemExit("the TCP echo closed")
                 got += len(chunk)
 
-        def mosec_once() -> None:
-            http_conn.request("POST", "/echo", PAYLOAD)
-            resp = http_conn.getresponse()
-            if resp.status != 200 or resp.read() != PAYLOAD:
-                raise SystemExit(f"MOSEC's echo answered {resp.status}")
-
-        paths = {"tcp": tcp_once, "mosec": mosec_once, "python": _python_work}
+        paths = {"tcp": tcp_once, "mosec": start_mosec({}), "python": _python_work}
+        labels = {"tcp": "TCP ping-pong, two processes", "mosec": "MOSEC echo (controller + one Python worker)",
+                  "python": "200-key dict to JSON, first call"}
+        if extra_env:
+            paths["mosec+env"] = start_mosec(extra_env)
+            labels["mosec+env"] = "the same, " + " ".join(args.mosec_env)
         for fn in paths.values():
             _timed(fn, 50, 0)  # warm-up
         rows: dict[str, dict[str, list[float]]] = {p: {"warm": [], "idle": []} for p in paths}
@@ -167,8 +187,6 @@ def main() -> int:
     print(f"CPU: {_cpu_name()} ({_cpu_flags()}); {args.rounds} rounds of {args.requests}; idle {args.idle_ms:g} ms\n")
     print(f"| path | back to back, us | after {args.idle_ms:g} ms idle, us | added by the idle time, us |")
     print("|---|---|---|---|")
-    labels = {"tcp": "TCP ping-pong, two processes", "mosec": "MOSEC echo (controller + one Python worker)",
-              "python": "200-key dict to JSON, first call"}
     report = {}
     for name, m in rows.items():
         warm, cold = statistics.median(m["warm"]), statistics.median(m["idle"])
