@@ -204,6 +204,25 @@ def test_metrics(shared_server):
         assert "reranker_up 1" in text
 
 
+def test_a_scrape_right_after_an_answer_counts_its_envelope(shared_server):
+    """The envelope counters are read from the workers' heartbeats at scrape time, as the pairs scored are: a
+    scrape right after an answer counts that answer's envelope. They were read from the watchdog's view,
+    refreshed every 0.25 s, so a scrape within a tick of the answer missed it (a test of the split request's
+    envelopes failed on it in a clean-clone run of the suite)."""
+    def counts() -> tuple[float, float, float]:
+        text = httpx.get(shared_server.health + "/metrics", timeout=10).text
+        return (sample(text, "reranker_batches_total"), sample(text, "reranker_batched_requests_total"),
+                sample(text, "reranker_pairs_scored_total"))
+
+    before = counts()
+    for i in range(5):  # a tick may land between an answer and its scrape once; not five times in a row
+        assert post(shared_server, "/rerank", {"query": f"{QUERY} {i}", "documents": DOCS}).status_code == 200
+        after = counts()
+        assert after[0] >= before[0] + 1 and after[1] >= before[1] + 1, (i, before, after)
+        assert after[2] >= before[2] + len(DOCS), (i, before, after)
+        before = after
+
+
 def test_no_heavy_imports_in_server_processes(shared_server):
     procs = shared_server.status()["processes"]
     assert {p["role"] for p in procs} >= {"supervisor", "mosec", "controller", "score"}

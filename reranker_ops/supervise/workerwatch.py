@@ -142,18 +142,21 @@ class WorkerWatch:
                 return f"the {beat.get('stage', '?')} worker could not start: {beat['init_error']}"
         return None
 
+    def _score_totals(self, *fields: str) -> tuple[int, ...]:
+        """The score workers' counters ``fields``, summed, read from their heartbeats now (a scrape right after
+        an answer counts the envelopes of that answer; the watch's own view is as old as its last tick)."""
+        beats = [b for b in read_worker_dir(self.settings.worker_dir).values() if b.get("stage") == "score"]
+        return tuple(sum(int(b.get(f, 0)) for b in beats) for f in fields)
+
     def scored_totals(self) -> tuple[int, int]:
-        pairs = tokens = 0
-        for beat in read_worker_dir(self.settings.worker_dir).values():
-            if beat.get("stage") == "score":
-                pairs += int(beat.get("pairs", 0))
-                tokens += int(beat.get("tokens", 0))
+        """(pairs scored, tokens in them) by the score workers."""
+        pairs, tokens = self._score_totals("pairs", "tokens")
         return pairs, tokens
 
     def batches(self) -> tuple[int, int]:
-        """(envelopes scored, requests in them) by the live workers."""
-        return (sum(int(b.get("batches", 0)) for b in self.beats.values()),
-                sum(int(b.get("requests", 0)) for b in self.beats.values()))
+        """(envelopes scored, requests in them) by the score workers."""
+        envelopes, requests = self._score_totals("batches", "requests")
+        return envelopes, requests
 
     # --- every tick --------------------------------------------------------------------------------------
     async def tick(self, gen: Generation, now: float) -> Optional[str]:
