@@ -32,8 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-from mosec import Worker
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
@@ -48,28 +46,6 @@ def _echo_tcp(port: int) -> None:
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     while data := conn.recv(65536):
         conn.sendall(data)
-
-
-class Echo(Worker):
-    """MOSEC's worker that answers what it is given (module level: MOSEC's spawn pickles it by name)."""
-
-    def deserialize(self, data: bytes) -> bytes:
-        return data
-
-    def serialize(self, data: bytes) -> bytes:
-        return data
-
-    def forward(self, data: bytes) -> bytes:
-        return data
-
-
-def _echo_mosec() -> None:
-    """MOSEC with one Echo worker (run as this script with --mosec-echo: MOSEC's own arguments follow)."""
-    from mosec import Runtime, Server
-
-    server = Server()
-    server.register_runtime({"/echo": [Runtime(Echo, num=1, max_batch_size=1)]})
-    server.run()
 
 
 def _python_work() -> str:
@@ -89,10 +65,6 @@ def _timed(fn, n: int, idle_s: float) -> list[float]:
 
 
 def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] == "--mosec-echo":
-        sys.argv = [sys.argv[0], *sys.argv[2:]]
-        _echo_mosec()
-        return 0
     if len(sys.argv) > 1 and sys.argv[1] == "--tcp-echo":
         _echo_tcp(int(sys.argv[2]))
         return 0
@@ -124,7 +96,7 @@ def main() -> int:
     def start_mosec(env: dict[str, str]):
         """A MOSEC echo with ``env`` added to its environment, up and answering: its one-request function."""
         port = free_port()
-        proc = subprocess.Popen([sys.executable, __file__, "--mosec-echo", "--port", str(port), "--address",
+        proc = subprocess.Popen([sys.executable, str(HERE / "wake_echo.py"), "--port", str(port), "--address",
                                  "127.0.0.1", "--timeout", "10000"], env={**os.environ, **env},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(proc)
