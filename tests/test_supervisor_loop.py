@@ -109,3 +109,64 @@ def test_process_tree_walks_every_threads_children_like_psutil_but_only_this_tre
         parent.kill()
         parent.wait(10)
     assert roles.tree(parent.pid) == []
+
+
+def test_a_model_retired_while_the_tick_awaits_is_not_ticked(tmp_path):
+    """A reload that removes a model switches the list and retires the model while the supervisor's tick is
+    awaiting an earlier model's work. The retired model's tick ran anyway, from the list the loop had taken:
+    it read its canary's probe, cancelled by the retirement, and the CancelledError ended the supervisor (a
+    clean-clone run of test_several_models.py: every client of the kept model cut off). The tick now skips a
+    model that is no longer in the list (the supervisor and its loop are real; the models are stand-ins)."""
+    from types import SimpleNamespace
+
+    from reranker_ops.supervise.supervisor import Supervisor
+
+    ticked: list[str] = []
+
+    async def main() -> None:
+        sup = Supervisor(Settings(run_dir=tmp_path / "run"), tmp_path, "m", Notifier(None))
+        sup._wake = asyncio.Event()
+
+        class Model:
+            def __init__(self, name: str) -> None:
+                self.model_name, self.down = name, None
+                self.reloader = SimpleNamespace(running=False)
+                self.canary = SimpleNamespace(ever_ready=True)
+
+            def verdict(self) -> tuple[bool, str]:
+                return True, "ok"
+
+            async def tick(self, now: float) -> None:
+                ticked.append(self.model_name)
+                if self.model_name == "kept":
+                    sup.slots = [self]  # the reload's switch, while this tick awaits
+                    await asyncio.sleep(0)
+
+        sup.slots = [Model("kept"), Model("removed")]
+        sup.rundir.lock_is_here = lambda: True
+        sup.status = SimpleNamespace(derive=lambda v: None, serving_ready=lambda v: None,
+                                     publish_due=lambda now: None)
+        assert await sup.tick() is False
+        assert await sup.tick() is False  # the next tick sees the new list only
+
+    asyncio.run(main())
+    assert ticked == ["kept", "kept"]
+
+
+def test_a_cancelled_canary_gives_no_verdict_and_raises_nothing():
+    """``Canary.cancel`` (a model retired by a reload, a stop) leaves a cancelled probe task; reading it
+    raised CancelledError into the tick. It is now dropped without a verdict, and the next probe can start."""
+    import logging
+
+    from reranker_ops.supervise.canary import Canary
+
+    async def main() -> tuple:
+        canary = Canary(Settings(), None, None, logging.getLogger("t"), None, lambda: None, "t", lambda: None)
+        canary._task = asyncio.ensure_future(asyncio.sleep(30))
+        canary.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await canary._task
+        verdict = canary.collect(None)
+        return verdict, canary._task, canary.last
+
+    assert asyncio.run(main()) == (None, None, None)

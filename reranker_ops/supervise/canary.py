@@ -154,6 +154,10 @@ class Canary:
         if task is None or not task.done():
             return None
         self._task = None
+        if task.cancelled():
+            # cancelled by ``cancel`` (a reload retiring this model, a stop): no answer, so no verdict. Its
+            # result() would raise CancelledError into the supervisor's tick, and out of the supervisor.
+            return None
         fatal = self.judge_result(task.result(), gen)
         fast = not self.ever_ready or (gen is not None and gen.ready_at is None)
         self._next = time.monotonic() + (STARTUP_PROBE_INTERVAL if fast else self.settings.probe_interval_s)

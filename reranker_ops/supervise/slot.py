@@ -151,6 +151,8 @@ class ModelSlot:
             await self.give_up(fatal)
             return
         why = await self.watch.tick(gen, now)  # a kill that did not take, workers that did not come back
+        if self not in self.sup.slots:
+            return  # retired by a reload while the watch looked: the reload stops its generation, not a restart
         ever_ready = True  # those are restarts of a booted generation: the restart budget's
         if why is None and not gen.booted:
             why, ever_ready = self.watch.boot_check(gen, now), self.canary.ever_ready

@@ -164,6 +164,8 @@ class Supervisor:
         if self.fatal:
             return True
         for slot in list(self.slots):  # each model on its own: one's failure is its own to heal or give up
+            if slot not in self.slots:
+                continue  # retired by a reload (``models.py``) while an earlier model's tick awaited
             await slot.tick(now)
             if self.stop_requests:
                 return True
