@@ -57,7 +57,8 @@ class HealthWatch:
                     outcome: object = r.status_code
                     if r.status_code != 200:  # with the health's own reason, so a failure says what went wrong
                         try:
-                            outcome = (r.status_code, r.json().get("reason"), r.json().get("last_probe"))
+                            body = r.json()
+                            outcome = (r.status_code, body.get("reason"), body.get("last_probe"))
                         except ValueError:
                             outcome = (r.status_code, r.text[:200])
                 except httpx.HTTPError as exc:

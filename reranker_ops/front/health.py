@@ -55,7 +55,7 @@ class HealthSource(Protocol):
     def http(self) -> Optional[aiohttp.ClientSession]: ...
     def mosec_metrics_url(self) -> Optional[str]: ...
     def capacity(self) -> dict[str, dict[str, int]]: ...
-    def scored_totals(self) -> tuple[int, int]: ...
+    def scored_totals(self) -> dict[str, int]: ...  # pairs, tokens, batches, requests: summed now
     def extra_metrics(self) -> list: ...  # metric families of its own, read when scraped
     def upstream(self) -> Optional[Any]: ...  # where the gate sends now (front.upstream.Upstream), or None
     def index(self) -> dict: ...
@@ -168,7 +168,7 @@ class Health:
         supervisor adds (connections by port, batching)."""
         src = self.src
         capacity = src.capacity()
-        pairs, tokens = src.scored_totals()
+        totals = src.scored_totals()
         state = src.state_name
         out = [
             labelled(GaugeMetricFamily, "reranker_workers", "Live, ready MOSEC worker processes, by stage.", "stage",
@@ -178,8 +178,12 @@ class Health:
             labelled(GaugeMetricFamily, "reranker_state", "The supervisor's state (1 for the current one).", "state",
                      [(name, 1.0 if name == state else 0.0) for name in STATES]),
             gauge("reranker_up", "1 while the last canary request succeeded recently.", 1.0 if self.verdict()[0] else 0.0),
-            counter("reranker_pairs_scored", "Query/passage pairs scored by the model.", pairs),
-            counter("reranker_tokens_scored", "Tokens run through the model.", tokens),
+            counter("reranker_pairs_scored", "Query/passage pairs scored by the model.", totals["pairs"]),
+            counter("reranker_tokens_scored", "Tokens run through the model.", totals["tokens"]),
+            counter("reranker_batches", "Envelopes the live score workers scored (one scoring call each).",
+                    totals["batches"]),
+            counter("reranker_batched_requests", "Requests in those envelopes (over batches: the average batch).",
+                    totals["requests"]),
         ]
         return out + list(src.extra_metrics())
     def routes(self, brief: bool = False) -> list[tuple[str, str, object]]:

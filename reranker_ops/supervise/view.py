@@ -61,9 +61,9 @@ class SupervisorView:
                 total["expected"] += c["expected"]
         return out
 
-    def scored_totals(self) -> tuple[int, int]:
+    def scored_totals(self) -> dict[str, int]:
         totals = [slot.watch.scored_totals() for slot in self._sup.slots]
-        return sum(t[0] for t in totals), sum(t[1] for t in totals)
+        return {f: sum(t[f] for t in totals) for f in ("pairs", "tokens", "batches", "requests")}
 
     def probes(self) -> list:
         return [slot.canary.last for slot in self._sup.slots if slot.down is None]
@@ -150,28 +150,21 @@ class SupervisorView:
         }
 
     def extra_metrics(self) -> list:
-        """The families only the supervisor knows, read when scraped: connections by port, batching."""
+        """The families only the supervisor knows, read when scraped: connections by port, memory, models."""
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        from ..front.metrics import counter, gauge, labelled
+        from ..front.metrics import gauge, labelled
 
-        front, slots = self._sup.front, self._sup.slots
+        front = self._sup.front
         out = [labelled(GaugeMetricFamily if kind == "gauge" else CounterMetricFamily, name.removesuffix("_total"),
                         what, "door", values)
                for name, kind, what, values in (front.connection_metrics() if front is not None else [])]
-        batches = requests = 0
-        for slot in slots:
-            b, r = slot.watch.batches()
-            batches, requests = batches + b, requests + r
         in_flight = front.in_flight if front is not None else 0
         return out + self._memory() + self._models() + [
             gauge("reranker_max_in_flight", "Requests admitted at once (RERANKER_MAX_IN_FLIGHT): beyond, 429.",
                   self._sup.settings.effective_max_in_flight()),
             gauge("reranker_in_flight_per_worker", "Requests in flight per live score worker (a scaling signal).",
                   round(in_flight / max(1, self.capacity()["score"]["live"]), 3)),
-            counter("reranker_batches", "Envelopes the live score workers scored (one scoring call each).", batches),
-            counter("reranker_batched_requests", "Requests in those envelopes (over batches: the average batch).",
-                    requests),
         ]
 
     def _models(self) -> list:

@@ -142,21 +142,12 @@ class WorkerWatch:
                 return f"the {beat.get('stage', '?')} worker could not start: {beat['init_error']}"
         return None
 
-    def _score_totals(self, *fields: str) -> tuple[int, ...]:
-        """The score workers' counters ``fields``, summed, read from their heartbeats now (a scrape right after
-        an answer counts the envelopes of that answer; the watch's own view is as old as its last tick)."""
+    def scored_totals(self) -> dict[str, int]:
+        """The score workers' counters (pairs, tokens, batches: envelopes, requests in them), summed, read from
+        their heartbeats in one pass at scrape time: a scrape right after an answer counts it (the watch's own
+        view is as old as its last tick)."""
         beats = [b for b in read_worker_dir(self.settings.worker_dir).values() if b.get("stage") == "score"]
-        return tuple(sum(int(b.get(f, 0)) for b in beats) for f in fields)
-
-    def scored_totals(self) -> tuple[int, int]:
-        """(pairs scored, tokens in them) by the score workers."""
-        pairs, tokens = self._score_totals("pairs", "tokens")
-        return pairs, tokens
-
-    def batches(self) -> tuple[int, int]:
-        """(envelopes scored, requests in them) by the score workers."""
-        envelopes, requests = self._score_totals("batches", "requests")
-        return envelopes, requests
+        return {f: sum(int(b.get(f, 0)) for b in beats) for f in ("pairs", "tokens", "batches", "requests")}
 
     # --- every tick --------------------------------------------------------------------------------------
     async def tick(self, gen: Generation, now: float) -> Optional[str]:
