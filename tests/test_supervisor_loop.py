@@ -170,3 +170,46 @@ def test_a_cancelled_canary_gives_no_verdict_and_raises_nothing():
         return verdict, canary._task, canary.last
 
     assert asyncio.run(main()) == (None, None, None)
+
+
+def test_a_model_retired_while_its_watch_looks_is_not_restarted(tmp_path):
+    """A reload can retire a model while that model's own tick awaits its watch (a worker kill that did not
+    take, say). The watch's verdict then belongs to a generation the reload is stopping: restarting it would
+    start a MOSEC for a model nobody serves any more. The slot's tick is real; what it looks at (the
+    generation, the canary, the watch, the supervisor's list) are stand-ins, and the restart is recorded
+    instead of done."""
+    from types import SimpleNamespace
+
+    from reranker_ops.supervise.slot import ModelSlot
+
+    restarts: list[str] = []
+    probes: list[float] = []
+
+    async def main() -> None:
+        slot = ModelSlot.__new__(ModelSlot)
+        sup = SimpleNamespace(slots=[slot], wake=lambda: None)
+
+        async def watch_tick(gen, now):
+            sup.slots = []  # the reload's switch, while the watch awaits
+            await asyncio.sleep(0)
+            return "worker 1 did not exit after SIGKILL"
+
+        async def fail_generation(cause, *, ever_ready, ours=False):
+            restarts.append(cause)
+
+        slot.sup, slot.down, slot.restarting = sup, None, None
+        slot.gen = SimpleNamespace(gone=lambda: False, booted=True)
+        slot.canary = SimpleNamespace(collect=lambda gen: None, ever_ready=True,
+                                      maybe_start=lambda now, wake: probes.append(now))
+        slot.watch = SimpleNamespace(tick=watch_tick)
+        slot.log = SimpleNamespace(warning=lambda *a: None)
+        slot.fail_generation = fail_generation
+        await slot.tick(1.0)
+        # the same slot, still in the list: the same verdict restarts it (the stand-ins can tell)
+        sup.slots = [slot]
+        slot.watch = SimpleNamespace(tick=lambda gen, now: asyncio.sleep(0, "worker 1 did not exit after SIGKILL"))
+        await slot.tick(2.0)
+
+    asyncio.run(main())
+    assert restarts == ["worker 1 did not exit after SIGKILL"]
+    assert probes == []
