@@ -11,14 +11,23 @@ server's processes by role (CPU time over the round from /proc, through psutil),
 request (``Ceiling``, selected once as perf.py's ceiling is: the best of at most ``c`` requests a call), and
 prints that bound beside the throughputs measured. It changes nothing; it says what a change to the request path has to
 win (issue 36).
+
+Each round also scores in-process beside a stand-in for the server's other processes: a process that burns, at
+the served request rate, the CPU the gate, MOSEC's controller and the load generator took a request (in bursts of
+that size). OpenVINO's threads of one call wait for each other at every layer, so a burst that preempts one of
+them stalls the other too: the model loses more than the CPU taken. ``straggling`` is that loss over the share
+of the machine the burner took (1 would be a fair share; 2, each millisecond taken costs the model two).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -46,7 +55,42 @@ def tree_cpu(procs: dict[int, tuple[str, "psutil.Process"]]) -> dict[int, tuple[
     return out
 
 
+def burn(burst_s: float, rate: float, seconds: float) -> None:
+    """Busy for ``burst_s`` ``rate`` times a second, for ``seconds``; print the CPU seconds taken."""
+    period, t_next = 1.0 / rate, time.perf_counter()
+    end = t_next + seconds
+    while t_next < end:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < burst_s:
+            pass
+        t_next += period
+        lag = t_next - time.perf_counter()
+        if lag > 0:
+            time.sleep(lag)
+        else:
+            t_next = time.perf_counter()  # behind (the machine is full): no catch-up burst
+    print(f"{time.process_time():.4f}", flush=True)
+
+
+def beside_burner(ceiling: Ceiling, burst_s: float, rate: float, seconds: float) -> tuple[float, float]:
+    """In-process requests/s while a burner runs; and the share of the machine's CPU the burner took."""
+    burner = subprocess.Popen([sys.executable, __file__, "--burn", f"{burst_s}", f"{rate}", f"{seconds + 0.5}"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        req, _pairs, elapsed = ceiling.measure(seconds)
+        out, _ = burner.communicate(timeout=seconds + 30)
+    finally:
+        if burner.poll() is None:
+            burner.kill()
+            burner.wait(10)
+    cores = len(os.sched_getaffinity(0))
+    return req / elapsed, float(out) / ((seconds + 0.5) * cores)
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--burn"]:
+        burn(*(float(x) for x in sys.argv[2:5]))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="dity-short", choices=("dity", "dity-short"))
     ap.add_argument("--precision", default="int8", choices=("fp32", "bf16", "int8"))
@@ -61,7 +105,7 @@ def main() -> int:
     ceiling = Ceiling(model / f"openvino-{a.precision}", workload=a.workload, batch_requests=a.concurrency)
     ceiling.select(a.seconds)
     served: dict[str, list[float]] = {}
-    inproc, rates, ceil_rates = [], [], []
+    inproc, rates, ceil_rates, beside, straggling = [], [], [], [], []
     with Server(model, out / "run-cpu-share", precision=a.precision) as srv:
         run_load(srv.url, workload=a.workload, concurrency=a.concurrency, duration=2, warmup=2)
         # the tree and each process's role, once: a round reads only /proc (no status command run beside it)
@@ -82,9 +126,16 @@ def main() -> int:
             req, _pairs, elapsed = ceiling.measure(a.seconds)
             inproc.append((own_cpu() - c0) * 1000 / req)
             ceil_rates.append(req / elapsed)
+            # the CPU of the processes that are not the score worker, a request, at the served rate
+            others = sum(v[-1] for k, v in served.items() if "score" not in k) / 1000
+            rate, share = beside_burner(ceiling, others, rates[-1], a.seconds)
+            beside.append(rate)
+            straggling.append((1 - rate / ceil_rates[-1]) / share)
             print(f"round {r + 1}: served {rates[-1]:.1f} req/s, "
                   + ", ".join(f"{k} {v[-1]:.3f}" for k, v in served.items())
-                  + f" ms CPU a request; in-process {ceil_rates[-1]:.1f} req/s, {inproc[-1]:.3f} ms", flush=True)
+                  + f" ms CPU a request; in-process {ceil_rates[-1]:.1f} req/s, {inproc[-1]:.3f} ms; "
+                  f"beside a burner of {others * 1000:.3f} ms x {rates[-1]:.0f}/s ({share:.1%} of the CPU) "
+                  f"{rate:.1f} req/s", flush=True)
     med = {k: statistics.median(v) for k, v in served.items()}
     total = sum(med.values())
     model_ms = statistics.median(inproc)
@@ -96,6 +147,9 @@ def main() -> int:
     print(f"bound on served/ceiling from CPU alone: {model_ms / total:.3f}; measured "
           f"{statistics.median(rates) / statistics.median(ceil_rates):.3f} "
           f"({statistics.median(rates):.1f} against {statistics.median(ceil_rates):.1f} req/s)")
+    print(f"in-process beside a burner of the other processes' CPU: {statistics.median(beside):.1f} req/s, "
+          f"{statistics.median(beside) / statistics.median(ceil_rates):.3f} of alone; straggling "
+          f"{statistics.median(straggling):.2f} (the model's loss over the burner's share of the CPU)")
     return 0
 
 
