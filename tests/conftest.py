@@ -409,3 +409,17 @@ def sample(text: str, name: str, **labels: str) -> float:
     """The value of the one sample of ``name`` with ``labels`` (NaN when there is none)."""
     found = [v for got, v in samples(text, name) if got == labels]
     return found[0] if found else float("nan")
+
+
+def assert_nothing_went_down(server: "ServerHandle", workers_before: list[int]) -> None:
+    """After hostile traffic: no restart and no worker death, the same score workers, no 5xx counted, and no
+    traceback or gate error in the supervisor's log (test_poison.py's corpus, test_fuzz_live.py's mutations)."""
+    st = server.status()
+    assert st["restarts"] == {"worker": 0, "server": 0} and st["worker_deaths"] == 0, st
+    assert sorted(server.processes()["score"]) == workers_before  # no worker died and was replaced
+    text = httpx.get(server.health + "/metrics", timeout=10).text
+    server_errors = [(labels, n) for labels, n in samples(text, "reranker_requests_total")
+                     if labels["code"].startswith("5") and n > 0]
+    assert server_errors == [], server_errors
+    log = (server.run_dir / "rerankctl.log").read_text()
+    assert "Traceback" not in log and "gate error" not in log, log[-3000:]

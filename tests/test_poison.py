@@ -20,7 +20,7 @@ import time
 import httpx
 import psutil
 import pytest
-from conftest import DOCS, QUERY, Clients, samples, wait_until
+from conftest import DOCS, QUERY, Clients, assert_nothing_went_down, wait_until
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -220,19 +220,11 @@ def test_hostile_requests_under_load_fail_alone_and_take_nothing_down(make_serve
     outcomes = [o for *_, o in clients.records]
     assert outcomes and set(outcomes) == {200}, {o: outcomes.count(o) for o in set(outcomes)}
     assert health.bad == [], health.bad[:5]
-    st = server.status()
-    assert st["restarts"] == {"worker": 0, "server": 0} and st["worker_deaths"] == 0, st
-    assert sorted(server.processes()["score"]) == workers_before  # no worker died and was replaced
+    assert_nothing_went_down(server, workers_before)
     assert json.loads((server.run_dir / "state.json").read_text())["mosec"]["generation"] == generation
-    text = httpx.get(server.health + "/metrics", timeout=10).text
-    server_errors = [(labels, n) for labels, n in samples(text, "reranker_requests_total")
-                     if labels["code"].startswith("5") and n > 0]
-    assert server_errors == [], server_errors
     growth = (rss_after - rss_before) / 2**20
     print(f"supervisor RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB (+{growth:.1f})")
     assert growth <= 64
-    log = (server.run_dir / "rerankctl.log").read_text()
-    assert "Traceback" not in log and "gate error" not in log, log[-3000:]
 
 
 @pytest.mark.parametrize("workers", [1, 2])

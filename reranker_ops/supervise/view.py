@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from .workerwatch import SCORE_COUNTERS
+
 
 class SlotView:
     """What the front reads of one served model (``front.router.ModelSource``): where to send its requests,
@@ -63,7 +65,7 @@ class SupervisorView:
 
     def scored_totals(self) -> dict[str, int]:
         totals = [slot.watch.scored_totals() for slot in self._sup.slots]
-        return {f: sum(t[f] for t in totals) for f in ("pairs", "tokens", "batches", "requests")}
+        return {f: sum(t[f] for t in totals) for f in SCORE_COUNTERS}
 
     def probes(self) -> list:
         return [slot.canary.last for slot in self._sup.slots if slot.down is None]

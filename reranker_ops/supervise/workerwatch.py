@@ -41,6 +41,11 @@ class PendingKill:
     deadline: float
 
 
+# what a score worker's heartbeat counts: pairs scored, tokens in them, envelopes (one scoring call each), requests
+# in those envelopes
+SCORE_COUNTERS = ("pairs", "tokens", "batches", "requests")
+
+
 class WorkerWatch:
     def __init__(self, settings, policy: WatchdogPolicy, front, metrics, log: logging.Logger, outages,
                  keep_last_worker: bool, os_calls: Optional[OsCalls] = None) -> None:
@@ -143,11 +148,10 @@ class WorkerWatch:
         return None
 
     def scored_totals(self) -> dict[str, int]:
-        """The score workers' counters (pairs, tokens, batches: envelopes, requests in them), summed, read from
-        their heartbeats in one pass at scrape time: a scrape right after an answer counts it (the watch's own
-        view is as old as its last tick)."""
+        """The score workers' ``SCORE_COUNTERS``, summed, read from their heartbeats in one pass at scrape time:
+        a scrape right after an answer counts it (the watch's own view is as old as its last tick)."""
         beats = [b for b in read_worker_dir(self.settings.worker_dir).values() if b.get("stage") == "score"]
-        return {f: sum(int(b.get(f, 0)) for b in beats) for f in ("pairs", "tokens", "batches", "requests")}
+        return {f: sum(int(b.get(f, 0)) for b in beats) for f in SCORE_COUNTERS}
 
     # --- every tick --------------------------------------------------------------------------------------
     async def tick(self, gen: Generation, now: float) -> Optional[str]:
