@@ -60,7 +60,7 @@ def _setup_logging(log_file: Optional[Path], settings, to_stderr: bool = False) 
     """The rotated log file in the run dir, always (``rerankctl logs`` reads it); in the foreground also
     stderr, which systemd sends to the journal. RERANKER_LOG_FORMAT picks text or JSON lines; a line written
     while a request is handled carries its id either way (``observe.py``)."""
-    from ..observe import RequestContext, formatter
+    from ..observe import LogFile, RequestContext, formatter
 
     log = logging.getLogger("rerankctl")
     log.setLevel(logging.DEBUG if settings.debug else logging.INFO)
@@ -69,9 +69,8 @@ def _setup_logging(log_file: Optional[Path], settings, to_stderr: bool = False) 
     context = RequestContext()
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler: logging.Handler = logging.handlers.RotatingFileHandler(
-            log_file, maxBytes=settings.log_max_bytes, backupCount=settings.log_backups, encoding="utf-8"
-        )
+        handler: logging.Handler = LogFile(log_file, maxBytes=settings.log_max_bytes,
+                                           backupCount=settings.log_backups, encoding="utf-8")
         handler.setFormatter(plain)
         handler.addFilter(context)
         log.addHandler(handler)
