@@ -238,7 +238,7 @@ class Settings(BaseSettings):
     restart_window_s: float = Field(600.0, gt=0, description="Window of the restart budget.")
     stop_timeout_s: float = Field(20.0, gt=0, description="Drain deadline on stop before SIGKILL.")
     log_max_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Rotate the daemon log at this size.")
-    log_backups: int = Field(3, ge=0, description="Rotated daemon logs kept.")
+    log_backups: int = Field(3, ge=0, description="Rotated daemon logs kept (0: none; the log starts over at its size).")
 
     log_format: Literal["text", "json"] = Field("text", description="The server's log lines: text, or one JSON object a line (journald and Loki friendly). Lines written for a request carry its X-Request-Id either way.")
     access_log: bool = Field(True, description="One log line per API request: method, route, status, milliseconds and body bytes, with its request id.")
