@@ -92,6 +92,23 @@ def test_a_pair_cut_to_any_length_from_either_end_is_cut_like_transformers(pair_
 
 
 @PROFILE
+@given(q=texts, p=texts, length=st.sampled_from([8, 24, 512]), windows=st.integers(1, 4),
+       side=st.sampled_from(["right", "left"]))
+def test_encode_batch_fast_and_encode_batch_make_the_same_pairs(pair_tokenizers, q, p, length, windows, side):
+    """The worker tokenizes with ``encode_batch_fast`` where tokenizers has it (no character offsets) and with
+    ``encode_batch`` where it has not: both must give every pair and window the same ids, segments and cut."""
+    _ref, path = pair_tokenizers
+    tok = Tokenizer(path, length)
+    made = {}
+    for name in ("encode_batch", "encode_batch_fast"):
+        tok._encode = getattr(tok._plain, name)
+        made[name] = (_ours(tok.encode_items([(q, p), (q, q)], side=side, max_tokens=length - 1)),
+                      [e.truncated for e in tok.encode_items([(q, p)])],
+                      _ours(tok.encode_windows([(q, p)], windows, 4)[0]))
+    assert made["encode_batch"] == made["encode_batch_fast"]
+
+
+@PROFILE
 @given(q=texts, p=texts, length=st.sampled_from([16, 24, 48]), windows=st.integers(2, 6),
        stride=st.sampled_from([0, 2, 5, 12, 30]))
 def test_windows_are_transformers_windows_and_never_more_than_asked(pair_tokenizers, q, p, length, windows, stride):
