@@ -9,6 +9,7 @@ import json
 import logging
 import logging.handlers
 import os
+import stat
 import time
 
 import pytest
@@ -93,15 +94,37 @@ def test_no_backups_means_the_file_starts_over(tmp_path):
     assert kept == LINES[-len(kept):]
 
 
-class _Failing(LogFile):
-    def handleError(self, record):  # noqa: N802
-        raise AssertionError(f"the handler failed on {record.getMessage()!r}")
+class _Recording(LogFile):
+    """Counts rollovers instead of doing them: what the tests below judge is the decision."""
+
+    rollovers = 0
+
+    def doRollover(self):  # noqa: N802
+        self.rollovers += 1
 
 
-def test_a_path_that_is_not_a_regular_file_is_never_rolled_over(tmp_path):
-    log = _logger("null", _Failing(os.devnull, maxBytes=100, backupCount=2, encoding="utf-8"))
-    _write(log, LINES[:50])
-    assert not os.path.exists(os.devnull + ".1")
+@pytest.mark.parametrize("mode, rolled", [(stat.S_IFCHR, False), (stat.S_IFIFO, False), (stat.S_IFREG, True)])
+def test_only_a_regular_file_is_ever_rolled_over(tmp_path, monkeypatch, mode, rolled):
+    """bpo-45401: never roll over a device or a pipe (as root, renaming /dev/null would take it from the whole
+    machine). Linux reports such files' size as 0, which never crosses a bound; the kernel's answer is stood in
+    for here with a large size, so the file's kind alone decides."""
+    handler = _Recording(tmp_path / "x.log", maxBytes=100, backupCount=2, encoding="utf-8")
+    log = _logger(f"kind-{mode}", handler)
+    real_fstat = os.fstat
+
+    def fstat(fd):
+        got = real_fstat(fd)
+        if handler.stream is None or fd != handler.stream.fileno():
+            return got
+        fields = list(got)
+        fields[stat.ST_MODE], fields[stat.ST_SIZE] = mode | 0o644, 10**6
+        return os.stat_result(fields)
+
+    monkeypatch.setattr(os, "fstat", fstat)
+    log.info("a line")
+    monkeypatch.undo()
+    handler.close()
+    assert handler.rollovers == (1 if rolled else 0)
 
 
 def test_a_removed_log_reopened_by_the_supervisor_is_counted_from_its_new_size(tmp_path):
