@@ -122,18 +122,15 @@ def main() -> int:
             # the load generator's threads are made per run: named while they run
             roles.update({tid: "load generator" for tid in tids_of(os.getpid()) if tid not in roles})
             data = out / "cycle-sched.data"
-            rec = subprocess.run(["perf", "sched", "record", "-a", "-o", str(data), "--", "sleep", str(a.seconds)],
-                                 capture_output=True, text=True, timeout=a.seconds + 60)
+            finish = record(data, a.seconds)
             load.join(a.seconds + 120)
-            if rec.returncode != 0:
-                raise SystemExit(f"perf sched record failed: {rec.stderr.strip()[-300:]}")
+            finish()
             served = res["r"].requests / res["r"].seconds
             row = {"served": served, **{f"served {k}": v for k, v in view(data, tids_of(worker), roles).items()}}
             # the same model in-process (this process's threads), recorded the same way
-            rec = subprocess.Popen(["perf", "sched", "record", "-a", "-o", str(data), "--", "sleep", str(a.seconds)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            finish = record(data, a.seconds)
             req, _pairs, elapsed = ceiling.measure(a.seconds + 1.5)
-            rec.wait(60)
+            finish()
             row.update({"in-process": req / elapsed,
                         **{f"in-process {k}": v for k, v in view(data, tids_of(os.getpid()), roles).items()}})
             rows.append(row)
@@ -153,6 +150,20 @@ def main() -> int:
         print(f"  {side}: time with all the model's threads running {med[side + ' all']:.1%}, "
               f"some {med[side + ' some']:.1%}, none {med[side + ' none']:.1%}")
     return 0
+
+
+def record(data: Path, seconds: float):
+    """Start recording every context switch on the machine for ``seconds`` into ``data``; the function returned
+    waits for the record (with a deadline) and stops the run if it failed."""
+    rec = subprocess.Popen(["perf", "sched", "record", "-a", "-o", str(data), "--", "sleep", str(seconds)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def finish() -> None:
+        _out, err = rec.communicate(timeout=seconds + 60)
+        if rec.returncode != 0:
+            raise SystemExit(f"perf sched record failed: {err.strip()[-300:]}")
+
+    return finish
 
 
 def view(data: Path, candidates: set[int], roles: dict[int, str]) -> dict:
