@@ -193,6 +193,31 @@ def test_when_the_chunks_turn_comes_their_envelope_holds_its_whole_share():
     run(main())
 
 
+def test_a_large_requests_chunks_reach_a_free_worker_together():
+    """Each chunk used to be queued with a submit of its own, and the first took the free worker: an envelope of
+    one chunk, then one of the rest. ``submit_all`` queues them all, then forms the envelope (within its share,
+    in order); the dispatcher queues a request's chunks with it."""
+    async def main():
+        w, s = worker_and_scheduler(slots=1, max_group=8)
+        futures = s.submit_all([unit(f"a{i}", lane="chunk", cost=100, owner=1) for i in range(5)])
+        await w.sent(1)
+        assert w.groups == [["a0", "a1", "a2", "a3", "a4"]]
+        w.release(0)
+        assert [await f for f in futures] == [f"answer a{i}" for i in range(5)]
+        # bounded as before: max_group, then the budget's share
+        w2, s2 = worker_and_scheduler(250, slots=1, max_group=8)
+        futures = s2.submit_all([unit(f"b{i}", lane="chunk", cost=100, owner=2) for i in range(5)])
+        await w2.sent(1)
+        assert w2.groups == [["b0", "b1"]]
+        for i in range(2):
+            w2.release(i)
+            await w2.sent(i + 2)
+        w2.release(2)
+        assert [await f for f in futures] == [f"answer b{i}" for i in range(5)]
+        assert w2.groups == [["b0", "b1"], ["b2", "b3"], ["b4"]]
+    run(main())
+
+
 def test_the_clients_just_answered_are_waited_for_within_the_linger():
     async def main():
         clock = FakeClock()

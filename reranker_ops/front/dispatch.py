@@ -238,7 +238,7 @@ class Dispatch:
         """Every unit's result, in order, or the answer to give when there is none: 504 past the deadline, 499
         when the client left, 503 when no generation answers, 500 for a unit that kills workers. Whichever way
         it ends without results, every unit of the request still queued is dropped at once."""
-        futures = [self.scheduler.submit(u) for u in units]
+        futures = self.scheduler.submit_all(units)  # together: a free worker gets all of them, not the first alone
         gathered = asyncio.gather(*(asyncio.shield(f) for f in futures))
         try:
             while True:

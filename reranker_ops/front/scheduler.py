@@ -15,6 +15,9 @@ and the batches:
 - when a worker frees up with fewer small units waiting than it just answered, the gate waits up to
   ``linger_s`` for those clients to come back, so closed-loop clients are batched together instead of
   splitting into a group of one and a group of the rest that take turns;
+- a request's chunks enter the queue together (``submit_all``): a free worker is never sent a request's first
+  chunk alone while its other chunks are still being queued (each went in with a ``submit`` of its own, and
+  the first one took the free worker);
 - when no small request has come for ``quiet_s`` and none waits, an envelope of chunks may hold up to
   ``quiet_s`` of work at the speed the workers were measured at (cost answered per second of an envelope's
   round trip) instead of its share of the budget: splitting a large request buys fairness only when someone
@@ -161,14 +164,19 @@ class FairScheduler:
         self.speed = 0.0  # cost a worker answers per second, from chunk envelopes' round trips (0: not yet known)
 
     def submit(self, unit: Unit) -> asyncio.Future:
-        if unit.lane == "small":
-            if not unit.probe:
-                self._small_at = self.clock.now()
-            self.small.append(unit)
-        else:
-            self.chunks.setdefault(unit.owner, deque()).append(unit)
+        return self.submit_all([unit])[0]
+
+    def submit_all(self, units: list[Unit]) -> list[asyncio.Future]:
+        """Queue ``units`` (one request's: its small unit, or all its chunks), then form envelopes once."""
+        for unit in units:
+            if unit.lane == "small":
+                if not unit.probe:
+                    self._small_at = self.clock.now()
+                self.small.append(unit)
+            else:
+                self.chunks.setdefault(unit.owner, deque()).append(unit)
         self._pump()
-        return unit.future
+        return [unit.future for unit in units]
 
     def enter_now(self, cost: int, probe: bool = False) -> Optional[Ticket]:
         """The fast path: nothing is queued or expected back, a worker is free and the budget has room, so the
