@@ -3,6 +3,7 @@ and a stop that never removes the pidfile of a server that started meanwhile."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 from reranker_ops.settings import Settings
 from reranker_ops.supervise.procs import start_ticks
 from reranker_ops.supervise.rundir import (
+    RunDir,
     RunLock,
     identify,
     lock_holder,
@@ -115,3 +117,20 @@ def test_stop_never_removes_the_pidfile_of_a_server_that_started_meanwhile(tmp_p
     finally:
         started["proc"].kill()
         started["proc"].wait()
+
+
+def test_state_json_is_whole_for_readers_and_never_flushed_to_the_disk(tmp_path, monkeypatch):
+    """state.json is rewritten every second for as long as the server runs: an fsync each time blocked the
+    supervisor's loop and wrote to the disk every second, for a file nothing needs after a power cut."""
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    settings = Settings(run_dir=tmp_path / "run", models_dir=tmp_path / "models")
+    rd = RunDir(settings, "i")
+    for n in range(3):
+        rd.publish({"state": "ready", "n": n}, log=None)
+    assert synced == []
+    assert json.loads(settings.state_path.read_text(encoding="utf-8")) == {"state": "ready", "n": 2}
+    assert [p.name for p in settings.state_path.parent.iterdir() if p.name.startswith(".state")] == []  # no temp left
+    rd.lost = True  # a run dir that is not ours any more: nothing is written there
+    rd.publish({"state": "gone"}, log=None)
+    assert json.loads(settings.state_path.read_text(encoding="utf-8"))["n"] == 2
