@@ -261,7 +261,12 @@ def test_sd_notify_contract(tiny_fp32, tmp_path):
         assert not [t for t in pings if t_bad < t <= t_last_bad], (t_bad, t_last_bad, pings)
         last_before = max(t for t in pings if t <= t_bad)
         first_after = min(t for t in pings if t >= t_good)
-        assert first_after - last_before > normal_gap, (first_after - last_before, normal_gap)
+        # The watchdog kills a stopped worker at its next tick and MOSEC starts another: on a fast machine the
+        # whole outage fits between two probes (seen: 0.52 s from the last ping before it to the first after,
+        # against 0.52 s between pings), so no probe failed and no ping was due in it. Only an outage longer
+        # than the pings' cadence must show as a gap systemd sees (none during it is asserted above either way).
+        if t_good - t_bad >= normal_gap:
+            assert first_after - last_before > normal_gap, (first_after - last_before, normal_gap, t_good - t_bad)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         assert notify.times("STOPPING=1")
