@@ -159,7 +159,12 @@ def record(data: Path, seconds: float):
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def finish() -> None:
-        _out, err = rec.communicate(timeout=seconds + 60)
+        try:
+            _out, err = rec.communicate(timeout=seconds + 60)
+        except subprocess.TimeoutExpired:
+            rec.kill()  # not left recording every context switch of the machine after the run gave up
+            rec.wait()
+            raise SystemExit("perf sched record did not end in time") from None
         if rec.returncode != 0:
             raise SystemExit(f"perf sched record failed: {err.strip()[-300:]}")
 
