@@ -1,6 +1,7 @@
 """How the score worker groups pairs into OpenVINO calls, measured: the cost model and what it buys.
 
-    .venv/bin/python benchmarks/plan_cost.py [--rounds 5] [--out bench-results]
+    .venv/bin/python benchmarks/plan_cost.py [--rounds 5] [--out bench-results] [--shape dity|dity-short]
+                                             [--precisions fp32,bf16,int8]
 
 1. **Calibration.** One call per shape (rows x width), shapes interleaved in a shuffled order each round,
    median of the rounds, fitted to ``time = a + b * rows * width * (1 + width / A)``: the cost of a call in
@@ -10,6 +11,11 @@
    chunks, ``tiny`` requests batched by MOSEC) scored with the planner the server uses and with the one it
    replaced (fill each call up to the budgets), alternating, median seconds per pool of each. A ratio
    above 1 means the server's planner is faster.
+3. **A price per precision.** The server plans every precision with one price of a call
+   (``engine.CALL_COST_TOKENS``, fitted at FP32), while a call's price in tokens is the silicon's: INT8 and
+   AMX make each token cheaper, not the call. Each precision measured (default: all this CPU has) is
+   calibrated on its own, and its pools are also planned with that precision's own price (``fitted``):
+   ``fitted_over_shipped`` above 1 means the server would gain by fitting the price per precision.
 
 Random model of DiTy's exact shape: speed depends on shape only. Say which CPU with every figure.
 """
@@ -74,7 +80,13 @@ def calibrate(scorer, rounds: int) -> dict:
     med = {shape: statistics.median(v) for shape, v in times.items()}
     fits = [_fit(med, attention) for attention in (750, 1000, 1500, 2048, 3000, 4096, 6000, 1e9)]
     err, a, b, attention = min(fits)
+    from reranker_ops.worker.engine import ATTENTION_TOKENS
+
+    # the price the planner would use: fitted with the attention width it plans with
+    err_s, a_s, b_s, _ = _fit(med, ATTENTION_TOKENS)
     return {
+        "call_cost_tokens_at_shipped_attention": round(a_s / b_s, 1),
+        "relative_rms_error_at_shipped_attention": round(err_s, 3),
         "call_ms": round(a * 1000, 2),
         "token_ms": round(b * 1000, 3),
         "call_cost_tokens": round(a / b, 1),
@@ -107,17 +119,22 @@ def pools(scorer, workload: str, size: int, count: int, seed: int = 1) -> list[l
     return [pairs[i * size : (i + 1) * size] for i in range(count)]
 
 
-def compare(scorer, workload: str, size: int, count: int, rounds: int) -> dict:
+def compare(scorer, workload: str, size: int, count: int, rounds: int, fitted_tokens: float | None = None) -> dict:
+    """The same pools planned each way, the planners' order rotated every round. ``fitted_tokens``: also plan
+    with that price of a call (``fitted``) beside the shipped one (``server``)."""
     from reranker_ops.worker import engine
 
     planners = {"server": engine.plan_microbatches, "fill": fill_to_budgets}
+    if fitted_tokens is not None:
+        planners["fitted"] = lambda lengths, tb, ab: engine.plan_microbatches(lengths, tb, ab, fitted_tokens)
     work = pools(scorer, workload, size, count)
     seconds: dict = {name: [] for name in planners}
     calls: dict = {name: 0 for name in planners}
     padded = {name: 0 for name in planners}
     real = sum(len(e) for pool in work for e in pool)
     for k in range(rounds):
-        names = list(planners) if k % 2 == 0 else list(planners)[::-1]
+        names = list(planners)
+        names = names[k % len(names):] + names[:k % len(names)]
         for name in names:
             engine_plan = planners[name]
             t0 = time.perf_counter()
@@ -130,7 +147,7 @@ def compare(scorer, workload: str, size: int, count: int, rounds: int) -> dict:
                         padded[name] += len(batch) * engine._round_up(max(lengths[i] for i in batch))
             seconds[name].append((time.perf_counter() - t0) / len(work))
     med = {name: statistics.median(v) for name, v in seconds.items()}
-    return {
+    out = {
         "workload": workload,
         "pairs_per_pool": size,
         "seconds_per_pool": {name: round(v, 3) for name, v in med.items()},
@@ -139,27 +156,46 @@ def compare(scorer, workload: str, size: int, count: int, rounds: int) -> dict:
         "padded_over_real_tokens": {name: round(padded[name] / real, 3) for name in planners},
         "speedup": round(med["fill"] / med["server"], 3),
     }
+    if "fitted" in med:
+        # the pairs of each pool, per round: the fitted price's time over the shipped one's, same round
+        paired = [s / f for s, f in zip(seconds["server"], seconds["fitted"])]
+        out["fitted_over_shipped"] = round(med["server"] / med["fitted"], 3)
+        out["fitted_over_shipped_by_round"] = [round(x, 3) for x in paired]
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=HERE.parent / "bench-results")
+    ap.add_argument("--shape", choices=("dity", "dity-short"), default="dity",
+                    help="dity-short: DiTy's width, 3 layers: each call as short as AMX makes DiTy's")
+    ap.add_argument("--precisions", default="fp32",
+                    help="comma-separated, of fp32,bf16,int8, or 'all' (all this CPU has)")
     args = ap.parse_args()
-    from perf import _cpu_flags, _cpu_name, dity_model
+    from perf import PRECISIONS, _cpu_flags, _cpu_name, cpu_precisions, model_of_shape
 
-    from reranker_ops.worker.engine import Scorer, configure_process_threads
+    from reranker_ops.worker.engine import CALL_COST_TOKENS, Scorer, configure_process_threads
 
+    precisions = cpu_precisions() if args.precisions == "all" else tuple(args.precisions.split(","))
+    if not precisions or any(p not in PRECISIONS for p in precisions):
+        ap.error(f"--precisions: comma-separated, of {','.join(PRECISIONS)}, or 'all'")
     configure_process_threads()
-    model = dity_model(args.out)
-    scorer = Scorer(model / "openvino-fp32")
-    result = {"cpu": f"{_cpu_name()} ({_cpu_flags()})", "calibration": calibrate(scorer, args.rounds)}
-    print(json.dumps(result["calibration"]), flush=True)
-    result["plans"] = []
-    for workload, size, count in (("rag", 4, 3), ("rag", 12, 2), ("tiny", 10, 4), ("mixed", 8, 2)):
-        row = compare(scorer, workload, size, count, args.rounds)
-        print(json.dumps(row), flush=True)
-        result["plans"].append(row)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = model_of_shape(args.out, args.shape, precisions)
+    result = {"cpu": f"{_cpu_name()} ({_cpu_flags()})", "shape": args.shape, "shipped_call_tokens": CALL_COST_TOKENS,
+              "precisions": {}}
+    for prec in precisions:
+        scorer = Scorer(model / f"openvino-{prec}")
+        cal = calibrate(scorer, args.rounds)
+        print(prec, json.dumps(cal), flush=True)
+        rows = []
+        for workload, size, count in (("rag", 4, 3), ("rag", 12, 2), ("tiny", 10, 4), ("mixed", 8, 2)):
+            row = compare(scorer, workload, size, count, args.rounds, fitted_tokens=cal["call_cost_tokens_at_shipped_attention"])
+            print(prec, json.dumps(row), flush=True)
+            rows.append(row)
+        result["precisions"][prec] = {"calibration": cal, "plans": rows}
+        del scorer
     (args.out / "plan_cost.json").write_text(json.dumps(result, indent=1))
     return 0
 

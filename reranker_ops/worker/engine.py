@@ -184,12 +184,14 @@ CALL_COST_TOKENS = 14.0
 ATTENTION_TOKENS = 2048.0
 
 
-def call_cost(rows, width: int):
-    """The modelled cost of one call of ``rows`` pairs padded to ``width`` tokens (``rows`` may be an array)."""
-    return CALL_COST_TOKENS + rows * (width * (1.0 + width / ATTENTION_TOKENS))
+def call_cost(rows, width: int, call_tokens: float = CALL_COST_TOKENS):
+    """The modelled cost of one call of ``rows`` pairs padded to ``width`` tokens (``rows`` may be an array);
+    ``call_tokens``: a call's price in tokens, for benchmarks/plan_cost.py's other prices."""
+    return call_tokens + rows * (width * (1.0 + width / ATTENTION_TOKENS))
 
 
-def plan_microbatches(lengths: Sequence[int], token_budget: int, attention_budget: int = 0) -> list[list[int]]:
+def plan_microbatches(lengths: Sequence[int], token_budget: int, attention_budget: int = 0,
+                      call_tokens: float = CALL_COST_TOKENS) -> list[list[int]]:
     """Group pair indices into OpenVINO calls at the least modelled cost, each call within two budgets:
     rows x padded length <= ``token_budget`` (activations grow with tokens) and, when set,
     rows x padded length² <= ``attention_budget`` (attention scores grow with the square of the length:
@@ -199,7 +201,8 @@ def plan_microbatches(lengths: Sequence[int], token_budget: int, attention_budge
     Pairs are sorted by length and cut into runs; which cuts is an exact dynamic programme over the sorted
     order (a call's cost depends only on its size and its longest pair, see call_cost). Filling each
     call up to the budgets instead pads short pairs to the longest of a run: with a few requests in the pool
-    that was 8-14 % of the compute for ``rag`` pairs and 50-70 % for one-line ones.
+    that was 8-14 % of the compute for ``rag`` pairs and 50-70 % for one-line ones. ``call_tokens``: a call's
+    price in tokens (``call_cost``).
     """
     n = len(lengths)
     order = sorted(range(n), key=lambda i: lengths[i])
@@ -212,7 +215,7 @@ def plan_microbatches(lengths: Sequence[int], token_budget: int, attention_budge
             rows_max = min(rows_max, attention_budget // (width * width))
         first = max(0, j - max(1, rows_max))
         rows = np.arange(j - first, 0, -1)  # the run order[i:j] for i = first .. j-1
-        cost = best[first:j] + call_cost(rows, width)
+        cost = best[first:j] + call_cost(rows, width, call_tokens)
         k = int(np.argmin(cost))
         best[j] = cost[k]
         cut[j] = first + k
@@ -225,9 +228,9 @@ def plan_microbatches(lengths: Sequence[int], token_budget: int, attention_budge
     return batches
 
 
-def plan_cost(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
+def plan_cost(lengths: Sequence[int], batches: Sequence[Sequence[int]], call_tokens: float = CALL_COST_TOKENS) -> float:
     """The modelled cost of a plan, for benchmarks and tests."""
-    return sum(call_cost(len(b), _round_up(max(lengths[i] for i in b))) for b in batches)
+    return sum(call_cost(len(b), _round_up(max(lengths[i] for i in b)), call_tokens) for b in batches)
 
 
 def _round_up(n: int) -> int:
