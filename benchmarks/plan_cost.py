@@ -13,11 +13,12 @@
    above 1 means the server's planner is faster.
 3. **A price per precision.** The server plans every precision with one price of a call
    (``engine.CALL_COST_TOKENS``, fitted at FP32), while a call's price in tokens is the silicon's: INT8 and
-   AMX make each token cheaper, not the call. Each precision measured (default: all this CPU has) is
-   calibrated on its own, and its pools are also planned with that precision's own price (``fitted``):
+   AMX make each token cheaper, not the call. Each precision measured (``--precisions``: FP32 unless asked,
+   ``all`` for every one this CPU computes in) is calibrated on its own, and its pools are also planned with that precision's own price (``fitted``):
    ``fitted_over_shipped`` above 1 means the server would gain by fitting the price per precision.
 
-Random model of DiTy's exact shape: speed depends on shape only. Say which CPU with every figure.
+Random model of DiTy's exact shape (or, ``--shape dity-short``, its width with 3 layers): speed depends on shape
+only. Say which CPU with every figure.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def fill_to_budgets(lengths, token_budget: int, attention_budget: int = 0) -> li
 
 
 def calibrate(scorer, rounds: int) -> dict:
+    from reranker_ops.worker.engine import ATTENTION_TOKENS
+
     shapes = [(r, w) for w in (16, 32, 64, 128, 256) for r in (1, 2, 4, 8) if r * w <= 2048]
 
     def call(rows: int, width: int) -> float:
@@ -80,8 +83,6 @@ def calibrate(scorer, rounds: int) -> dict:
     med = {shape: statistics.median(v) for shape, v in times.items()}
     fits = [_fit(med, attention) for attention in (750, 1000, 1500, 2048, 3000, 4096, 6000, 1e9)]
     err, a, b, attention = min(fits)
-    from reranker_ops.worker.engine import ATTENTION_TOKENS
-
     # the price the planner would use: fitted with the attention width it plans with
     err_s, a_s, b_s, _ = _fit(med, ATTENTION_TOKENS)
     return {
@@ -157,7 +158,7 @@ def compare(scorer, workload: str, size: int, count: int, rounds: int, fitted_to
         "speedup": round(med["fill"] / med["server"], 3),
     }
     if "fitted" in med:
-        # the pairs of each pool, per round: the fitted price's time over the shipped one's, same round
+        # each round's own ratio, the shipped price's time over the fitted one's (above 1: the fitted is faster)
         paired = [s / f for s, f in zip(seconds["server"], seconds["fitted"])]
         out["fitted_over_shipped"] = round(med["server"] / med["fitted"], 3)
         out["fitted_over_shipped_by_round"] = [round(x, 3) for x in paired]
@@ -195,7 +196,7 @@ def main() -> int:
             print(prec, json.dumps(row), flush=True)
             rows.append(row)
         result["precisions"][prec] = {"calibration": cal, "plans": rows}
-        del scorer
+        del scorer  # its compiled model goes before the next precision's is compiled, not after
     (args.out / "plan_cost.json").write_text(json.dumps(result, indent=1))
     return 0
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from reranker_ops.worker.engine import plan_cost, plan_microbatches
+from reranker_ops.worker.engine import CALL_COST_TOKENS, plan_cost, plan_microbatches
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def _cheapest_plan_by_brute_force(lengths, token_budget, attention_budget, call_tokens=None):
+def _cheapest_plan_by_brute_force(lengths, token_budget, attention_budget, call_tokens=CALL_COST_TOKENS):
     """Every way to cut the sorted pairs into runs, each run within the budgets (or alone)."""
     import itertools
 
@@ -27,9 +27,9 @@ def _cheapest_plan_by_brute_force(lengths, token_budget, attention_budget, call_
         ok = all(len(r) == 1 or (len(r) * -(-max(lengths[i] for i in r) // 8) * 8 <= token_budget and
                                  len(r) * (-(-max(lengths[i] for i in r) // 8) * 8) ** 2 <= attention_budget)
                  for r in runs)
-        price = {} if call_tokens is None else {"call_tokens": call_tokens}
-        if ok and (best is None or plan_cost(lengths, runs, **price) < best):
-            best = plan_cost(lengths, runs, **price)
+        if ok:
+            cost = plan_cost(lengths, runs, call_tokens)
+            best = cost if best is None else min(best, cost)
     return best
 
 
