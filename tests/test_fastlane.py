@@ -209,10 +209,15 @@ def test_fuzzed_requests_are_answered_or_refused_alone_and_nothing_restarts(shar
         raw = _raw(case)
         with socket.create_connection(("127.0.0.1", shared_server.port), timeout=10) as s:
             start = 0
-            for cut in sorted(c % (len(raw) + 1) for c in case["cuts"]):
-                s.sendall(raw[start:cut])
-                start = cut
-            s.sendall(raw[start:])
+            try:
+                for cut in sorted(c % (len(raw) + 1) for c in case["cuts"]):
+                    s.sendall(raw[start:cut])
+                    start = cut
+                s.sendall(raw[start:])
+            except (BrokenPipeError, ConnectionResetError):
+                # the server answered a head it refuses and closed before the client sent the rest: it may
+                # (seen when the machine was busy); its answer, if it came, is read and judged below
+                pass
             s.settimeout(2)  # a request whose declared body never comes gets no answer: that wait ends here
             got = b""
             try:
