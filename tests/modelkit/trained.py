@@ -147,14 +147,21 @@ def train_model(out_dir: Path, *, seed: int = 0, steps: int = 300, batch: int = 
 
 def cached_trained_model(cache: Path, seed: int = 0) -> Path:
     """The trained model under ``cache`` (trained once, reused while the task and recipe are the same)."""
-    out = Path(cache) / f"trained-v{VERSION}-s{seed}"
-    if not (out / "training.json").is_file():
-        tmp = out.with_name(out.name + f".tmp-{time.monotonic_ns()}")
-        train_model(tmp, seed=seed)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process finished first
-            import shutil
+    import fcntl
 
-            shutil.rmtree(tmp, ignore_errors=True)
+    out = Path(cache) / f"trained-v{VERSION}-s{seed}"
+    if (out / "training.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # the suite's two processes (and any other suite on this machine) train it once: the others wait for it
+    with open(out.with_name(out.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "training.json").is_file():
+            tmp = out.with_name(out.name + f".tmp-{time.monotonic_ns()}")
+            train_model(tmp, seed=seed)
+            if out.exists():  # a training that died before its last file (training.json is written last)
+                import shutil
+
+                shutil.rmtree(out)
+            tmp.rename(out)
     return out
