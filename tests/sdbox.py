@@ -8,6 +8,9 @@ needs no network).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -61,9 +64,24 @@ def debian_mirror() -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _machine_lock(name: str):
+    """Held while one process of the suite (it runs in two: pyproject's addopts) makes what the other would
+    make too, or would delete under it."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f"{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def ensure_base_image() -> str:
-    if image_exists(BASE_TAG):
-        return BASE_TAG
+    with _machine_lock("base-image"):
+        if not image_exists(BASE_TAG):
+            _build_base_image()
+    return BASE_TAG
+
+
+def _build_base_image() -> None:
     with tempfile.TemporaryDirectory(prefix="rrk-rootfs-", dir="/var/tmp") as tmp:
         rootfs = Path(tmp) / "rootfs"
         mirror = debian_mirror()
@@ -73,7 +91,6 @@ def ensure_base_image() -> str:
         subprocess.run(podman_args() + ["import", "-", BASE_TAG], stdin=tar.stdout, check=True,
                        capture_output=True, timeout=600)
         tar.wait(timeout=60)
-    return BASE_TAG
 
 
 _built: dict[str, Path] = {}
@@ -84,14 +101,21 @@ def build_wheels() -> Path:
     (once per test session)."""
     if "wheels" in _built:
         return _built["wheels"]
-    out = CACHE / "wheels"
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("rerankctl-*.whl"):
-        old.unlink()
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(out), str(REPO)],
-                   check=True, capture_output=True, timeout=1200)
-    _built["wheels"] = out
-    return out
+    out = CACHE / "wheels"  # the dependencies' wheels are kept from one session to the next
+    CACHE.mkdir(parents=True, exist_ok=True)
+    mine = Path(tempfile.mkdtemp(prefix="wheels-of-", dir=CACHE))  # beside them: hard links need one file system
+    with _machine_lock("wheels"):
+        out.mkdir(parents=True, exist_ok=True)
+        for old in out.glob("rerankctl-*.whl"):
+            old.unlink()
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(out), str(REPO)],
+                       check=True, capture_output=True, timeout=1200)
+        # this session's own links to them: the next build (the suite's other process) replaces the package's
+        # wheel in the shared folder while this one may still be copying it into an image
+        shutil.copytree(out, mine, copy_function=os.link, dirs_exist_ok=True)
+    atexit.register(shutil.rmtree, mine, True)
+    _built["wheels"] = mine
+    return mine
 
 
 class Box:
