@@ -31,11 +31,18 @@ def test_heartbeat_record_roundtrip_and_torn_reads(tmp_path, monkeypatch):
     assert read_heartbeat(path)["busy_since"] is None
     [(pid, rec)] = read_worker_dir(tmp_path).items()
     assert pid == os.getpid() and rec["stage"] == "score" and rec["heavy_modules"] == []
-    # a write caught half-way (odd sequence number) is never taken for a consistent record
+    # a write caught half-way (odd sequence number) is never taken for a consistent record: while the sequence
+    # stays odd (its writer was killed or stopped half-way), the record is torn: its process is still seen, but
+    # nothing the write may have half-changed is (no busy, no envelope, no progress, no counters)
+    hb.write(busy_since=200.0, envelope=77)
     struct.pack_into("<Q", hb._mm, 0, 41)
     hb._mm.flush()
-    assert read_heartbeat(path) is None
-    hb.write(pairs=8)
+    torn = read_heartbeat(path)
+    assert torn == {"torn": True, "ready": 1, "busy_since": None, "progress_at": None, "envelope": 0}, torn
+    [(pid, rec)] = read_worker_dir(tmp_path).items()
+    assert pid == os.getpid() and rec["stage"] == "score" and rec["torn"] and "pairs" not in rec
+    hb.write(pairs=8, busy_since=None, envelope=0)
+    assert read_heartbeat(path)["pairs"] == 8 and "torn" not in read_heartbeat(path)
     # a write that starts and ends between the reader's two looks (the sequence moved): torn, rejected
     real_pread = os.pread
     calls = {"n": 0}

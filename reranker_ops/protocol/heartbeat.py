@@ -64,26 +64,41 @@ SEQ = struct.Struct("<Q")
 
 
 def read_heartbeat(path: Path, attempts: int = 5) -> dict | None:
-    """The hot fields of one worker's record, or None if it cannot be read consistently.
+    """The hot fields of one worker's record; a torn one (see below); or None if it cannot be read.
 
     A seqlock read: sequence, record, sequence again; the record counts only if both reads of the
     sequence are the same even number (no write started or finished in between).
+
+    A sequence that stays the same odd number through every attempt is a write that began and did not go on:
+    its writer was killed or stopped half-way through it (a SIGKILL between the two stores of ``write``, found
+    by the suite: that worker's record then never read again, the watchdog never saw it die, and the envelope
+    it held was answered by nobody until its deadline), or was descheduled for the whole read. Such a record is
+    returned with ``torn`` set and only what a write cannot have half-changed: ``ready`` (the one field that
+    changes once, from 0 to 1: either value is true of that moment); not busy, no envelope, no progress, no
+    counters. Its process is then still seen (stopped, dead or alive), and a dead one is taken to have held an
+    unknown envelope. A sequence that moves between attempts is a live writer: None, read again next time.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
+        seen: set[int | None] = set()  # the sequences read, None for one that moved under the read
         for _ in range(attempts):
             raw = os.pread(fd, RECORD.size, 0)
             if len(raw) < RECORD.size:
                 return None
             seq, *values = RECORD.unpack(raw)
             again = os.pread(fd, 8, 0)
-            if seq % 2 == 0 and len(again) == 8 and SEQ.unpack(again)[0] == seq:
+            same = len(again) == 8 and SEQ.unpack(again)[0] == seq
+            if same and seq % 2 == 0:
                 data = dict(zip(FIELDS, values))
                 data["busy_since"] = data["busy_since"] or None
                 return data
+            seen.add(seq if same else None)
+        if len(seen) == 1 and (stuck := next(iter(seen))) is not None and stuck % 2 == 1:
+            return {"torn": True, "ready": int(values[FIELDS.index("ready")]), "busy_since": None,
+                    "progress_at": None, "envelope": 0}
         return None
     except OSError:
         return None

@@ -150,7 +150,8 @@ class WorkerWatch:
     def scored_totals(self) -> dict[str, int]:
         """The score workers' ``SCORE_COUNTERS``, summed, read from their heartbeats in one pass at scrape time:
         a scrape right after an answer counts it (the watch's own view is as old as its last tick)."""
-        beats = [b for b in read_worker_dir(self.settings.worker_dir).values() if b.get("stage") == "score"]
+        beats = [b for b in read_worker_dir(self.settings.worker_dir).values()
+                 if b.get("stage") == "score" and not b.get("torn")]  # a torn record has no counters
         return {f: sum(int(b.get(f, 0)) for b in beats) for f in SCORE_COUNTERS}
 
     # --- every tick --------------------------------------------------------------------------------------
