@@ -219,6 +219,40 @@ def test_sigkill_of_one_of_two_workers_under_load_loses_no_request(make_server):
     assert server.status()["restarts"]["server"] == 0  # its sibling kept serving: no new generation
 
 
+@pytest.mark.parametrize("n_workers", [1, 2])
+def test_a_worker_killed_half_way_through_its_heartbeat_loses_no_request(make_server, tmp_path, n_workers):
+    """A SIGKILL can land between the two sequence stores of a heartbeat write, and the record's sequence then
+    stays odd for good. Found by the suite with the machine busy: that worker's record was never read again, so
+    the watchdog never saw it die, the envelope it held was answered by nobody and its request failed at its
+    deadline (504), and its record stayed. Now its death is seen, the envelope it may have held is sent again,
+    every request is answered, and its record is removed."""
+    flag = tmp_path / "die-mid-beat"
+    server = make_server(start=False, workers=n_workers, **FAST)
+    server.inject_faults(die_mid_beat=flag)
+    server.start()
+    before = set(workers(server))
+    with Clients(server.base, FAST["request_timeout_s"], n=4) as clients:
+        wait_until(lambda: sum(1 for *_, o in clients.records if o == 200) >= 10, 30, what="traffic flowing")
+        t0 = time.monotonic()
+        flag.touch()
+        wait_until(lambda: Path(f"{flag}.taken").exists(), 30, 0.05, what="a worker killed mid-heartbeat")
+        wait_until(lambda: len(before - set(workers(server))) == 1, 30, 0.05, what="its death")
+        [victim] = before - set(workers(server))
+        wait_until(lambda: clients.first_success_after(t0 + 0.5), 60, 0.2, what="answers resume")
+        wait_until(lambda: len(ready_workers(server)) == n_workers, 60, 0.2, what="a replacement that is ready")
+        wait_until(lambda: server.status().get("healthy"), 60, 0.2, what="healthy again")
+    check_no_request_past_its_deadline(clients, FAST["request_timeout_s"])
+    failed = [o for *_, o in clients.records if o != 200]
+    metrics = httpx.get(server.health + "/metrics", timeout=10).text
+    resent = re.search(r'^reranker_upstream_resent_total\{reason="worker_lost"\} (\S+)', metrics, re.M)
+    print(f"killed mid-heartbeat ({n_workers} workers): {len(failed)} failed; sent again: {resent and resent[1]}")
+    assert failed == [], failed
+    assert resent and float(resent[1]) >= 1
+    assert not list((server.run_dir / "workers").glob(f"*-{victim}.*"))  # its record was reported and removed
+    st = server.status()
+    assert st["restarts"]["server"] == 0 and st["worker_deaths"] >= 1, st
+
+
 def test_a_restart_under_a_flood_recovers_without_exiting(make_server):
     """Queue full, 429s everywhere, and MOSEC dies: the new generation must come up (the canary keeps a
     reserved slot and 'busy' is never a wrong answer), never 'failed'."""

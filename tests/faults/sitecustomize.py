@@ -191,3 +191,39 @@ while time.monotonic() < end:
         _sup2.free_port = _taken_port
     except Exception:  # pragma: no cover
         pass
+
+# RERANKER_TEST_DIE_MID_BEAT_FILE: when the file exists, the score worker whose next heartbeat names an envelope
+# (the first write of a forward pass) takes it and is killed half-way through that write: after the odd
+# sequence and the record are stored, before the even sequence (a SIGKILL at any instruction can land there).
+_mid_beat = os.environ.get("RERANKER_TEST_DIE_MID_BEAT_FILE")
+if _mid_beat:
+    import signal as _sig4
+
+    try:
+        from reranker_ops.protocol import heartbeat as _hbmod
+
+        _orig_write = _hbmod.Heartbeat.write
+
+        class _DieOnTheSecondStore:
+            def __init__(self, real):
+                self.real, self.stores = real, 0
+
+            def pack_into(self, buf, offset, value):
+                self.stores += 1
+                if self.stores == 2:
+                    os.kill(os.getpid(), _sig4.SIGKILL)
+                return self.real.pack_into(buf, offset, value)
+
+        def _write(self, **changes):
+            if changes.get("envelope"):
+                try:
+                    os.rename(_mid_beat, _mid_beat + ".taken")
+                except OSError:
+                    pass
+                else:
+                    _hbmod.SEQ = _DieOnTheSecondStore(_hbmod.SEQ)
+            return _orig_write(self, **changes)
+
+        _hbmod.Heartbeat.write = _write
+    except Exception:  # pragma: no cover
+        pass
