@@ -190,6 +190,18 @@ def test_native_hang_of_one_of_two_workers_under_load(make_server, tmp_path):
     assert "Current thread 0x" in log or "Thread 0x" in log, "no stack dump of the hung worker in the log"
 
 
+def lost_and_sent_again(server, clients: Clients, what: str) -> tuple[list, float]:
+    """After a worker's death under load: the answers that were not 200 (none of them past its deadline), and
+    the envelopes the gate sent again because a worker died with them."""
+    check_no_request_past_its_deadline(clients, FAST["request_timeout_s"])
+    failed = [o for *_, o in clients.records if o != 200]
+    metrics = httpx.get(server.health + "/metrics", timeout=10).text
+    resent = re.search(r'^reranker_upstream_resent_total\{reason="worker_lost"\} (\S+)', metrics, re.M)
+    sent_again = float(resent[1]) if resent else 0.0
+    print(f"{what}: {len(failed)} failed; envelopes sent again: {sent_again}")
+    return failed, sent_again
+
+
 def test_sigkill_of_one_of_two_workers_under_load_loses_no_request(make_server):
     """MOSEC replaces a worker that died while its sibling serves, and never answers the envelope the dead
     one held: the gate sends the envelopes that were out again when the watchdog sees the worker gone, so
@@ -209,13 +221,9 @@ def test_sigkill_of_one_of_two_workers_under_load_loses_no_request(make_server):
         wait_until(lambda: len(ready_workers(server)) == 2 and victim not in workers(server), 60, 0.2,
                    what="a new score worker that heartbeats ready")
         wait_until(lambda: server.status().get("healthy"), 60, 0.2, what="healthy again")
-    check_no_request_past_its_deadline(clients, FAST["request_timeout_s"])
-    failed = [o for *_, o in clients.records if o != 200]
-    metrics = httpx.get(server.health + "/metrics", timeout=10).text
-    resent = re.search(r'^reranker_upstream_resent_total\{reason="worker_lost"\} (\S+)', metrics, re.M)
-    print(f"score worker SIGKILL: {len(failed)} failed; envelopes sent again: {resent and resent[1]}")
+    failed, sent_again = lost_and_sent_again(server, clients, "score worker SIGKILL")
     assert failed == [], failed
-    assert resent and float(resent[1]) >= 1
+    assert sent_again >= 1
     assert server.status()["restarts"]["server"] == 0  # its sibling kept serving: no new generation
 
 
@@ -241,13 +249,9 @@ def test_a_worker_killed_half_way_through_its_heartbeat_loses_no_request(make_se
         wait_until(lambda: clients.first_success_after(t0 + 0.5), 60, 0.2, what="answers resume")
         wait_until(lambda: len(ready_workers(server)) == n_workers, 60, 0.2, what="a replacement that is ready")
         wait_until(lambda: server.status().get("healthy"), 60, 0.2, what="healthy again")
-    check_no_request_past_its_deadline(clients, FAST["request_timeout_s"])
-    failed = [o for *_, o in clients.records if o != 200]
-    metrics = httpx.get(server.health + "/metrics", timeout=10).text
-    resent = re.search(r'^reranker_upstream_resent_total\{reason="worker_lost"\} (\S+)', metrics, re.M)
-    print(f"killed mid-heartbeat ({n_workers} workers): {len(failed)} failed; sent again: {resent and resent[1]}")
+    failed, sent_again = lost_and_sent_again(server, clients, f"killed mid-heartbeat ({n_workers} workers)")
     assert failed == [], failed
-    assert resent and float(resent[1]) >= 1
+    assert sent_again >= 1
     assert not list((server.run_dir / "workers").glob(f"*-{victim}.*"))  # its record was reported and removed
     st = server.status()
     assert st["restarts"]["server"] == 0 and st["worker_deaths"] >= 1, st
