@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -50,8 +51,6 @@ def clean_env(**extra: str) -> dict:
 def pytest_configure(config):
     if hasattr(config, "workerinput") or config.option.basetemp or not config.getoption("numprocesses", None):
         return
-    import hashlib
-
     config.option.basetemp = f"/tmp/rrk-{hashlib.sha1(str(REPO).encode()).hexdigest()[:8]}"
 
 

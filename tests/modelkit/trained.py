@@ -14,6 +14,7 @@ split, and ``eval.jsonl`` / ``calibration.jsonl`` are written beside the model f
 
 from __future__ import annotations
 
+import fcntl
 import json
 import random
 import time
@@ -147,8 +148,6 @@ def train_model(out_dir: Path, *, seed: int = 0, steps: int = 300, batch: int = 
 
 def cached_trained_model(cache: Path, seed: int = 0) -> Path:
     """The trained model under ``cache`` (trained once, reused while the task and recipe are the same)."""
-    import fcntl
-
     out = Path(cache) / f"trained-v{VERSION}-s{seed}"
     if (out / "training.json").is_file():
         return out
@@ -159,9 +158,5 @@ def cached_trained_model(cache: Path, seed: int = 0) -> Path:
         if not (out / "training.json").is_file():
             tmp = out.with_name(out.name + f".tmp-{time.monotonic_ns()}")
             train_model(tmp, seed=seed)
-            if out.exists():  # a training that died before its last file (training.json is written last)
-                import shutil
-
-                shutil.rmtree(out)
             tmp.rename(out)
     return out
